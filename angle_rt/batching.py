@@ -1,0 +1,73 @@
+"""Length-sorted batches under a token budget and a batch cap, padded to their own longest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is ≥ n.
+
+    >>> round_up(13, 8), round_up(16, 8), round_up(5, 1)
+    (16, 16, 5)
+    """
+    return -(-n // multiple) * multiple
+
+
+def plan_batches(
+    lengths: Sequence[int] | np.ndarray,
+    max_batch: int,
+    max_tokens: int,
+    pad_multiple: int = 1,
+) -> list[np.ndarray]:
+    """Group item indices into batches, longest first.
+
+    Each batch holds at most `max_batch` items and, once padded to its longest item
+    (rounded up to `pad_multiple`), at most `max_tokens` tokens; an item longer than the
+    budget still gets a batch of its own. Concatenating the batches gives a permutation
+    of range(len(lengths)).
+
+    >>> [b.tolist() for b in plan_batches([3, 9, 4, 9], max_batch=2, max_tokens=100)]
+    [[1, 3], [2, 0]]
+    >>> [b.tolist() for b in plan_batches([3, 9, 4, 9], max_batch=8, max_tokens=20)]
+    [[1, 3], [2, 0]]
+    """
+    if max_batch < 1 or max_tokens < 1:
+        raise ValueError(f"max_batch ({max_batch}) and max_tokens ({max_tokens}) must be ≥ 1")
+    lens = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lens, kind="stable")
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        longest = round_up(int(lens[order[start]]), pad_multiple)
+        size = max(1, min(max_batch, max_tokens // max(longest, 1), n - start))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def pad_batch(
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    padding_side: str = "right",
+    pad_multiple: int = 1,
+    dtype: type = np.int64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack token id rows into (input_ids, attention_mask), padded to the longest row.
+
+    >>> ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    >>> pad_batch([[5, 6], [8]], pad_id=0, padding_side="left")[0].tolist()
+    [[5, 6], [0, 8]]
+    """
+    width = round_up(max(len(r) for r in rows), pad_multiple)
+    ids = np.full((len(rows), width), pad_id, dtype=dtype)
+    mask = np.zeros((len(rows), width), dtype=dtype)
+    for i, row in enumerate(rows):
+        n = len(row)
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[i, cols] = row
+        mask[i, cols] = 1
+    return ids, mask

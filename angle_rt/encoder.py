@@ -1,0 +1,187 @@
+"""The façade: text in, the exported model's vectors out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from angle_rt.batching import pad_batch, plan_batches
+from angle_rt.errors import BundleError
+from angle_rt.manifest import MANIFEST_FILE, Artifact, Manifest, read_manifest, verify_checksum
+from angle_rt.postprocess import l2_normalize, truncate_dims
+from angle_rt.prompts import PROMPTS, resolve_prompt
+from angle_rt.session import open_session
+from angle_rt.tokenizer import TextTokenizer
+
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+class Encoder:
+    """Encodes sentences with an angle_rt bundle.
+
+    `path` is the bundle directory or a file inside it (an artifact or angle_rt.json).
+    `precision` picks an artifact ("fp32", …) when `path` is a directory; the default
+    is the bundle's fp32 ONNX graph. `max_batch_tokens` bounds padded tokens per batch.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        precision: str | None = None,
+        backend: str = "auto",
+        intra_op_threads: int | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        verify_checksums: bool = True,
+    ) -> None:
+        self.bundle, file = _locate(Path(path))
+        self.manifest: Manifest = read_manifest(self.bundle)
+        self.artifact: Artifact = _choose(self.manifest, file, precision)
+        tok_file = self.manifest.tokenizer["file"]
+        if verify_checksums:
+            verify_checksum(self.bundle, tok_file, self.manifest.tokenizer["sha256"])
+            verify_checksum(self.bundle, self.artifact.file, self.artifact.sha256)
+            for extra in self.artifact.external_data:
+                verify_checksum(self.bundle, extra["file"], extra["sha256"])
+        self.tokenizer = _open_tokenizer(self.bundle / tok_file, self.manifest)
+        self.session = open_session(self.bundle / self.artifact.file, backend, intra_op_threads)
+        self.max_batch_tokens = max_batch_tokens
+        self.prompts = {**PROMPTS, **self.manifest.prompts}
+
+    @property
+    def dim(self) -> int:
+        """Embedding width."""
+        return self.manifest.embedding_dim
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per text (prompt included) beyond which text is truncated."""
+        return self.manifest.max_length
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int = 32,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        normalize_embeddings: bool = False,
+        truncate_dim: int | None = None,
+        show_progress_bar: bool = False,
+        convert_to_numpy: bool = True,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Embed sentences, keyword-compatible with sentence-transformers' `encode`.
+
+        A str gives a 1-D vector, a list an (n, dim) float32 array in input order.
+        `prompt` is a template with ``{text}``, a prefix, or a prompt name (A, B, C or
+        one the bundle defines); None uses the bundle's default prompt, "" none.
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else _as_texts(sentences)
+        template = self._template(prompt, prompt_name)
+        emb = self._embed(texts, template, batch_size, show_progress_bar)
+        emb = truncate_dims(emb, truncate_dim)
+        if normalize_embeddings:
+            emb = l2_normalize(emb)
+        if single:
+            return emb[0]
+        return emb if convert_to_numpy else list(emb)
+
+    def _template(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"unknown prompt_name {prompt_name!r}; this bundle has "
+                                 f"{', '.join(sorted(self.prompts))}")
+            return self.prompts[prompt_name]
+        if prompt is None:
+            return self.manifest.default_prompt
+        return resolve_prompt(prompt, self.prompts)
+
+    def _embed(self, texts: list[str], template: str | None, batch_size: int,
+               progress: bool) -> np.ndarray:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer.encode(texts, template)
+        _check_nonempty(ids)
+        sess = self.session
+        batches = plan_batches([len(r) for r in ids], batch_size, self.max_batch_tokens,
+                               sess.pad_multiple)
+        for idx in _progress(batches, progress, len(texts)):
+            input_ids, mask = pad_batch([ids[i] for i in idx], self.manifest.pad_token_id,
+                                        self.manifest.padding_side, sess.pad_multiple,
+                                        sess.input_dtype)
+            out[idx] = sess.run(input_ids, mask)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Encoder({str(self.bundle)!r}, artifact={self.artifact.file!r}, "
+                f"backend={self.session.name!r}, dim={self.dim})")
+
+
+def _locate(path: Path) -> tuple[Path, str | None]:
+    if path.is_dir():
+        return path, None
+    if path.is_file():
+        return path.parent, None if path.name == MANIFEST_FILE else path.name
+    raise BundleError(f"{path} does not exist; pass a bundle directory written by angle-export "
+                      "or a file inside one")
+
+
+def _choose(manifest: Manifest, file: str | None, precision: str | None) -> Artifact:
+    if file is not None:
+        art = manifest.artifact(file)
+        if precision is not None and art.precision != precision:
+            raise ValueError(f"{file} is {art.precision}, not the requested {precision}")
+        return art
+    want = precision or "fp32"
+    onnx = [a for a in manifest.artifacts if a.format == "onnx" and a.precision == want]
+    if not onnx:
+        have = ", ".join(f"{a.file} ({a.precision})" for a in manifest.artifacts)
+        raise BundleError(f"bundle has no {want} ONNX artifact (it has: {have}); "
+                          f"re-export with the precision you need")
+    return onnx[0]
+
+
+def _open_tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:
+    try:
+        return TextTokenizer(path, manifest.max_length)
+    except Exception as exc:  # the Rust tokenizer raises bare Exceptions on bad JSON
+        raise BundleError(f"{path} is not a valid tokenizer.json ({exc}); re-export") from exc
+
+
+def _as_texts(sentences: object) -> list[str]:
+    if isinstance(sentences, np.ndarray):
+        if sentences.ndim != 1:
+            raise TypeError(f"sentences array must be 1-D, got shape {sentences.shape}")
+        sentences = sentences.tolist()
+    if not isinstance(sentences, (list, tuple)):
+        raise TypeError("sentences must be a str or a list/tuple of str, got "
+                        f"{type(sentences).__name__}")
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
+    return list(sentences)
+
+
+def _check_nonempty(ids: list[list[int]]) -> None:
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"sentences[{i}] gives no tokens with this tokenizer (it adds no "
+                             "special tokens); pass a non-empty text")
+
+
+def _progress(batches: list[np.ndarray], enabled: bool, total: int):
+    if not enabled:
+        yield from batches
+        return
+    from angle_rt._imports import lazy_import
+
+    tqdm = lazy_import("tqdm").tqdm
+    with tqdm(total=total, desc="encode", unit="sent") as bar:
+        for b in batches:
+            yield b
+            bar.update(len(b))

@@ -1,0 +1,63 @@
+"""ONNX Runtime backend (CPU EP by default; CUDA EP where onnxruntime-gpu is installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from angle_rt._imports import lazy_import
+from angle_rt._system import physical_cores
+from angle_rt.errors import BackendUnavailableError, BundleError
+from angle_rt.session.base import Session
+
+_ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class OrtSession(Session):
+    """One InferenceSession, shared by all threads (ORT's run() is thread-safe)."""
+
+    def __init__(
+        self, path: str | Path, device: str = "auto", intra_op_threads: int | None = None
+    ) -> None:
+        ort = lazy_import("onnxruntime")
+        providers = _providers(ort, device)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads or physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(
+                f"ONNX Runtime could not load {path} ({type(exc).__name__}: {exc}); the file is "
+                "damaged or not an angle_rt graph: re-export the bundle"
+            ) from exc
+        self._inputs = [i.name for i in self._sess.get_inputs()]
+        self._output = self._sess.get_outputs()[0].name
+        if self._inputs != ["input_ids", "attention_mask"]:
+            raise BundleError(f"{path} has inputs {self._inputs}, expected input_ids, "
+                              "attention_mask: re-export with angle-export")
+        self.input_dtype = _ORT_TYPES.get(self._sess.get_inputs()[0].type, np.int64)
+        self.providers = self._sess.get_providers()
+        cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.pad_multiple = 8 if cuda else 1
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self._sess.run([self._output], feed)[0]
+
+
+def _providers(ort, device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise BackendUnavailableError(
+            f"backend='cuda' needs onnxruntime-gpu with a CUDA device; available providers: "
+            f"{', '.join(available)}. Install angle-rt[gpu] or use backend='cpu'"
+        )
+    return ["CPUExecutionProvider"]

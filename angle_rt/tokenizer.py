@@ -1,0 +1,81 @@
+"""tokenizer.json → token ids, with truncation at max_length that keeps the prompt.
+
+The runtime sets padding and truncation itself: a model's tokenizer.json often carries
+its own (even fixed-length) padding, and mean pooling would then average pad tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Encoding, Tokenizer
+
+from angle_rt.prompts import split_prompt
+
+# Only the first max_length * 32 characters of a text are read (cut at a space where there
+# is one): tokenizing a 5 MB string takes seconds, and real text needs far fewer than
+# 32 characters per token to fill max_length.
+CHARS_PER_TOKEN_CAP = 32
+
+
+class TextTokenizer:
+    """Tokenizes a request in one batched Rust call; returns one id list per text."""
+
+    def __init__(self, tokenizer: str | Path | Tokenizer, max_length: int) -> None:
+        if isinstance(tokenizer, Tokenizer):
+            source = tokenizer.to_str()
+            self._plain = Tokenizer.from_str(source)
+            self._truncating = Tokenizer.from_str(source)
+        else:
+            self._plain = Tokenizer.from_file(str(tokenizer))
+            self._truncating = Tokenizer.from_file(str(tokenizer))
+        self.max_length = max_length
+        self._plain.no_padding()
+        self._plain.no_truncation()
+        self._truncating.no_padding()
+        self._truncating.enable_truncation(max_length, direction="right")
+        self._char_cap = max_length * CHARS_PER_TOKEN_CAP
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The untruncated tokenizer (for inspection and saving)."""
+        return self._plain
+
+    def encode(self, texts: Sequence[str], prompt: str | None = None) -> list[list[int]]:
+        """Token ids per text (special tokens added), at most max_length each."""
+        if not texts:
+            return []
+        if prompt is None:
+            encs = self._truncating.encode_batch_fast([self._cap(t) for t in texts])
+            return [e.ids for e in encs]
+        head, tail = split_prompt(prompt)
+        capped = [self._cap(t) for t in texts]
+        encs = self._plain.encode_batch([head + t + tail for t in capped])
+        return [self._fit(e, len(head), len(t), prompt) for e, t in zip(encs, capped)]
+
+    def _cap(self, text: str) -> str:
+        if len(text) <= self._char_cap:
+            return text
+        cut = text.rfind(" ", self._char_cap // 2, self._char_cap)
+        return text[: cut if cut > 0 else self._char_cap]
+
+    def _fit(self, enc: Encoding, start: int, length: int, prompt: str) -> list[int]:
+        """Drop text tokens from the end of the sentence until max_length fits."""
+        ids = enc.ids
+        excess = len(ids) - self.max_length
+        if excess <= 0:
+            return ids
+        end = start + length
+        text_pos = [
+            i for i, ((s, _), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask))
+            if not special and start <= s < end
+        ]
+        if len(text_pos) < excess:
+            n_prompt = len(ids) - len(text_pos)
+            raise ValueError(
+                f"the prompt {prompt!r} alone is {n_prompt} tokens, which leaves no room for "
+                f"the text within max_length={self.max_length}"
+            )
+        drop = set(text_pos[len(text_pos) - excess:])
+        return [t for i, t in enumerate(ids) if i not in drop]

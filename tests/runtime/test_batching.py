@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from angle_rt.batching import pad_batch, plan_batches, round_up
+
+lengths_st = st.lists(st.integers(1, 300), min_size=0, max_size=200)
+
+
+@given(lengths_st, st.integers(1, 64), st.integers(1, 8192), st.sampled_from([1, 8]))
+@settings(max_examples=300, deadline=None)
+def test_plan_is_a_permutation_within_caps(lengths, max_batch, max_tokens, multiple):
+    batches = plan_batches(lengths, max_batch, max_tokens, multiple)
+    flat = np.concatenate(batches) if batches else np.array([], dtype=int)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    for b in batches:
+        assert 1 <= len(b) <= max_batch
+        width = round_up(max(lengths[i] for i in b), multiple)
+        assert len(b) == 1 or len(b) * width <= max_tokens
+    # longest first: a batch's items are never longer than the previous batch's shortest
+    for prev, cur in zip(batches, batches[1:]):
+        assert max(lengths[i] for i in cur) <= min(lengths[i] for i in prev)
+
+
+@pytest.mark.parametrize(("max_batch", "max_tokens"), [(0, 10), (4, 0)])
+def test_plan_rejects_bad_caps(max_batch, max_tokens):
+    with pytest.raises(ValueError, match="≥ 1"):
+        plan_batches([3], max_batch, max_tokens)
+
+
+@given(st.lists(st.lists(st.integers(1, 999), min_size=1, max_size=20), min_size=1,
+                max_size=10), st.sampled_from(["left", "right"]), st.sampled_from([1, 8]))
+def test_pad_batch_keeps_rows(rows, side, multiple):
+    ids, mask = pad_batch(rows, pad_id=0, padding_side=side, pad_multiple=multiple)
+    assert ids.shape == mask.shape and ids.shape[1] % multiple == 0
+    for i, row in enumerate(rows):
+        assert ids[i][mask[i] == 1].tolist() == row
+        assert mask[i].sum() == len(row)
+        real = np.flatnonzero(mask[i])
+        assert (real[0] == 0) if side == "right" else (real[-1] == ids.shape[1] - 1)

@@ -1,0 +1,140 @@
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from angle_rt import Encoder
+from angle_rt.prompts import PROMPTS
+from exporters.verify import builtin_sentences
+
+SENTENCES = builtin_sentences()
+
+
+@pytest.fixture(scope="module")
+def enc(minilm_bundle):
+    return Encoder(minilm_bundle)
+
+
+def test_shapes_and_types(enc):
+    one = enc.encode("A man is playing a guitar.")
+    assert one.shape == (384,) and one.dtype == np.float32
+    many = enc.encode(["a", "b", "c"])
+    assert many.shape == (3, 384) and many.dtype == np.float32
+    assert np.allclose(many[0], enc.encode("a"), atol=1e-6)
+    as_list = enc.encode(["a", "b"], convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == 2 and as_list[0].shape == (384,)
+    assert enc.encode(("a", "b")).shape == (2, 384)
+    assert enc.encode(np.array(["a", "b"])).shape == (2, 384)
+
+
+def test_empty_list_gives_zero_rows(enc):
+    out = enc.encode([])
+    assert out.shape == (0, 384) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\t\n"])
+def test_empty_and_blank_strings_give_valid_vectors(enc, text):
+    v = enc.encode(text)
+    assert np.isfinite(v).all() and np.linalg.norm(v) > 0.5
+
+
+@pytest.mark.parametrize(("bad", "where"), [
+    (["ok", None], r"sentences\[1\] is NoneType"),
+    (["ok", "fine", 3], r"sentences\[2\] is int"),
+    ([b"bytes"], r"sentences\[0\] is bytes"),
+    ([["nested"]], r"sentences\[0\] is list"),
+    (None, "got NoneType"),
+    (42, "got int"),
+    (np.array([["a"], ["b"]]), "1-D"),
+])
+def test_bad_input_is_a_type_error_naming_the_item(enc, bad, where):
+    with pytest.raises(TypeError, match=where):
+        enc.encode(bad)
+
+
+def test_bad_arguments(enc):
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="truncate_dim"):
+        enc.encode(["a"], truncate_dim=1000)
+    with pytest.raises(ValueError, match="unknown prompt_name"):
+        enc.encode(["a"], prompt_name="nope")
+
+
+def test_truncate_and_normalize_follow_sentence_transformers(enc):
+    full = enc.encode(SENTENCES[:5])
+    cut = enc.encode(SENTENCES[:5], truncate_dim=64)
+    assert np.allclose(cut, full[:, :64])
+    cut_n = enc.encode(SENTENCES[:5], truncate_dim=64, normalize_embeddings=True)
+    assert np.allclose(np.linalg.norm(cut_n, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(cut_n, cut / np.linalg.norm(cut, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_prompt_forms_agree(enc):
+    text = "how do I renew a passport"
+    by_template = enc.encode(text, prompt=PROMPTS["C"])
+    assert np.allclose(enc.encode(text, prompt="C"), by_template)
+    assert np.allclose(enc.encode(text, prompt_name="C"), by_template)
+    prefix = "Represent this sentence for searching relevant passages: "
+    assert np.allclose(enc.encode(text, prompt=prefix), by_template, atol=1e-6)
+    assert not np.allclose(enc.encode(text), by_template, atol=1e-3)
+    assert np.allclose(enc.encode(text, prompt=""), enc.encode(text))
+
+
+def test_overlong_text_is_truncated(enc):
+    long_text = " ".join(SENTENCES[:200])
+    head = enc.tokenizer.backend.decode(enc.tokenizer.encode([long_text])[0][1:-1])
+    v, ref = enc.encode(long_text), enc.encode(head)
+    assert float(v @ ref) > 0.9999
+
+
+@given(st.lists(st.integers(0, len(SENTENCES) - 1), min_size=1, max_size=24),
+       st.integers(1, 7), st.sampled_from([64, 300, 2048]))
+@settings(max_examples=25, deadline=None)
+def test_order_restored_under_sorting_and_packing(minilm_bundle, picks, batch_size, budget):
+    enc = _small_budget_encoder(minilm_bundle, budget)
+    texts = [SENTENCES[i] for i in picks]
+    together = enc.encode(texts, batch_size=batch_size)
+    alone = np.stack([_reference(minilm_bundle, t) for t in texts])
+    assert np.allclose(together, alone, atol=2e-6)
+
+
+_CACHE: dict = {}
+
+
+def _small_budget_encoder(bundle, budget):
+    key = ("enc", budget)
+    if key not in _CACHE:
+        _CACHE[key] = Encoder(bundle, max_batch_tokens=budget)
+    return _CACHE[key]
+
+
+def _reference(bundle, text):
+    key = ("ref", text)
+    if key not in _CACHE:
+        _CACHE[key] = _small_budget_encoder(bundle, 2048).encode(text)
+    return _CACHE[key]
+
+
+def test_concurrent_encodes_equal_serial(enc):
+    batches = [SENTENCES[i:i + 40] for i in range(0, 320, 40)]
+    serial = [enc.encode(b) for b in batches]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            results[i] = enc.encode(batches[i], batch_size=8)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, ref in enumerate(serial):
+        assert np.allclose(results[i], ref, atol=2e-6)

@@ -1,0 +1,77 @@
+import pytest
+from tokenizers import Tokenizer
+
+from angle_rt.prompts import PROMPTS
+from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP, TextTokenizer
+from exporters.verify import verification_texts
+
+
+@pytest.fixture(scope="module")
+def hf_tok(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_dir):
+    return TextTokenizer(minilm_dir / "tokenizer.json", max_length=64)
+
+
+def test_matches_transformers_with_truncation(tok, hf_tok, stsb_test):
+    texts = stsb_test.sentences[:600] + verification_texts(None)[-40:]
+    ref = hf_tok(texts, truncation=True, max_length=64)["input_ids"]
+    assert tok.encode(texts) == ref
+    assert max(len(r) for r in ref) == 64  # long texts were truncated
+
+
+def test_model_padding_in_tokenizer_json_is_ignored(minilm_dir):
+    # MiniLM's tokenizer.json pads to a fixed 128: mean pooling would average pads.
+    raw = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    assert raw.padding is not None and raw.encode("hi").ids[-1] == 0
+    ids = TextTokenizer(minilm_dir / "tokenizer.json", 256).encode(["hi there"])[0]
+    assert len(ids) == 4 and ids[0] == 101 and ids[-1] == 102
+
+
+def test_prompt_applied_like_format(tok, hf_tok):
+    texts = ["A man plays a guitar.", "", "Où est la gare ?"]
+    template = PROMPTS["C"]
+    ref = hf_tok([template.format(text=t) for t in texts], truncation=True, max_length=64)
+    assert tok.encode(texts, template) == ref["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["A", "C"])
+def test_prompt_kept_when_text_is_truncated(tok, hf_tok, name):
+    template = PROMPTS[name]
+    long_text = " ".join(verification_texts(None)[-3:])
+    ids = tok.encode([long_text], template)[0]
+    assert len(ids) == 64
+    head, _, tail = template.partition("{text}")
+    head_ids = hf_tok(head, add_special_tokens=False)["input_ids"]
+    tail_ids = hf_tok(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    assert ids[1:1 + len(head_ids)] == head_ids
+    assert ids[len(ids) - 1 - len(tail_ids):-1] == tail_ids
+    # the kept text is the start of the sentence
+    text_ids = hf_tok(long_text, add_special_tokens=False)["input_ids"]
+    n_text = 64 - 2 - len(head_ids) - len(tail_ids)
+    assert ids[1 + len(head_ids):1 + len(head_ids) + n_text] == text_ids[:n_text]
+
+
+def test_prompt_longer_than_max_length_is_refused(minilm_dir):
+    tok = TextTokenizer(minilm_dir / "tokenizer.json", max_length=8)
+    with pytest.raises(ValueError, match="leaves no room"):
+        tok.encode(["some text here"], PROMPTS["C"])
+
+
+def test_huge_text_is_capped_before_tokenizing(tok):
+    words = " ".join(verification_texts(None)[-40:])
+    huge = (words + " ") * (5_000_000 // len(words) + 1)
+    assert len(huge) > 5_000_000
+    ids = tok.encode([huge])[0]
+    assert ids == tok.encode([huge[: 64 * CHARS_PER_TOKEN_CAP]])[0]
+    assert len(ids) == 64
+
+
+def test_empty_input(tok):
+    assert tok.encode([]) == []
+    assert tok.encode([""]) == [[101, 102]]

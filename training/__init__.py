@@ -1,0 +1,1 @@
+"""training: the PyTorch AnglE model (backbone + pooling) that exporters trace."""

@@ -1,0 +1,160 @@
+"""The AnglE model: a Hugging Face backbone (no LM head) + pooling, and a torch `encode`.
+
+This is the reference the exporter traces and the parity gate compares against.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from angle_rt.prompts import PROMPTS, resolve_prompt
+from angle_rt.tokenizer import TextTokenizer
+from training.config import ANGLE_CONFIG_FILE, AngleSettings, read_settings
+from training.pooling import check_strategy, pool
+
+
+class AngleModel(nn.Module):
+    """Backbone + pooler: (input_ids, attention_mask) → sentence vectors [B, D]."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: AngleSettings,
+                 name: str = "") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.hf_tokenizer = tokenizer
+        self.settings = settings
+        self.name = name
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else 0)
+        self._tok: TextTokenizer | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        pooling: str | int | None = None,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        prompt: str | None = None,
+        lora: str | Path | None = None,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> AngleModel:
+        """Load a local directory or hub id; settings saved beside it apply unless overridden."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        name = str(path_or_id)
+        kw = {"revision": revision, "trust_remote_code": trust_remote_code}
+        config = AutoConfig.from_pretrained(name, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+        settings = read_settings(name, config, tokenizer, revision)
+        _override(settings, pooling, max_length, padding_side, prompt)
+        config.use_cache = False
+        backbone = AutoModel.from_pretrained(
+            name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kw)
+        if lora is not None:
+            backbone = merge_lora(backbone, lora)
+        return cls(backbone.eval(), tokenizer, settings, name)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The runtime's tokenization (prompt-keeping truncation), shared with angle_rt."""
+        if self._tok is None:
+            self._tok = TextTokenizer(self.hf_tokenizer.backend_tokenizer,
+                                      self.settings.max_length)
+        return self._tok
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return pool(out.last_hidden_state, attention_mask, self.settings.pooling,
+                    self.settings.padding_side)
+
+    def prompt_template(self, prompt: str | None) -> str | None:
+        """None → the model's default prompt; '' → none; a name or a literal template."""
+        if prompt is None:
+            return self.settings.default_prompt
+        return resolve_prompt(prompt, {**PROMPTS, **self.settings.prompts})
+
+    @torch.no_grad()
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, prompt: str | None = None,
+               normalize: bool = False, device: str | torch.device | None = None,
+               show_progress: bool = False) -> np.ndarray:
+        """Embed texts in input order, in chunks of `batch_size` (float32 numpy)."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        device = torch.device(device) if device else next(self.parameters()).device
+        self.eval()
+        ids = self.tokenizer.encode(texts, self.prompt_template(prompt))
+        # longest first, so each chunk pads little; results go back to input order
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        chunks = range(0, len(ids), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc="torch encode", unit="batch")
+        emb = torch.empty(len(ids), self.embedding_dim)
+        for i in chunks:
+            rows = order[i:i + batch_size]
+            emb[rows] = self(*self.pad([ids[r] for r in rows], device)).float().cpu()
+        if normalize:
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+        arr = emb.numpy()
+        return arr[0] if single else arr
+
+    def pad(self, rows: Sequence[Sequence[int]],
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad id lists to (input_ids, attention_mask) on the model's padding side."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        left = self.settings.padding_side == "left"
+        for i, r in enumerate(rows):
+            cols = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            mask[i, cols] = 1
+        return ids.to(device), mask.to(device)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """A normal HF directory + angle_config.json that angle-export reads unprompted."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out)
+        self.hf_tokenizer.padding_side = self.settings.padding_side
+        self.hf_tokenizer.save_pretrained(out)
+        cfg = self.settings.to_angle_config(self.name)
+        (out / ANGLE_CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        return out
+
+
+def merge_lora(backbone: nn.Module, adapter: str | Path) -> nn.Module:
+    """Fold a peft LoRA adapter into the backbone's weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(backbone, str(adapter)).merge_and_unload()
+
+
+def _override(s: AngleSettings, pooling, max_length, padding_side, prompt) -> None:
+    if pooling is not None:
+        s.pooling = check_strategy(pooling)
+    if max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be ≥ 2, got {max_length}")
+        s.max_length = int(max_length)
+    if padding_side is not None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        s.padding_side = padding_side
+    if prompt is not None:
+        s.default_prompt = resolve_prompt(prompt, {**PROMPTS, **s.prompts})

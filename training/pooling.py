@@ -1,0 +1,66 @@
+"""AnglE pooling, as angle_emb 0.6.1 defines it (one implementation for training and export).
+
+H is the last hidden state [B, L, D], m the attention mask [B, L].
+Deliberate difference: `max` and `cls_max` ignore pad positions. angle_emb multiplies
+H by m before the max, so a pad counts as 0 and a sentence's vector depends on how long
+its batch neighbours are; ours equals angle_emb's result for the sentence unpadded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STRATEGIES = ("cls", "cls_avg", "cls_max", "mean", "avg", "max", "last")
+
+
+def check_strategy(strategy: str | int) -> str | int:
+    """Return a valid strategy: a name of STRATEGIES or a token index (int or digit string)."""
+    if isinstance(strategy, bool):
+        raise ValueError(f"pooling strategy must be a name or an int, got {strategy!r}")
+    if isinstance(strategy, int):
+        return strategy
+    if isinstance(strategy, str) and strategy.lstrip("-").isdigit():
+        return int(strategy)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown pooling strategy {strategy!r}; choose one of "
+                         f"{', '.join(STRATEGIES)} or a token index")
+    return strategy
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ(H·m)/Σm per row: [B, L, D], [B, L] → [B, D]."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(dim=1) / m.sum(dim=1)
+
+
+def masked_max(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over real tokens: [B, L, D], [B, L] → [B, D]."""
+    m = mask.unsqueeze(-1).bool()
+    return h.masked_fill(~m, torch.finfo(h.dtype).min).max(dim=1).values
+
+
+def last_token(h: torch.Tensor, mask: torch.Tensor, padding_side: str) -> torch.Tensor:
+    """The last real token: position -1 under left padding, Σm−1 under right padding."""
+    if padding_side == "left":
+        return h[:, -1]
+    idx = mask.sum(dim=1) - 1
+    return h[torch.arange(h.shape[0], device=h.device), idx]
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor, strategy: str | int,
+         padding_side: str = "right") -> torch.Tensor:
+    """Pool token states [B, L, D] into sentence vectors [B, D]."""
+    strategy = check_strategy(strategy)
+    if isinstance(strategy, int):
+        return h[:, strategy]
+    if strategy == "cls":
+        return h[:, 0]
+    if strategy in ("mean", "avg"):
+        return masked_mean(h, mask)
+    if strategy == "cls_avg":
+        return (h[:, 0] + masked_mean(h, mask)) / 2.0
+    if strategy == "max":
+        return masked_max(h, mask)
+    if strategy == "cls_max":
+        return (h[:, 0] + masked_max(h, mask)) / 2.0
+    return last_token(h, mask, padding_side)
