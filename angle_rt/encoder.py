@@ -49,6 +49,7 @@ class Encoder:
         self.session = open_session(self.bundle / self.artifact.file, backend, intra_op_threads)
         self.max_batch_tokens = max_batch_tokens
         self.prompts = {**PROMPTS, **self.manifest.prompts}
+        self._min_tokens = _min_tokens(self.manifest.pooling)
 
     @property
     def dim(self) -> int:
@@ -106,7 +107,7 @@ class Encoder:
         if not texts:
             return out
         ids = self.tokenizer.encode(texts, template)
-        _check_nonempty(ids)
+        _check_lengths(ids, self._min_tokens)
         sess = self.session
         batches = plan_batches([len(r) for r in ids], batch_size, self.max_batch_tokens,
                                sess.pad_multiple)
@@ -167,11 +168,19 @@ def _as_texts(sentences: object) -> list[str]:
     return list(sentences)
 
 
-def _check_nonempty(ids: list[list[int]]) -> None:
+def _min_tokens(pooling: str) -> int:
+    """Tokens a text needs: 1, or k+1 (|k|) for pooling at token index k."""
+    if pooling.lstrip("-").isdigit():
+        k = int(pooling)
+        return k + 1 if k >= 0 else -k
+    return 1
+
+
+def _check_lengths(ids: list[list[int]], need: int) -> None:
     for i, row in enumerate(ids):
-        if not row:
-            raise ValueError(f"sentences[{i}] gives no tokens with this tokenizer (it adds no "
-                             "special tokens); pass a non-empty text")
+        if len(row) < need:
+            raise ValueError(f"sentences[{i}] is {len(row)} tokens; this bundle pools "
+                             f"{'at a token index and' if need > 1 else 'and'} needs ≥ {need}")
 
 
 def _progress(batches: list[np.ndarray], enabled: bool, total: int):

@@ -8,7 +8,7 @@ class AngleRTError(Exception):
 
 
 class BundleError(AngleRTError, ValueError):
-    """A bundle is missing, damaged or does not match this runtime; the message says what to rebuild."""
+    """A bundle is missing, damaged or mismatched; the message says what to rebuild."""
 
 
 class ChecksumError(BundleError):

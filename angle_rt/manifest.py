@@ -169,8 +169,10 @@ def _artifact(d: dict[str, Any]) -> Artifact:
 
 def _validate(m: Manifest) -> None:
     checks = [
-        (m.architecture in ARCHITECTURES, f"architecture {m.architecture!r} not in {ARCHITECTURES}"),
-        (m.padding_side in PADDING_SIDES, f"padding_side {m.padding_side!r} not in {PADDING_SIDES}"),
+        (m.architecture in ARCHITECTURES,
+         f"architecture {m.architecture!r} not in {ARCHITECTURES}"),
+        (m.padding_side in PADDING_SIDES,
+         f"padding_side {m.padding_side!r} not in {PADDING_SIDES}"),
         (isinstance(m.max_length, int) and m.max_length > 0, f"max_length {m.max_length!r}"),
         (isinstance(m.embedding_dim, int) and m.embedding_dim > 0,
          f"embedding_dim {m.embedding_dim!r}"),

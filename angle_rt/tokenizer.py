@@ -52,7 +52,7 @@ class TextTokenizer:
         head, tail = split_prompt(prompt)
         capped = [self._cap(t) for t in texts]
         encs = self._plain.encode_batch([head + t + tail for t in capped])
-        return [self._fit(e, len(head), len(t), prompt) for e, t in zip(encs, capped)]
+        return [self._fit(e, len(head), len(t), prompt) for e, t in zip(encs, capped, strict=True)]
 
     def _cap(self, text: str) -> str:
         if len(text) <= self._char_cap:
@@ -67,10 +67,9 @@ class TextTokenizer:
         if excess <= 0:
             return ids
         end = start + length
-        text_pos = [
-            i for i, ((s, _), special) in enumerate(zip(enc.offsets, enc.special_tokens_mask))
-            if not special and start <= s < end
-        ]
+        marks = zip(enc.offsets, enc.special_tokens_mask, strict=True)
+        text_pos = [i for i, ((s, _), special) in enumerate(marks)
+                    if not special and start <= s < end]
         if len(text_pos) < excess:
             n_prompt = len(ids) - len(text_pos)
             raise ValueError(

@@ -1,5 +1,5 @@
 """exporters: Hugging Face model → ONNX bundle (→ precision passes → TensorRT), verified."""
 
-from exporters.export import export
+from exporters.pipeline import export
 
 __all__ = ["export"]

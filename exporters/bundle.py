@@ -113,5 +113,6 @@ def build_manifest(model: AngleModel, artifacts: list[Artifact], tokenizer_sha: 
         default_prompt=s.default_prompt,
         prompts=dict(s.prompts),
         parity=parity,
-        writer=f"angle_rt {angle_rt.__version__}; exported {datetime.now(timezone.utc):%Y-%m-%dT%H:%MZ}",
+        writer=f"angle_rt {angle_rt.__version__} "
+               f"({datetime.now(timezone.utc):%Y-%m-%dT%H:%MZ})",
     )

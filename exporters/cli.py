@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="angle-export: %(message)s")
-    from exporters.export import export  # torch import after argument errors
+    from exporters.pipeline import export  # torch import after argument errors
 
     out = args.output or str(Path("build") / Path(args.model.rstrip("/")).name)
     try:

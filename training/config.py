@@ -73,15 +73,18 @@ def read_json(path_or_id: str, filename: str, revision: str | None = None) -> di
         return json.load(fh)
 
 
-def read_settings(path_or_id: str, config: Any, tokenizer: Any,
-                  revision: str | None = None) -> AngleSettings:
-    """Settings saved beside the model, before explicit overrides."""
+def read_settings(path_or_id: str, config: Any, tokenizer: Any, revision: str | None = None,
+                  pooling_given: bool = False) -> AngleSettings:
+    """Settings saved beside the model, before explicit overrides.
+
+    With `pooling_given`, a sentence-transformers pooling we cannot map is not an error.
+    """
     s = AngleSettings(is_decoder=is_decoder_config(config))
     s.max_length = _default_max_length(config, tokenizer)
     s.padding_side = getattr(tokenizer, "padding_side", "right") if s.is_decoder else "right"
     if s.is_decoder:
         s.pooling = "last"
-    _apply_sentence_transformers(s, path_or_id, revision)
+    _apply_sentence_transformers(s, path_or_id, revision, pooling_given)
     angle = read_json(path_or_id, ANGLE_CONFIG_FILE, revision)
     if angle:
         _apply_angle_config(s, angle)
@@ -113,7 +116,8 @@ def _apply_angle_config(s: AngleSettings, cfg: dict[str, Any]) -> None:
     s.prompts.update(cfg.get("prompts") or {})
 
 
-def _apply_sentence_transformers(s: AngleSettings, path_or_id: str, revision: str | None) -> None:
+def _apply_sentence_transformers(s: AngleSettings, path_or_id: str, revision: str | None,
+                                 pooling_given: bool) -> None:
     modules = read_json(path_or_id, "modules.json", revision)
     if not modules:
         return
@@ -123,7 +127,7 @@ def _apply_sentence_transformers(s: AngleSettings, path_or_id: str, revision: st
         raise ValueError(f"{path_or_id}: sentence-transformers modules {unsupported} have no "
                          "AnglE equivalent (only Transformer, Pooling, Normalize export)")
     s.normalize = "Normalize" in kinds
-    if "Pooling" in kinds:
+    if "Pooling" in kinds and not pooling_given:
         s.pooling = _st_pooling(read_json(path_or_id, f"{kinds['Pooling']}/config.json",
                                           revision) or {}, path_or_id)
     bert_cfg = read_json(path_or_id, "sentence_bert_config.json", revision) or {}

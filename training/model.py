@@ -5,8 +5,9 @@ This is the reference the exporter traces and the parity gate compares against.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,13 @@ class AngleModel(nn.Module):
         kw = {"revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(name, **kw)
         tokenizer = AutoTokenizer.from_pretrained(name, **kw)
-        settings = read_settings(name, config, tokenizer, revision)
+        settings = read_settings(name, config, tokenizer, revision, pooling is not None)
         _override(settings, pooling, max_length, padding_side, prompt)
+        _check_padding(settings, config)
         config.use_cache = False
-        backbone = AutoModel.from_pretrained(
-            name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kw)
+        with _quiet_transformers(settings.is_decoder):  # the dropped LM head is expected
+            backbone = AutoModel.from_pretrained(
+                name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kw)
         if lora is not None:
             backbone = merge_lora(backbone, lora)
         return cls(backbone.eval(), tokenizer, settings, name)
@@ -138,6 +141,19 @@ class AngleModel(nn.Module):
         return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def merge_lora(backbone: nn.Module, adapter: str | Path) -> nn.Module:
     """Fold a peft LoRA adapter into the backbone's weights."""
     from peft import PeftModel
@@ -158,3 +174,12 @@ def _override(s: AngleSettings, pooling, max_length, padding_side, prompt) -> No
         s.padding_side = padding_side
     if prompt is not None:
         s.default_prompt = resolve_prompt(prompt, {**PROMPTS, **s.prompts})
+
+
+def _check_padding(s: AngleSettings, config: Any) -> None:
+    # Encoders count positions from the first column, pads included: under left padding a
+    # sentence's vector would change with the length of its batch neighbours.
+    if s.padding_side == "left" and not s.is_decoder:
+        raise ValueError(f"left padding is not supported for encoder model "
+                         f"{config.model_type!r}: its absolute positions would shift with "
+                         "each batch's padding; use padding_side='right'")

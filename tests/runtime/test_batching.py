@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,7 +21,7 @@ def test_plan_is_a_permutation_within_caps(lengths, max_batch, max_tokens, multi
         width = round_up(max(lengths[i] for i in b), multiple)
         assert len(b) == 1 or len(b) * width <= max_tokens
     # longest first: a batch's items are never longer than the previous batch's shortest
-    for prev, cur in zip(batches, batches[1:]):
+    for prev, cur in itertools.pairwise(batches):
         assert max(lengths[i] for i in cur) <= min(lengths[i] for i in prev)
 
 

@@ -65,7 +65,7 @@ def test_edited_checksum(bundle):
     def flip(d):
         d["artifacts"][0]["sha256"] = "0" * 64
     _edit_manifest(bundle, flip)
-    with pytest.raises(ChecksumError, match="model.onnx does not match"):
+    with pytest.raises(ChecksumError, match=r"model\.onnx does not match"):
         Encoder(bundle)
 
 
@@ -88,7 +88,7 @@ def test_corrupt_tokenizer(bundle):
     (bundle / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')
     with pytest.raises(ChecksumError, match=r"tokenizer\.json does not match"):
         Encoder(bundle)
-    with pytest.raises(BundleError, match="not a valid tokenizer.json"):
+    with pytest.raises(BundleError, match=r"not a valid tokenizer\.json"):
         Encoder(bundle, verify_checksums=False)
 
 

@@ -1,0 +1,117 @@
+"""angle-export as users run it: exit codes, messages, what is (not) left on disk."""
+
+import json
+
+import numpy as np
+import torch
+
+import exporters.pipeline as export_mod
+from angle_rt import Encoder
+from exporters.cli import main
+from exporters.onnx_export import export_onnx
+
+
+def _run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_export_prints_bundle_and_parity(capsys, tiny_bert_dir, tmp_path):
+    code, out, _ = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b",
+                        "--max-length", 48, "-q")
+    assert code == 0
+    assert f"bundle: {tmp_path / 'b'}" in out and "min cos 1.00000" in out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "angle_rt.json", "model.onnx", "tokenizer.json"]
+    assert Encoder(tmp_path / "b").max_length == 48
+
+
+def test_existing_bundle_needs_force(capsys, tiny_bert_dir, tmp_path):
+    out_dir = tmp_path / "b"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("user data")
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", out_dir, "-q", "--no-verify")
+    assert code == 2 and "--force" in err
+    assert (out_dir / "keep.txt").read_text() == "user data"
+    code, _, _ = _run(capsys, "--model", tiny_bert_dir, "-o", out_dir, "-q", "--no-verify",
+                      "--force")
+    assert code == 0 and not (out_dir / "keep.txt").exists()
+    assert json.loads((out_dir / "angle_rt.json").read_text())["parity"] == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging dirs left behind
+
+
+def test_divergent_graph_fails_the_gate_and_writes_nothing(capsys, tiny_bert_dir, tmp_path,
+                                                           monkeypatch):
+    def wrong_pooling(model, path, **kw):  # trace CLS while the bundle claims mean
+        model.settings.pooling = "cls"
+        try:
+            return export_onnx(model, path, **kw)
+        finally:
+            model.settings.pooling = "mean"
+
+    monkeypatch.setattr(export_mod, "export_onnx", wrong_pooling)
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                        "--pooling", "mean")
+    assert code == 1
+    assert "parity gate failed" in err and "min cosine" in err and "Worst sentences" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "--pooling",
+                        "median", "-q")
+    assert code == 2 and "unknown pooling strategy 'median'" in err
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "--opset",
+                        "13", "-q")
+    assert code == 2 and "opset must be ≥ 17" in err
+    code, _, err = _run(capsys, "--model", tmp_path / "missing-model", "-o", tmp_path / "b")
+    assert code == 2 and "missing-model" in err
+
+
+def test_verify_data_file_is_used_and_topped_up(capsys, tiny_bert_dir, tmp_path, stsb_test):
+    data = tmp_path / "mine.jsonl"
+    rows = [{"sentence1": a, "sentence2": b} for a, b in
+            zip(stsb_test.text1[:100], stsb_test.text2[:100], strict=True)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    code, _, _ = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                      "--verify-data", data)
+    assert code == 0
+    parity = json.loads((tmp_path / "b" / "angle_rt.json").read_text())["parity"]
+    assert parity["texts"] == str(data) and parity["n_texts"] >= 1000
+
+
+def test_prompt_becomes_the_bundle_default(capsys, tiny_bert_dir, tmp_path):
+    code, _, _ = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                      "--prompt", "C", "--no-verify")
+    assert code == 0
+    enc = Encoder(tmp_path / "b")
+    assert enc.manifest.default_prompt.startswith("Represent this sentence")
+    assert np.allclose(enc.encode("x"), enc.encode("x", prompt="C"))
+    assert not np.allclose(enc.encode("x"), enc.encode("x", prompt=""), atol=1e-4)
+
+
+def test_lora_adapter_is_merged_before_export(capsys, tiny_bert_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from training.model import AngleModel
+
+    base = AutoModel.from_pretrained(tiny_bert_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
+                                                 target_modules=["query", "value"]))
+    torch.manual_seed(1)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter change something
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    code, _, _ = _run(capsys, "--model", tiny_bert_dir, "--lora", tmp_path / "adapter",
+                      "-o", tmp_path / "b", "-q", "--pooling", "mean")
+    assert code == 0
+    texts = ["the adapter changes this", "and this too"]
+    merged = AngleModel.from_pretrained(tiny_bert_dir, lora=tmp_path / "adapter",
+                                        pooling="mean").encode(texts)
+    plain = AngleModel.from_pretrained(tiny_bert_dir, pooling="mean").encode(texts)
+    got = Encoder(tmp_path / "b").encode(texts)
+    assert np.allclose(got, merged, atol=1e-5)
+    assert not np.allclose(got, plain, atol=1e-3)

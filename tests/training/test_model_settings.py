@@ -1,0 +1,76 @@
+"""Where AngleModel's settings come from, and that a saved model exports as saved."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from angle_rt import Encoder
+from exporters import export
+from training.config import ANGLE_CONFIG_FILE
+from training.model import AngleModel
+
+
+def test_sentence_transformers_files_are_read(minilm_model):
+    s = minilm_model.settings
+    assert (s.pooling, s.max_length, s.normalize, s.is_decoder) == ("mean", 256, True, False)
+
+
+def test_explicit_arguments_win(minilm_dir):
+    m = AngleModel.from_pretrained(minilm_dir, pooling="cls_avg", max_length=32, prompt="C")
+    assert (m.settings.pooling, m.settings.max_length) == ("cls_avg", 32)
+    assert m.settings.default_prompt.endswith("passages: {text}")
+
+
+def test_defaults_without_any_saved_settings(tiny_bert_dir):
+    s = AngleModel.from_pretrained(tiny_bert_dir).settings
+    # angle_emb's from_pretrained default; 128 = the tiny config's max_position_embeddings
+    assert (s.pooling, s.max_length, s.padding_side) == ("cls", 128, "right")
+
+
+def test_saved_angle_config_is_read_back_and_exported(tiny_bert_dir, tmp_path):
+    m = AngleModel.from_pretrained(tiny_bert_dir, pooling="cls_max", max_length=40)
+    m.settings.prompts["query"] = "query: {text}"
+    m.settings.default_prompt = "query: {text}"
+    saved = m.save_pretrained(tmp_path / "trained")
+    cfg = json.loads((saved / ANGLE_CONFIG_FILE).read_text())
+    assert cfg["pooling_strategy"] == "cls_max" and cfg["tokenizer_padding_side"] == "right"
+    again = AngleModel.from_pretrained(saved)
+    assert (again.settings.pooling, again.settings.max_length) == ("cls_max", 40)
+    bundle = Encoder(export(saved, tmp_path / "bundle"))
+    assert bundle.manifest.pooling == "cls_max" and bundle.max_length == 40
+    assert bundle.manifest.prompts == {"query": "query: {text}"}
+    text = "what is the capital of France"
+    assert np.allclose(bundle.encode(text, prompt_name="query"), bundle.encode(text), atol=1e-6)
+    assert np.allclose(bundle.encode(text), m.encode(text), atol=1e-5)
+
+
+def test_angle_emb_config_keys_are_understood(tiny_bert_dir, tmp_path):
+    d = shutil.copytree(tiny_bert_dir, tmp_path / "m")
+    (d / ANGLE_CONFIG_FILE).write_text(json.dumps({
+        "model_name_or_path": "x", "pooling_strategy": "cls_avg", "max_length": 50,
+        "tokenizer_padding_side": None, "is_llm": False, "apply_lora": False}))
+    s = AngleModel.from_pretrained(d).settings
+    assert (s.pooling, s.max_length, s.padding_side) == ("cls_avg", 50, "right")
+
+
+def test_unsupported_sentence_transformers_modules_are_refused(minilm_dir, tmp_path):
+    d = shutil.copytree(minilm_dir, tmp_path / "st")
+    modules = json.loads((d / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense",
+                    "type": "sentence_transformers.models.Dense"})
+    (d / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"\['Dense'\] have no AnglE equivalent"):
+        AngleModel.from_pretrained(d)
+
+
+def test_ambiguous_sentence_transformers_pooling_is_refused(minilm_dir, tmp_path):
+    d = shutil.copytree(minilm_dir, tmp_path / "st")
+    cfg_path = d / "1_Pooling" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pooling_mode_mean_sqrt_len_tokens"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="pass --pooling"):
+        AngleModel.from_pretrained(d)
+    assert AngleModel.from_pretrained(d, pooling="mean").settings.pooling == "mean"
