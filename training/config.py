@@ -73,21 +73,23 @@ def read_json(path_or_id: str, filename: str, revision: str | None = None) -> di
         return json.load(fh)
 
 
-def read_settings(path_or_id: str, config: Any, tokenizer: Any, revision: str | None = None,
-                  pooling_given: bool = False) -> AngleSettings:
-    """Settings saved beside the model, before explicit overrides.
+def read_settings(sources: list[str], config: Any, tokenizer: Any,
+                  revision: str | None = None, pooling_given: bool = False) -> AngleSettings:
+    """Settings saved beside the model (later sources win), before explicit overrides.
 
-    With `pooling_given`, a sentence-transformers pooling we cannot map is not an error.
+    `sources` is the model, or a base model then an adapter trained on it. With
+    `pooling_given`, a sentence-transformers pooling we cannot map is not an error.
     """
     s = AngleSettings(is_decoder=is_decoder_config(config))
     s.max_length = _default_max_length(config, tokenizer)
     s.padding_side = getattr(tokenizer, "padding_side", "right") if s.is_decoder else "right"
     if s.is_decoder:
         s.pooling = "last"
-    _apply_sentence_transformers(s, path_or_id, revision, pooling_given)
-    angle = read_json(path_or_id, ANGLE_CONFIG_FILE, revision)
-    if angle:
-        _apply_angle_config(s, angle)
+    for source in sources:
+        _apply_sentence_transformers(s, source, revision, pooling_given)
+        angle = read_json(source, ANGLE_CONFIG_FILE, revision)
+        if angle:
+            _apply_angle_config(s, angle)
     return s
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from angle_rt.prompts import PROMPTS, resolve_prompt
 from angle_rt.tokenizer import TextTokenizer
 from training.config import ANGLE_CONFIG_FILE, AngleSettings, read_settings
+from training.lora import adapter_base, merge_lora
 from training.pooling import check_strategy, pool
 
 
@@ -54,16 +55,22 @@ class AngleModel(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         name = str(path_or_id)
+        base = adapter_base(name)  # an adapter directory: weights from its base model
+        if base is not None:
+            if lora is not None:
+                raise ValueError(f"{name} is itself a LoRA adapter; pass its base as the model")
+            lora = name
         kw = {"revision": revision, "trust_remote_code": trust_remote_code}
-        config = AutoConfig.from_pretrained(name, **kw)
+        config = AutoConfig.from_pretrained(base or name, **kw)
         tokenizer = AutoTokenizer.from_pretrained(name, **kw)
-        settings = read_settings(name, config, tokenizer, revision, pooling is not None)
+        sources = [base, name] if base else [name]
+        settings = read_settings(sources, config, tokenizer, revision, pooling is not None)
         _override(settings, pooling, max_length, padding_side, prompt)
         _check_padding(settings, config)
         config.use_cache = False
         with _quiet_transformers(settings.is_decoder):  # the dropped LM head is expected
-            backbone = AutoModel.from_pretrained(
-                name, config=config, dtype=dtype, attn_implementation=attn_implementation, **kw)
+            backbone = AutoModel.from_pretrained(base or name, config=config, dtype=dtype,
+                                                 attn_implementation=attn_implementation, **kw)
         if lora is not None:
             backbone = merge_lora(backbone, lora)
         return cls(backbone.eval(), tokenizer, settings, name)
@@ -119,14 +126,7 @@ class AngleModel(nn.Module):
     def pad(self, rows: Sequence[Sequence[int]],
             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Pad id lists to (input_ids, attention_mask) on the model's padding side."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        left = self.settings.padding_side == "left"
-        for i, r in enumerate(rows):
-            cols = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, cols] = torch.tensor(r, dtype=torch.long)
-            mask[i, cols] = 1
+        ids, mask = pad_ids(rows, self.pad_token_id, self.settings.padding_side)
         return ids.to(device), mask.to(device)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
@@ -141,6 +141,19 @@ class AngleModel(nn.Module):
         return out
 
 
+def pad_ids(rows: Sequence[Sequence[int]], pad_id: int,
+            side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → (input_ids, attention_mask) [len(rows), longest], int64."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 @contextlib.contextmanager
 def _quiet_transformers(quiet: bool) -> Iterator[None]:
     from transformers.utils import logging as hf_logging
@@ -152,13 +165,6 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
-
-
-def merge_lora(backbone: nn.Module, adapter: str | Path) -> nn.Module:
-    """Fold a peft LoRA adapter into the backbone's weights."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(backbone, str(adapter)).merge_and_unload()
 
 
 def _override(s: AngleSettings, pooling, max_length, padding_side, prompt) -> None:

@@ -1,0 +1,117 @@
+"""angle_rt fp32 vs PyTorch eager (training.model) vs sentence-transformers, same sentences.
+
+    python benchmarks/bench_encode.py [--model minilm|mpnet] [--threads 2] [--repeats 3]
+
+Interleaved repetitions after a warm-up; the median pass per system is reported, with
+ratios to sentence-transformers measured in the same run. Writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from angle_rt import Encoder
+from benchmarks.models import MODELS
+from exporters import export
+from exporters.verify import builtin_sentences, compare
+from training.sts import find_shared_data, load_sts
+
+
+def sentences() -> tuple[list[str], str]:
+    data = find_shared_data()
+    if data is None:
+        return builtin_sentences(), "built-in"
+    return load_sts(data / "sts" / "stsb-test.jsonl").sentences, "STS-B test"
+
+
+def systems(model_dir: Path, bundle: Path, threads: int, batch: int) -> dict:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from training.model import AngleModel
+
+    torch.set_num_threads(threads)
+    enc = Encoder(bundle, intra_op_threads=threads)
+    ref = AngleModel.from_pretrained(model_dir)
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    norm = enc.manifest.normalized
+    return {
+        "angle_rt fp32": lambda t: enc.encode(t, batch_size=batch),
+        "torch eager (training.model)": lambda t: ref.encode(t, batch_size=batch,
+                                                             normalize=norm),
+        "sentence-transformers torch fp32": lambda t: st.encode(t, batch_size=batch),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    model_dir = MODELS[args.model]()
+    bundle = Path("build/bench") / args.model
+    if not (bundle / "angle_rt.json").is_file():
+        export(model_dir, bundle, force=True, progress=True)
+    texts, source = sentences()
+    fns = systems(model_dir, bundle, args.threads, args.batch_size)
+    outputs = {name: fn(texts[:128]) for name, fn in fns.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            outputs[name] = fn(texts)
+            times[name].append(time.perf_counter() - start)
+    anchor = statistics.median(times["sentence-transformers torch fp32"])
+    ref = outputs["sentence-transformers torch fp32"]
+    n_tokens = sum(len(r) for r in Encoder(bundle).tokenizer.encode(texts))
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows[name] = {"sent_per_s": len(texts) / med, "tokens_per_s": n_tokens / med,
+                      "seconds": ts, "x_vs_sentence_transformers": anchor / med,
+                      "min_cos_vs_st": compare(ref, np.asarray(outputs[name]), 0.0).min_cosine}
+    return {"model": args.model, "texts": source, "n": len(texts), "tokens": n_tokens,
+            "threads": args.threads, "batch_size": args.batch_size, "repeats": args.repeats,
+            "machine": f"{platform.processor() or platform.machine()}, {_cpu_name()}",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "results": rows}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.platform()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="minilm")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+    res = run(args)
+    print(f"{res['model']}: {res['n']} {res['texts']} sentences ({res['tokens']} tokens), "
+          f"{res['threads']} threads, batch {res['batch_size']}, median of {res['repeats']}")
+    print(f"{'system':36} {'sent/s':>8} {'tok/s':>9} {'x ST':>6} {'min cos vs ST':>14}")
+    for name, r in res["results"].items():
+        print(f"{name:36} {r['sent_per_s']:8.0f} {r['tokens_per_s']:9.0f} "
+              f"{r['x_vs_sentence_transformers']:6.2f} {r['min_cos_vs_st']:14.7f}")
+    out = Path(__file__).parent / "results" / f"encode-{args.model}-{res['date'][:10]}.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Real fine-tuning runs on this CPU (run by hand; results go in the README).
+
+    python benchmarks/train_recipes.py [stsb] [lora] [nli]
+
+stsb  all-MiniLM-L6-v2, full fine-tune on STS-B train (format A), dev for selection
+lora  the same with LoRA, then merged, exported, and the bundle scored through angle_rt
+nli   NLI triples (format B) to completion; STS-B test before and after
+Each prints STS-B test Spearman×100 and seconds per epoch, and appends to
+benchmarks/results/train-<date>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.models import minilm
+from exporters import export
+from training.evaluate import evaluate
+from training.fit import TrainConfig, fit
+from training.sts import find_shared_data
+
+RENAME = "sentence1:text1,sentence2:text2,score:label"
+OUT = Path("build/train")
+
+
+def data(name: str) -> str:
+    root = find_shared_data()
+    if root is None:
+        raise SystemExit("shared data not found: set ANGLE_RT_DATA")
+    return str(root / name)
+
+
+def test_score(model: str | Path) -> float:
+    return evaluate(model, data("sts/stsb-test.jsonl"))
+
+
+def run(cfg: TrainConfig) -> tuple[dict, float]:
+    start = time.perf_counter()
+    result = fit(cfg)
+    seconds = time.perf_counter() - start
+    epochs = cfg.epochs if cfg.max_steps <= 0 else result.steps  # steps if capped
+    return {"best_dev": result.best_spearman, "history": result.history}, seconds / epochs
+
+
+def stsb() -> dict:
+    cfg = TrainConfig(model=str(minilm()), train_data=data("sts/stsb-train.jsonl"),
+                      valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
+                      output_dir=str(OUT / "minilm-stsb"), epochs=2, batch_size=32,
+                      learning_rate=2e-5, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
+                      angle_w=0.02, eval_steps=60)
+    info, per_epoch = run(cfg)
+    best = Path(cfg.output_dir) / "best-checkpoint"
+    return {"recipe": "stsb", "config": _args(cfg), "seconds_per_epoch": per_epoch,
+            "test_before": test_score(minilm()), "test_after": test_score(best), **info}
+
+
+def lora() -> dict:
+    cfg = TrainConfig(model=str(minilm()), train_data=data("sts/stsb-train.jsonl"),
+                      valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
+                      output_dir=str(OUT / "minilm-stsb-lora"), epochs=2, batch_size=32,
+                      learning_rate=5e-4, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
+                      angle_w=0.02, eval_steps=60, lora=True, lora_r=32, lora_alpha=32,
+                      lora_dropout=0.1, merge=True)
+    info, per_epoch = run(cfg)
+    merged = Path(cfg.output_dir) / "merged"
+    bundle = export(merged, OUT / "minilm-stsb-lora-bundle", force=True)
+    return {"recipe": "lora", "config": _args(cfg), "seconds_per_epoch": per_epoch,
+            "test_torch_merged": test_score(merged), "test_bundle": test_score(bundle), **info}
+
+
+def nli() -> dict:
+    cfg = TrainConfig(model=str(minilm()), train_data=data("nli/triples.jsonl"),
+                      valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
+                      output_dir=str(OUT / "minilm-nli"), epochs=1, batch_size=32,
+                      learning_rate=2e-5, warmup_steps=20, ibn_w=1.0, cln_w=1.0,
+                      angle_w=0.02, cosine_w=0.0)
+    info, per_epoch = run(cfg)
+    return {"recipe": "nli", "config": _args(cfg), "seconds_per_epoch": per_epoch,
+            "test_before": test_score(minilm()), "test_after": test_score(cfg.output_dir),
+            **info}
+
+
+def _args(cfg: TrainConfig) -> dict:
+    keep = ("epochs", "batch_size", "learning_rate", "cosine_w", "ibn_w", "cln_w", "angle_w",
+            "lora", "lora_r", "lora_alpha")
+    return {k: getattr(cfg, k) for k in keep}
+
+
+def main() -> None:
+    recipes = {"stsb": stsb, "lora": lora, "nli": nli}
+    chosen = sys.argv[1:] or list(recipes)
+    out = Path(__file__).parent / "results" / f"train-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    results = json.loads(out.read_text()) if out.is_file() else []
+    for name in chosen:
+        res = recipes[name]()
+        res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        print(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2))
+        results.append(res)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

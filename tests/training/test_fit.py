@@ -1,0 +1,142 @@
+"""training.fit end to end on tiny and real models (few steps), LoRA and its merge."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import training.fit as fit_mod
+from exporters import export
+from exporters.verify import builtin_sentences, compare
+from training.fit import TrainConfig, fit, get_lr
+from training.model import AngleModel
+
+STS_RENAME = "sentence1:text1,sentence2:text2,score:label"
+
+
+@pytest.fixture(scope="module")
+def small_sts(shared_data, tmp_path_factory):
+    """150 STS-B train pairs and 200 dev pairs, as jsonl files."""
+    out = tmp_path_factory.mktemp("data")
+    for name, n in (("stsb-train", 150), ("stsb-dev", 200)):
+        lines = (shared_data / "sts" / f"{name}.jsonl").read_text().splitlines()[:n]
+        (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=str(model), train_data=str(data / "stsb-train.jsonl"),
+                column_rename=STS_RENAME, output_dir=str(out), batch_size=8, max_steps=4,
+                warmup_steps=1, learning_rate=5e-4, cosine_w=1.0, logging_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule():
+    lrs = [get_lr(s, 1.0, 2, 6) for s in range(6)]
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert get_lr(0, 1.0, 0, 4) == 1.0
+
+
+def test_cli_runs_and_its_output_exports(tiny_bert_dir, small_sts, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.fit", "--model", str(tiny_bert_dir),
+           "--train-data", str(small_sts / "stsb-train.jsonl"),
+           "--valid-data", str(small_sts / "stsb-dev.jsonl"), "--column-rename", STS_RENAME,
+           "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8",
+           "--pooling", "cls_avg", "--max-length", "48", "--cosine-w", "1",
+           "--no-filter-duplicate"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3 and isinstance(result["best_spearman"], float)
+    assert (out / "best-checkpoint" / "model.safetensors").is_file()
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["filter_duplicate"] is False and args["pooling"] == "cls_avg"
+    bundle = export(out, tmp_path / "bundle")  # settings read from angle_config.json
+    manifest = json.loads((bundle / "angle_rt.json").read_text())
+    assert (manifest["pooling"], manifest["max_length"]) == ("cls_avg", 48)
+
+
+def test_cli_errors_are_clear(tiny_bert_dir, small_sts, tmp_path):
+    cmd = [sys.executable, "-m", "training.fit", "--model", str(tiny_bert_dir),
+           "--train-data", str(small_sts / "stsb-train.jsonl"), "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "sentence1:text1,sentence2:text2,score:label" in proc.stderr
+
+
+def test_resume_continues_exactly(tiny_bert_dir, small_sts, tmp_path, monkeypatch):
+    straight = fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "a", save_steps=2))
+    ref = AngleModel.from_pretrained(straight.output_dir).backbone.state_dict()
+
+    real_step = fit_mod._Trainer._optimizer_step
+
+    def crash_at_three(self):
+        if self.step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        real_step(self)
+
+    monkeypatch.setattr(fit_mod._Trainer, "_optimizer_step", crash_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "b", save_steps=2))
+    monkeypatch.setattr(fit_mod._Trainer, "_optimizer_step", real_step)
+    resumed = fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "b", save_steps=2, resume=True))
+    assert resumed.steps == 4
+    got = AngleModel.from_pretrained(resumed.output_dir).backbone.state_dict()
+    for k, v in ref.items():
+        assert torch.allclose(v, got[k], atol=1e-6), k
+
+
+def test_precision_checkpointing_and_teacher_options(tiny_bert_dir, tiny_llama_dir, small_sts,
+                                                     tmp_path):
+    res = fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "bf16", precision="bf16", max_steps=1,
+                   gradient_checkpointing=True, teacher=str(tiny_bert_dir),
+                   teacher_temperature=2.0))
+    assert res.steps == 1
+    with pytest.raises(ValueError, match="fp16 autocast needs a CUDA device"):
+        fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "fp16", precision="fp16", max_steps=1,
+                 device="cpu"))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "t", teacher=str(tiny_llama_dir)))
+    with pytest.raises(ValueError, match="--merge needs --lora"):
+        fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "m", merge=True))
+
+
+def test_triples_train(tiny_bert_dir, shared_data, tmp_path):
+    lines = (shared_data / "nli" / "triples.jsonl").read_text().splitlines()[:64]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = TrainConfig(model=str(tiny_bert_dir), train_data=str(tmp_path / "t.jsonl"),
+                      output_dir=str(tmp_path / "out"), batch_size=16, max_steps=2,
+                      query_prompt="query: {text}")
+    assert fit(cfg).steps == 2
+
+
+def test_lora_merge_matches_adapter_and_exports(minilm_dir, small_sts, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    cfg = _cfg(minilm_dir, small_sts, out, lora=True, lora_r=8, lora_alpha=16, merge=True,
+               max_steps=3, learning_rate=1e-3)
+    fit(cfg)
+    assert (out / "adapter_config.json").is_file() and (out / "merged" / "config.json").is_file()
+    texts = builtin_sentences()[:200]
+    unmerged = AngleModel.from_pretrained(minilm_dir)
+    unmerged.backbone = PeftModel.from_pretrained(unmerged.backbone, str(out)).eval()
+    adapter_vecs = unmerged.encode(texts)
+    merged_vecs = AngleModel.from_pretrained(out / "merged").encode(texts)
+    assert compare(adapter_vecs, merged_vecs, 0.99999).passed
+    base_vecs = AngleModel.from_pretrained(minilm_dir).encode(texts)
+    assert compare(base_vecs, merged_vecs, 0.0).min_cosine < 0.9999  # training changed it
+    # the adapter directory itself loads (base + merge) and matches the merged model
+    assert np.allclose(AngleModel.from_pretrained(out).encode(texts[:20]), merged_vecs[:20],
+                       atol=1e-5)
+    bundle = export(out / "merged", tmp_path / "bundle")  # parity gate passes
+    assert json.loads((bundle / "angle_rt.json").read_text())["parity"]["n_texts"] >= 1000
+    # a saved adapter trains further (angle_emb #21: "does not require grad")
+    again = fit(_cfg(minilm_dir, small_sts, tmp_path / "more", lora_path=str(out), max_steps=1))
+    assert again.steps == 1
+    more = AngleModel.from_pretrained(tmp_path / "more").encode(texts[:20])
+    assert not np.allclose(more, merged_vecs[:20], atol=1e-6)

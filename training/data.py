@@ -1,0 +1,174 @@
+"""Dataset formats (detected from columns), loading, and the collator.
+
+Formats, as the seed README names them:
+  A  text1, text2, label      pairs with a float similarity label
+  B  text, positive, negative triples
+  C  text, positive           positive pairs only
+angle_emb 0.6 writes `query` for `text`; both are accepted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from angle_rt.tokenizer import TextTokenizer
+from training.model import pad_ids
+
+FORMATS = {
+    "A": ("text1", "text2", "label"),
+    "B": ("text", "positive", "negative"),
+    "C": ("text", "positive"),
+}
+_SAVED = ("dataset_info.json", "dataset_dict.json", "state.json")
+_HINTS = {
+    ("sentence1", "sentence2", "score"): "sentence1:text1,sentence2:text2,score:label",
+    ("premise", "hypothesis", "label"): "premise:text1,hypothesis:text2",
+    ("anchor", "positive", "negative"): "anchor:text",
+    ("anchor", "positive"): "anchor:text",
+}
+
+
+def parse_rename(spec: str | dict[str, str] | None) -> dict[str, str]:
+    """'old:new,old2:new2' (';' also separates) → {'old': 'new', ...}."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        return dict(spec)
+    out = {}
+    for item in spec.replace(";", ",").split(","):
+        if not item.strip():
+            continue
+        old, sep, new = item.partition(":")
+        if not sep or not old.strip() or not new.strip():
+            raise ValueError(f"bad column rename {item!r}; write old:new[,old2:new2]")
+        out[old.strip()] = new.strip()
+    return out
+
+
+def detect_format(columns: Iterable[str]) -> str:
+    """A, B or C from the column names (after renaming); ValueError naming them otherwise."""
+    cols = {"text" if c == "query" else c for c in columns}
+    if {"text1", "text2", "label"} <= cols:
+        return "A"
+    if {"text", "positive", "negative"} <= cols:
+        return "B"
+    if {"text", "positive"} <= cols and "label" not in cols:
+        return "C"
+    want = "; ".join(f"{k} = {', '.join(v)}" for k, v in FORMATS.items())
+    msg = f"no dataset format fits columns {sorted(columns)}; expected {want}"
+    for seen, rename in _HINTS.items():
+        if set(seen) <= set(columns):
+            msg += f" (try --column-rename {rename})"
+            break
+    raise ValueError(msg)
+
+
+def load_records(source: str | Path, rename: str | dict[str, str] | None = None,
+                 split: str = "train") -> list[dict[str, Any]]:
+    """Rows from a .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder or a hub dataset."""
+    import datasets
+
+    path = Path(source)
+    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if path.is_file():
+        if path.suffix not in kinds:
+            raise ValueError(f"{path}: unsupported file type; use {', '.join(kinds)}")
+        ds = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+    elif path.is_dir() and any((path / f).exists() for f in _SAVED):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    elif path.exists():
+        raise ValueError(f"{path} is neither a data file nor a datasets.save_to_disk folder")
+    else:
+        ds = datasets.load_dataset(str(source), split=split)
+    # one mapping may serve train and valid data: rename what is present; a typo shows up
+    # as a missing column in detect_format
+    mapping = {k: v for k, v in parse_rename(rename).items() if k in ds.column_names}
+    if mapping:
+        ds = ds.rename_columns(mapping)
+    if "query" in ds.column_names and "text" not in ds.column_names:
+        ds = ds.rename_column("query", "text")
+    return ds.to_list()
+
+
+@dataclass
+class Batch:
+    """Zig-zag rows ready for the model, and the labels of format A."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    fmt: str
+    n_samples: int
+
+
+@dataclass
+class AngleCollator:
+    """Records → tokenized zig-zag batch, with prompts and in-batch duplicate filtering.
+
+    Prompts: `text_prompt` for text1/text2 (A); `query_prompt` for text, `doc_prompt` for
+    positive/negative (B, C). Truncation keeps the prompt. A sample whose texts repeat
+    one already in the batch is dropped (`filter_duplicate`), so in-batch negatives are
+    not false negatives; repeats inside one sample are allowed.
+    """
+
+    tokenizer: TextTokenizer
+    fmt: str
+    pad_token_id: int
+    padding_side: str = "right"
+    text_prompt: str | None = None
+    query_prompt: str | None = None
+    doc_prompt: str | None = None
+    filter_duplicate: bool = True
+    seed: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
+        columns = FORMATS[self.fmt][:2] if self.fmt == "A" else FORMATS[self.fmt]
+        prompts = self._prompts(len(columns))
+        per_col = [self.tokenizer.encode([self._pick(r[c]) for r in records], p)
+                   for c, p in zip(columns, prompts, strict=True)]
+        rows_by_sample = [[col[i] for col in per_col] for i in range(len(records))]
+        keep = self._dedupe(rows_by_sample)
+        rows = [row for i in keep for row in rows_by_sample[i]]
+        ids, mask = pad_ids(rows, self.pad_token_id, self.padding_side)
+        labels = None
+        if self.fmt == "A":
+            labels = torch.tensor([float(records[i]["label"]) for i in keep])
+        return Batch(ids, mask, labels, self.fmt, len(keep))
+
+    def _prompts(self, n: int) -> list[str | None]:
+        if self.fmt == "A":
+            return [self.text_prompt] * n
+        return [self.query_prompt] + [self.doc_prompt] * (n - 1)
+
+    def _pick(self, value: Any) -> str:
+        if isinstance(value, (list, tuple)):  # angle_emb: one element per sample, at random
+            value = self._rng.choice(value)
+        if not isinstance(value, str):
+            raise TypeError(f"text fields must be str (or lists of str), got {value!r}")
+        return value
+
+    def _dedupe(self, rows_by_sample: list[list[list[int]]]) -> list[int]:
+        if not self.filter_duplicate:
+            return list(range(len(rows_by_sample)))
+        seen: set[tuple[int, ...]] = set()
+        keep = []
+        for i, rows in enumerate(rows_by_sample):
+            keys = {tuple(r) for r in rows}
+            if keys & seen:
+                continue
+            seen |= keys
+            keep.append(i)
+        return keep
+

@@ -1,0 +1,380 @@
+"""`python -m training.fit`: fine-tune an AnglE model (full or LoRA), with evaluation.
+
+    python -m training.fit --model DIR_OR_ID --train-data pairs.jsonl --output-dir ckpts/x \
+        [--valid-data stsb-dev.jsonl] [--lora] [--merge] [--teacher DIR] ...
+
+Writes a normal Hugging Face directory plus angle_config.json (pooling, prompts,
+max_length, padding side), which `angle-export --model OUTPUT_DIR` reads unprompted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.data import AngleCollator, Batch, detect_format, load_records
+from training.lora import add_lora, merged_copy
+from training.losses import AngleLoss, distillation_loss
+from training.model import AngleModel
+from training.sts import StsPairs, sts_spearman
+
+log = logging.getLogger("angle_rt.fit")
+CHECKPOINT = "checkpoint.pt"
+BEST = "best-checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the CLI flags are these names with dashes."""
+
+    model: str  # hub id or local directory to start from
+    train_data: str  # .jsonl/.csv/.parquet, a save_to_disk folder, or a hub dataset
+    output_dir: str = "ckpts/angle"  # final model (+ best-checkpoint/, checkpoint.pt)
+    valid_data: str | None = None  # format-A data: Spearman, best-checkpoint selection
+    column_rename: str | None = None  # "old:new,..." for train and valid data
+    train_split: str = "train"  # split of a hub dataset or DatasetDict
+    valid_split: str = "validation"
+    pooling: str | None = None  # default: what the model was saved with
+    max_length: int | None = None  # tokens per text, prompt included
+    padding_side: str | None = None
+    text_prompt: str | None = None  # format A texts
+    query_prompt: str | None = None  # text/query of formats B and C
+    doc_prompt: str | None = None  # positive/negative of formats B and C
+    filter_duplicate: bool = True  # drop samples repeating a text already in the batch
+    epochs: int = 1
+    max_steps: int = -1  # > 0: stop after this many optimizer steps
+    batch_size: int = 32  # samples per micro-batch (pairs or triples)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5  # angle_emb's default
+    weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warmup, then linear decay to 0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 needs CUDA)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    device: str | None = None  # default: cuda when available, else cpu
+    eval_steps: int = 0  # also evaluate every N steps (always after each epoch)
+    save_steps: int = 0  # also write checkpoint.pt every N steps (always after each epoch)
+    logging_steps: int = 10
+    resume: bool = False  # continue from output_dir/checkpoint.pt
+    cosine_w: float = 0.0  # loss weights and temperatures: see training.losses.AngleLoss
+    ibn_w: float = 1.0
+    cln_w: float = 1.0
+    angle_w: float = 0.02
+    cosine_tau: float = 20.0
+    ibn_tau: float = 20.0
+    angle_tau: float = 20.0
+    lora: bool = False  # train a LoRA adapter instead of every weight
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: str | None = None  # comma list; default every linear layer
+    lora_path: str | None = None  # continue training this saved adapter
+    merge: bool = False  # with LoRA: also write the merged full model to output_dir/merged
+    teacher: str | None = None  # distil from this model (same tokenizer required)
+    teacher_temperature: float = 1.0
+    teacher_weight: float = 1.0
+    teacher_pooling: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
+
+    def loss(self) -> AngleLoss:
+        return AngleLoss(cosine_w=self.cosine_w, ibn_w=self.ibn_w, cln_w=self.cln_w,
+                         angle_w=self.angle_w, cosine_tau=self.cosine_tau,
+                         ibn_tau=self.ibn_tau, angle_tau=self.angle_tau)
+
+
+@dataclass
+class FitResult:
+    output_dir: Path
+    steps: int
+    best_spearman: float | None
+    history: list[dict[str, float]]
+
+
+def get_lr(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warmup to `base` over `warmup` steps, then linear decay to 0 at `total`."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    remaining = max(total - warmup, 1)
+    return base * max(0.0, (total - step) / remaining)
+
+
+def fit(cfg: TrainConfig) -> FitResult:
+    """Train as `cfg` says; returns where the model went and the evaluation history."""
+    _check(cfg)
+    _seed(cfg.seed)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 on CPU")
+    model = AngleModel.from_pretrained(cfg.model, pooling=cfg.pooling,
+                                       max_length=cfg.max_length, padding_side=cfg.padding_side)
+    if cfg.lora or cfg.lora_path:
+        model.backbone = add_lora(model.backbone, cfg)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model.to(device).train()
+    records = load_records(cfg.train_data, cfg.column_rename, cfg.train_split)
+    if not records:
+        raise ValueError(f"{cfg.train_data} has no rows")
+    fmt = detect_format(records[0].keys())
+    log.info("train data: %d rows, format %s", len(records), fmt)
+    valid = _valid_pairs(cfg)
+    teacher = _teacher(cfg, model, device)
+    collate = AngleCollator(model.tokenizer, fmt, model.pad_token_id, model.settings.padding_side,
+                            cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt,
+                            cfg.filter_duplicate, cfg.seed)
+    return _Trainer(cfg, model, teacher, collate, records, valid, device).run()
+
+
+class _Trainer:
+    """The loop: micro-batches, accumulation, schedule, evaluation, checkpoints."""
+
+    def __init__(self, cfg, model, teacher, collate, records, valid, device) -> None:
+        self.cfg, self.model, self.teacher, self.collate = cfg, model, teacher, collate
+        self.records, self.valid, self.device = records, valid, device
+        self.out = Path(cfg.output_dir)
+        self.loss_fn = cfg.loss()
+        self.per_epoch = math.ceil(len(records) / cfg.batch_size)
+        steps_per_epoch = math.ceil(self.per_epoch / cfg.gradient_accumulation_steps)
+        self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+        self.opt = _optimizer(model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.step, self.epoch, self.micro, self.best = 0, 0, 0, -math.inf
+        self.history: list[dict[str, float]] = []
+
+    def run(self) -> FitResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume:
+            self._load_checkpoint()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.total, initial=self.step, desc="train", unit="step") as bar:
+            while self.step < self.total:
+                self._epoch(bar)
+        if not self.history or self.history[-1]["step"] != self.step:
+            self._evaluate()  # stopped by max_steps between evaluations
+        return self._finish()
+
+    def _epoch(self, bar) -> None:
+        """The rest of the current epoch (all of it unless resumed mid-way)."""
+        size, accum = self.cfg.batch_size, self.cfg.gradient_accumulation_steps
+        order = np.random.default_rng(self.cfg.seed + self.epoch).permutation(len(self.records))
+        for i in range(self.micro, self.per_epoch):
+            batch = self.collate([self.records[j] for j in order[i * size:(i + 1) * size]])
+            loss = self._micro_step(batch)
+            self.micro = i + 1
+            if self.micro % accum and self.micro < self.per_epoch:
+                continue
+            self._optimizer_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
+            self._periodic()
+            if self.step >= self.total:
+                return
+        self.epoch, self.micro = self.epoch + 1, 0
+        self._evaluate()
+        self._save_checkpoint()
+
+    def _micro_step(self, batch: Batch) -> float:
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        labels = batch.labels.to(self.device) if batch.labels is not None else None
+        with _autocast(self.cfg.precision, self.device):
+            emb = self.model(ids, mask)
+        loss = self.loss_fn(emb.float(), labels, batch.fmt)
+        if self.teacher is not None:
+            with torch.no_grad(), _autocast(self.cfg.precision, self.device):
+                target = self.teacher(ids, mask)
+            loss = loss + self.cfg.teacher_weight * distillation_loss(
+                emb.float(), target.float(), self.cfg.teacher_temperature)
+        scaled = loss / self.cfg.gradient_accumulation_steps
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        lr = get_lr(self.step, self.cfg.learning_rate, self.cfg.warmup_steps, self.total)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _periodic(self) -> None:
+        if self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
+            self._evaluate()
+        if self.cfg.save_steps and self.step % self.cfg.save_steps == 0:
+            self._save_checkpoint()
+
+    def _evaluate(self) -> None:
+        if self.valid is None:
+            return
+        emb = self.model.encode(self.valid.sentences, batch_size=64, prompt=self.cfg.text_prompt)
+        self.model.train()
+        n = len(self.valid.text1)
+        score = sts_spearman(emb[:n], emb[n:], self.valid.scores)
+        self.history.append({"step": self.step, "epoch": self.epoch, "spearman": score})
+        log.info("step %d: valid Spearman %.2f", self.step, score)
+        if score > self.best:
+            self.best = score
+            self._save_model(self.out / BEST)
+
+    def _save_model(self, where: Path) -> None:
+        self.model.save_pretrained(where)
+        (where / "training_args.json").write_text(
+            json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+
+    def _save_checkpoint(self) -> None:
+        trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in self.model.state_dict().items() if k in trainable}
+        torch.save({"model": state, "optimizer": self.opt.state_dict(), "step": self.step,
+                    "epoch": self.epoch, "micro": self.micro, "best": self.best,
+                    "history": self.history, "torch_rng": torch.get_rng_state(),
+                    "config": dataclasses.asdict(self.cfg)}, self.out / CHECKPOINT)
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist")
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        missing = self.model.load_state_dict(ck["model"], strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{path} does not fit this model: {missing.unexpected_keys[:3]}")
+        self.opt.load_state_dict(ck["optimizer"])
+        self.step, self.epoch, self.micro = ck["step"], ck["epoch"], ck["micro"]
+        self.best, self.history = ck["best"], ck["history"]
+        torch.set_rng_state(ck["torch_rng"])
+        log.info("resumed at step %d (epoch %d)", self.step, self.epoch)
+
+    def _finish(self) -> FitResult:
+        self._save_model(self.out)
+        if self.cfg.merge and (self.cfg.lora or self.cfg.lora_path):
+            merged_copy(self.model).save_pretrained(self.out / "merged")
+        best = self.best if self.history else None
+        if best is not None:
+            log.info("best valid Spearman %.2f → %s", best, self.out / BEST)
+        return FitResult(self.out, self.step, best, self.history)
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+        raise ValueError("batch_size and gradient_accumulation_steps must be ≥ 1")
+    if cfg.epochs < 1 and cfg.max_steps <= 0:
+        raise ValueError("set epochs ≥ 1 or max_steps > 0")
+    if cfg.merge and not (cfg.lora or cfg.lora_path):
+        raise ValueError("--merge needs --lora (or --lora-path): there is no adapter to merge")
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _optimizer(model: AngleModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def _enable_checkpointing(model: AngleModel) -> None:
+    backbone = model.backbone
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(backbone, "enable_input_require_grads"):
+        backbone.enable_input_require_grads()  # LoRA: frozen embeddings still pass gradients
+
+
+def _valid_pairs(cfg: TrainConfig) -> StsPairs | None:
+    if not cfg.valid_data:
+        return None
+    rows = load_records(cfg.valid_data, cfg.column_rename, cfg.valid_split)
+    for cols in (("text1", "text2", "label"), ("sentence1", "sentence2", "score")):
+        if set(cols) <= rows[0].keys():
+            a, b, y = cols
+            return StsPairs([r[a] for r in rows], [r[b] for r in rows],
+                            np.asarray([float(r[y]) for r in rows]))
+    raise ValueError(f"--valid-data needs text1, text2, label (or sentence1, sentence2, score) "
+                     f"columns; {cfg.valid_data} has {sorted(rows[0])}")
+
+
+def _teacher(cfg: TrainConfig, student: AngleModel, device: torch.device) -> AngleModel | None:
+    if not cfg.teacher:
+        return None
+    teacher = AngleModel.from_pretrained(cfg.teacher, pooling=cfg.teacher_pooling,
+                                         max_length=student.settings.max_length,
+                                         padding_side=student.settings.padding_side)
+    if teacher.hf_tokenizer.get_vocab() != student.hf_tokenizer.get_vocab():
+        raise ValueError(f"teacher {cfg.teacher} has a different tokenizer from {cfg.model}; "
+                         "distillation needs the same token ids")
+    if teacher.embedding_dim != student.embedding_dim:
+        raise ValueError(f"teacher dim {teacher.embedding_dim} ≠ student dim "
+                         f"{student.embedding_dim}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags from TrainConfig: `--snake-case` names; booleans as --x / --no-x."""
+    p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        required = f.default is dataclasses.MISSING
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            conv = {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            p.add_argument(flag, type=conv, required=required,
+                           default=None if required else f.default)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="training.fit: %(message)s")
+    try:
+        result = fit(TrainConfig(**args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"training.fit: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps,
+                      "best_spearman": result.best_spearman}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
