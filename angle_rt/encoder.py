@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +12,25 @@ from angle_rt.errors import BundleError
 from angle_rt.manifest import MANIFEST_FILE, Artifact, Manifest, read_manifest, verify_checksum
 from angle_rt.postprocess import l2_normalize, truncate_dims
 from angle_rt.prompts import PROMPTS, resolve_prompt
-from angle_rt.session import open_session
+from angle_rt.session import Session, default_device, open_session
 from angle_rt.tokenizer import TextTokenizer
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
+# Default artifact per device, best first: reduced precision where its kernels are fast
+# (CPU: INT8; GPU: FP16/BF16), fp32 otherwise.
+PREFERENCE = {
+    "cpu": ("int8-dynamic", "int8", "fp32"),
+    "cuda": ("fp16", "bf16", "int8", "fp32"),
+}
 
 
 class Encoder:
     """Encodes sentences with an angle_rt bundle.
 
     `path` is the bundle directory or a file inside it (an artifact or angle_rt.json).
-    `precision` picks an artifact ("fp32", …) when `path` is a directory; the default
-    is the bundle's fp32 ONNX graph. `max_batch_tokens` bounds padded tokens per batch.
+    `precision` picks an artifact ("fp32", "fp16", "int8", …) when `path` is a directory;
+    by default the best one present for the device (see PREFERENCE).
+    `max_batch_tokens` bounds padded tokens per batch.
     """
 
     def __init__(
@@ -31,14 +38,15 @@ class Encoder:
         path: str | Path,
         *,
         precision: str | None = None,
-        backend: str = "auto",
+        backend: str | Callable[[Path], Session] = "auto",
         intra_op_threads: int | None = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         verify_checksums: bool = True,
     ) -> None:
         self.bundle, file = _locate(Path(path))
         self.manifest: Manifest = read_manifest(self.bundle)
-        self.artifact: Artifact = _choose(self.manifest, file, precision)
+        self.artifact: Artifact = _choose(self.manifest, file, precision,
+                                          default_device(backend))
         tok_file = self.manifest.tokenizer["file"]
         if verify_checksums:
             verify_checksum(self.bundle, tok_file, self.manifest.tokenizer["sha256"])
@@ -132,19 +140,23 @@ def _locate(path: Path) -> tuple[Path, str | None]:
                       "or a file inside one")
 
 
-def _choose(manifest: Manifest, file: str | None, precision: str | None) -> Artifact:
+def _choose(manifest: Manifest, file: str | None, precision: str | None,
+            device: str) -> Artifact:
     if file is not None:
         art = manifest.artifact(file)
         if precision is not None and art.precision != precision:
             raise ValueError(f"{file} is {art.precision}, not the requested {precision}")
         return art
-    want = precision or "fp32"
-    onnx = [a for a in manifest.artifacts if a.format == "onnx" and a.precision == want]
-    if not onnx:
-        have = ", ".join(f"{a.file} ({a.precision})" for a in manifest.artifacts)
-        raise BundleError(f"bundle has no {want} ONNX artifact (it has: {have}); "
-                          f"re-export with the precision you need")
-    return onnx[0]
+    onnx = {a.precision: a for a in manifest.artifacts if a.format == "onnx"}
+    if precision is None:
+        for want in PREFERENCE[device]:
+            if want in onnx:
+                return onnx[want]
+    if precision in onnx:
+        return onnx[precision]
+    have = ", ".join(f"{a.file} ({a.precision})" for a in manifest.artifacts)
+    raise BundleError(f"bundle has no {precision or 'usable'} ONNX artifact (it has: {have}); "
+                      "re-export with the precision you need")
 
 
 def _open_tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:

@@ -12,6 +12,7 @@ benchmarks/results/train-<date>.json.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -53,7 +54,7 @@ def stsb() -> dict:
                       valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
                       output_dir=str(OUT / "minilm-stsb"), epochs=2, batch_size=32,
                       learning_rate=2e-5, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
-                      angle_w=0.02, eval_steps=60)
+                      angle_w=0.02, eval_steps=90, group_by_length=True)
     info, per_epoch = run(cfg)
     best = Path(cfg.output_dir) / "best-checkpoint"
     return {"recipe": "stsb", "config": _args(cfg), "seconds_per_epoch": per_epoch,
@@ -64,9 +65,9 @@ def lora() -> dict:
     cfg = TrainConfig(model=str(minilm()), train_data=data("sts/stsb-train.jsonl"),
                       valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
                       output_dir=str(OUT / "minilm-stsb-lora"), epochs=2, batch_size=32,
-                      learning_rate=5e-4, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
-                      angle_w=0.02, eval_steps=60, lora=True, lora_r=32, lora_alpha=32,
-                      lora_dropout=0.1, merge=True)
+                      learning_rate=3e-4, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
+                      angle_w=0.02, eval_steps=90, group_by_length=True, lora=True, lora_r=32,
+                      lora_alpha=32, lora_dropout=0.1, merge=True)
     info, per_epoch = run(cfg)
     merged = Path(cfg.output_dir) / "merged"
     bundle = export(merged, OUT / "minilm-stsb-lora-bundle", force=True)
@@ -79,7 +80,7 @@ def nli() -> dict:
                       valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
                       output_dir=str(OUT / "minilm-nli"), epochs=1, batch_size=32,
                       learning_rate=2e-5, warmup_steps=20, ibn_w=1.0, cln_w=1.0,
-                      angle_w=0.02, cosine_w=0.0)
+                      angle_w=0.02, cosine_w=0.0, group_by_length=True)
     info, per_epoch = run(cfg)
     return {"recipe": "nli", "config": _args(cfg), "seconds_per_epoch": per_epoch,
             "test_before": test_score(minilm()), "test_after": test_score(cfg.output_dir),
@@ -88,11 +89,12 @@ def nli() -> dict:
 
 def _args(cfg: TrainConfig) -> dict:
     keep = ("epochs", "batch_size", "learning_rate", "cosine_w", "ibn_w", "cln_w", "angle_w",
-            "lora", "lora_r", "lora_alpha")
+            "group_by_length", "lora", "lora_r", "lora_alpha")
     return {k: getattr(cfg, k) for k in keep}
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     recipes = {"stsb": stsb, "lora": lora, "nli": nli}
     chosen = sys.argv[1:] or list(recipes)
     out = Path(__file__).parent / "results" / f"train-{datetime.now(timezone.utc):%Y-%m-%d}.json"

@@ -34,6 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--verify-data", help=".txt (one text per line) or .jsonl texts for the "
                                          "parity gate (default: the built-in set)")
+    g = p.add_argument_group("precision (each adds an artifact beside the fp32 model.onnx)")
+    g.add_argument("--fp16", action="store_true", help="mixed-precision FP16 graph "
+                   "(FP32 norms, softmax, mask add, reductions, pooling)")
+    g.add_argument("--bf16", action="store_true", help="the same in BF16 (Llama family)")
+    g.add_argument("--int8", action="store_true", help="explicit symmetric Q/DQ INT8 graph "
+                   "(TensorRT and ONNX Runtime)")
+    g.add_argument("--int8-dynamic", action="store_true",
+                   help="ONNX Runtime dynamic INT8 (CPU serving)")
+    g.add_argument("--calib", help="INT8 calibration texts (.txt or .jsonl; default: built-in)")
+    g.add_argument("--calib-size", type=int, default=512)
+    g.add_argument("--int8-method", default="mse", choices=("mse", "max", "percentile"))
+    g.add_argument("--fp16-exclude", default="", help="comma list of op types kept in FP32")
+    g.add_argument("--int8-exclude", action="append", default=[],
+                   help="regex of node names kept in float (repeatable)")
+    g.add_argument("--sts-data", help="STS jsonl for the INT8 Spearman gate "
+                                      "(default: STS-B dev from the shared data, if found)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the parity gate")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -54,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                         padding_side=args.padding_side, lora=args.lora,
                         revision=args.revision, opset=args.opset, force=args.force,
                         verify=args.verify, verify_data=args.verify_data,
-                        trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+                        sts_data=args.sts_data, trust_remote_code=args.trust_remote_code,
+                        progress=not args.quiet, fp16=args.fp16, bf16=args.bf16,
+                        int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
+                        calib_size=args.calib_size, int8_method=args.int8_method,
+                        fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
+                        int8_exclude=tuple(args.int8_exclude))
     except ParityError as exc:
         print(f"angle-export: parity gate failed, nothing written:\n{exc}", file=sys.stderr)
         return 1
@@ -76,6 +97,8 @@ def summary(bundle: Path) -> str:
         p = art.get("parity")
         fig = (f"min cos {p['min_cosine']:.7f}, mean {p['mean_cosine']:.7f}, max |diff| "
                f"{p['max_abs_diff']:.2e} on {p['n']} texts" if p else "not verified")
+        if p and "stsb_dev" in p:
+            fig += f"; STS-B dev {p['stsb_dev']:.2f} (fp32 {p['stsb_dev_fp32']:.2f})"
         lines.append(f"  {art['file']} ({art['precision']}, {art['size_bytes'] / 1e6:.1f} MB): "
                      f"{fig}")
     return "\n".join(lines)

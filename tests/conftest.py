@@ -44,11 +44,12 @@ def minilm_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_cls_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
-    """all-MiniLM-L6-v2 with CLS pooling, unnormalized: the UAE-Large-V1 path."""
+    """all-MiniLM-L6-v2 with CLS pooling, unnormalized (the UAE-Large-V1 path), with fp16,
+    int8 Q/DQ and dynamic int8 artifacts beside fp32."""
     from exporters import export
 
     return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-cls",
-                  pooling="cls", normalize=False)
+                  pooling="cls", normalize=False, fp16=True, int8=True, int8_dynamic=True)
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,7 @@ class TrainConfig:
     query_prompt: str | None = None  # text/query of formats B and C
     doc_prompt: str | None = None  # positive/negative of formats B and C
     filter_duplicate: bool = True  # drop samples repeating a text already in the batch
+    group_by_length: bool = False  # batches of similar length (less padding, faster on CPU)
     epochs: int = 1
     max_steps: int = -1  # > 0: stop after this many optimizer steps
     batch_size: int = 32  # samples per micro-batch (pairs or triples)
@@ -146,6 +147,7 @@ class _Trainer:
         self.out = Path(cfg.output_dir)
         self.loss_fn = cfg.loss()
         self.per_epoch = math.ceil(len(records) / cfg.batch_size)
+        self.lengths = np.array([_chars(r) for r in records]) if cfg.group_by_length else None
         steps_per_epoch = math.ceil(self.per_epoch / cfg.gradient_accumulation_steps)
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
         self.opt = _optimizer(model, cfg)
@@ -169,7 +171,10 @@ class _Trainer:
     def _epoch(self, bar) -> None:
         """The rest of the current epoch (all of it unless resumed mid-way)."""
         size, accum = self.cfg.batch_size, self.cfg.gradient_accumulation_steps
-        order = np.random.default_rng(self.cfg.seed + self.epoch).permutation(len(self.records))
+        rng = np.random.default_rng(self.cfg.seed + self.epoch)
+        order = rng.permutation(len(self.records))
+        if self.cfg.group_by_length:
+            order = group_by_length(order, self.lengths, size, rng)
         for i in range(self.micro, self.per_epoch):
             batch = self.collate([self.records[j] for j in order[i * size:(i + 1) * size]])
             loss = self._micro_step(batch)
@@ -224,7 +229,7 @@ class _Trainer:
             self._save_checkpoint()
 
     def _evaluate(self) -> None:
-        if self.valid is None:
+        if self.valid is None or (self.history and self.history[-1]["step"] == self.step):
             return
         emb = self.model.encode(self.valid.sentences, batch_size=64, prompt=self.cfg.text_prompt)
         self.model.train()
@@ -271,6 +276,22 @@ class _Trainer:
         if best is not None:
             log.info("best valid Spearman %.2f → %s", best, self.out / BEST)
         return FitResult(self.out, self.step, best, self.history)
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int,
+                    rng: np.random.Generator, window: int = 50) -> np.ndarray:
+    """Reorder a shuffled `order` so each batch holds similar lengths: sort within windows
+    of `window` batches, cut into batches, shuffle the batches."""
+    span = window * batch_size
+    chunks = [order[i:i + span] for i in range(0, len(order), span)]
+    ordered = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+
+
+def _chars(record: dict[str, Any]) -> int:
+    """A cheap length proxy: characters over the record's text fields."""
+    return sum(len(v) if isinstance(v, str) else 0 for v in record.values())
 
 
 def _check(cfg: TrainConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from angle_rt.errors import BackendUnavailableError
@@ -11,10 +12,24 @@ from angle_rt.session.onnxrt import OrtSession
 BACKENDS = ("auto", "cpu", "cuda")
 
 
+def default_device(backend: str | Callable[[Path], Session]) -> str:
+    """"cuda" when `backend` allows it and onnxruntime-gpu sees a GPU, else "cpu"."""
+    if backend == "cpu" or callable(backend):
+        return "cpu"
+    from angle_rt._imports import lazy_import
+
+    providers = lazy_import("onnxruntime").get_available_providers()
+    return "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+
+
 def open_session(
-    path: str | Path, backend: str = "auto", intra_op_threads: int | None = None
+    path: str | Path, backend: str | Callable[[Path], Session] = "auto",
+    intra_op_threads: int | None = None,
 ) -> Session:
-    """Open the model file at `path` on `backend` ("auto", "cpu" or "cuda")."""
+    """Open the model file at `path` on `backend`: "auto", "cpu", "cuda", or a callable
+    that takes the path and returns a Session (a loader of your own)."""
+    if callable(backend):
+        return backend(Path(path))
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(path)
@@ -26,4 +41,4 @@ def open_session(
     return OrtSession(path, device=backend, intra_op_threads=intra_op_threads)
 
 
-__all__ = ["BACKENDS", "OrtSession", "Session", "open_session"]
+__all__ = ["BACKENDS", "OrtSession", "Session", "default_device", "open_session"]

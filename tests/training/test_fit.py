@@ -140,3 +140,14 @@ def test_lora_merge_matches_adapter_and_exports(minilm_dir, small_sts, tmp_path)
     assert again.steps == 1
     more = AngleModel.from_pretrained(tmp_path / "more").encode(texts[:20])
     assert not np.allclose(more, merged_vecs[:20], atol=1e-6)
+
+
+def test_group_by_length_is_a_permutation_of_similar_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=1000)
+    order = rng.permutation(1000)
+    grouped = fit_mod.group_by_length(order, lengths, 10, np.random.default_rng(1), window=5)
+    assert sorted(grouped.tolist()) == list(range(1000))
+    spread = [np.ptp(lengths[grouped[i:i + 10]]) for i in range(0, 1000, 10)]
+    random_spread = [np.ptp(lengths[order[i:i + 10]]) for i in range(0, 1000, 10)]
+    assert np.mean(spread) < np.mean(random_spread) / 3

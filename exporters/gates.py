@@ -1,0 +1,165 @@
+"""Accuracy gates: every artifact against torch fp32, on real and worst-case inputs."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from angle_rt import Encoder
+from angle_rt.errors import BundleError, ParityError
+from angle_rt.manifest import Artifact
+from exporters.reference import MAX_REFERENCE_PARAMS, ReferenceSession, parameter_count
+from exporters.verify import THRESHOLDS, compare, explain, stress_texts, verification_texts
+from training.sts import StsPairs, find_shared_data, load_sts, sts_spearman
+
+if TYPE_CHECKING:
+    from exporters.pipeline import ArtifactBuilder
+    from training.model import AngleModel
+
+log = logging.getLogger("angle_rt.export")
+MAX_SPEARMAN_DROP = 1.0  # INT8: STS-B dev Spearman×100 within this of fp32
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Keeping `name` in higher precision (via `exclude`) gives `min_cosine` on the
+    sentences that failed."""
+
+    min_cosine: float
+    name: str
+    exclude: str
+
+
+class Gate:
+    """Reference vectors computed once; `check(artifact)` passes it or raises ParityError."""
+
+    def __init__(self, angle: AngleModel, bundle: Path, normalize: bool,
+                 verify_data: str | Path | None, sts_data: str | Path | None,
+                 builder: ArtifactBuilder, progress: bool = False) -> None:
+        self.angle, self.bundle, self.builder = angle, bundle, builder
+        self.normalize, self.progress = normalize, progress
+        stress = _long_enough(angle, stress_texts(angle.settings.max_length))
+        self.texts = _long_enough(angle, verification_texts(verify_data)) + stress
+        self.n_stress = len(stress)
+        self.source = str(verify_data) if verify_data else "built-in"
+        log.info("parity gate: %d texts, torch fp32 vs each artifact", len(self.texts))
+        self.ref = angle.encode(self.texts, normalize=normalize, show_progress=progress)
+        self.sts = _sts_pairs(sts_data) if builder.plan.int8 or builder.plan.int8_dynamic \
+            else None
+        self._sts_ref: float | None = None
+        self.results: dict[str, dict[str, Any]] = {}
+        self.worst: list[int] = []
+
+    def check(self, artifact: Artifact) -> dict[str, Any]:
+        """The artifact's report; ParityError if it misses its threshold or the STS check."""
+        enc, rows = self._encoder(self.bundle / artifact.file, artifact.precision)
+        if enc is None:
+            self.results[artifact.file] = rows
+            return rows
+        texts = [self.texts[i] for i in rows]
+        got = enc.encode(texts, show_progress_bar=self.progress)
+        report = compare(self.ref[rows], got, THRESHOLDS[artifact.precision])
+        info = {**report.to_dict(), "runtime": enc.session.name}
+        problems = [] if report.passed else [explain(report, texts, artifact.file)]
+        self.worst = [rows[i] for i in report.worst]
+        if self.sts is not None and artifact.precision.startswith("int8"):
+            info.update(self._spearman(enc))
+            if info["stsb_dev_drop"] > MAX_SPEARMAN_DROP:
+                problems.append(f"{artifact.file}: STS-B dev Spearman {info['stsb_dev']:.2f} "
+                                f"vs fp32 {info['stsb_dev_fp32']:.2f} (drop "
+                                f"{info['stsb_dev_drop']:.2f} > {MAX_SPEARMAN_DROP})")
+        if problems:
+            raise ParityError("\n".join(problems))
+        log.info("%s: min cos %.6f, mean %.6f", artifact.file, report.min_cosine,
+                 report.mean_cosine)
+        self.results[artifact.file] = info
+        return info
+
+    def summary(self) -> dict[str, Any]:
+        return {"reference": "torch fp32 (training.model.AngleModel, CPU)",
+                "texts": self.source, "n_texts": len(self.texts),
+                "max_tokens": max(len(r) for r in self.angle.tokenizer.encode(
+                    self.texts, self.angle.prompt_template(None))),
+                "results": self.results}
+
+    def rank(self, precision: str, exclude: tuple[str, ...]) -> list[Candidate]:
+        """Try keeping each layer type in higher precision on the worst sentences of the
+        last check (and the worst-case inputs); best first."""
+        n = len(self.texts)
+        rows = sorted(set(self.worst) | set(range(n - self.n_stress, n)))
+        texts, ref = [self.texts[i] for i in rows], self.ref[rows]
+        found = []
+        for name, regex in self.builder.candidates(precision):
+            if regex in exclude:
+                continue
+            with tempfile.TemporaryDirectory(dir=self.bundle) as tmp:
+                path = self.builder.build(precision, (*exclude, regex), Path(tmp))
+                enc, _ = self._encoder(path, precision, verify=False)
+                if enc is not None:
+                    got = enc.encode(texts)
+                    found.append(Candidate(compare(ref, got, 0.0).min_cosine, name, regex))
+        return sorted(found, key=lambda c: -c.min_cosine)
+
+    def _encoder(self, path: Path, precision: str,
+                 verify: bool = True) -> tuple[Encoder | None, Any]:
+        """ONNX Runtime CPU; for graphs it cannot run (BF16), the reference evaluator on a
+        subset (every worst-case input + 150 sentences) when the model is small enough."""
+        try:
+            return Encoder(path, backend="cpu", verify_checksums=verify), list(
+                range(len(self.texts)))
+        except BundleError as exc:
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            reason = f"ONNX Runtime CPU has no {precision} kernels here"
+        if parameter_count(path) > MAX_REFERENCE_PARAMS:
+            log.warning("%s not verified: %s; verify it on the target GPU", path.name, reason)
+            return None, {"verified": False, "reason": reason + "; verify on the target GPU"}
+        n, k = len(self.texts), self.n_stress
+        rows = sorted(set(range(0, n - k, max(1, (n - k) // 150))) | set(range(n - k, n)))
+        return Encoder(path, backend=ReferenceSession, verify_checksums=verify), rows
+
+    def _spearman(self, enc: Encoder) -> dict[str, float]:
+        n = len(self.sts.text1)
+        if self._sts_ref is None:
+            ref = self.angle.encode(self.sts.sentences, normalize=self.normalize)
+            self._sts_ref = sts_spearman(ref[:n], ref[n:], self.sts.scores)
+        got = enc.encode(self.sts.sentences)
+        score = sts_spearman(got[:n], got[n:], self.sts.scores)
+        return {"stsb_dev": score, "stsb_dev_fp32": self._sts_ref,
+                "stsb_dev_drop": self._sts_ref - score}
+
+
+def advice(precision: str, ranked: list[Candidate]) -> str:
+    """What to keep in higher precision, as the flag to pass."""
+    flag = "--fp16-exclude" if precision in ("fp16", "bf16") else "--int8-exclude"
+    if not ranked:
+        return "no single layer type explains the divergence"
+    lines = ["keeping one of these layer types in higher precision raises the worst cosine:"]
+    lines += [f"  {flag} '{c.exclude}'   ({c.name}: min cos {c.min_cosine:.5f} on the "
+              "worst sentences)" for c in ranked[:4]]
+    return "\n".join(lines)
+
+
+def _long_enough(angle: AngleModel, texts: list[str]) -> list[str]:
+    """Drop texts too short for token-index pooling (they are refused at encode time)."""
+    pooling = angle.settings.pooling
+    if not isinstance(pooling, int):
+        return texts
+    need = pooling + 1 if pooling >= 0 else -pooling
+    ids = angle.tokenizer.encode(texts, angle.prompt_template(None))
+    return [t for t, r in zip(texts, ids, strict=True) if len(r) >= need]
+
+
+def _sts_pairs(path: str | Path | None) -> StsPairs | None:
+    if path:
+        return load_sts(path)
+    data = find_shared_data()
+    if data is None:
+        log.warning("STS-B dev not found (pass sts_data / --sts-data): the INT8 Spearman "
+                    "check is skipped; cosine gates still apply")
+        return None
+    return load_sts(data / "sts" / "stsb-dev.jsonl")
+
