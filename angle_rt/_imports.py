@@ -13,6 +13,8 @@ _EXTRAS = {
     "onnxruntime": "angle-rt (base dependency: pip install onnxruntime)",
     "tensorrt": "angle-rt[gpu]",
     "cuda.bindings": "angle-rt[gpu] (cuda-python)",
+    "cuda.bindings.runtime": "angle-rt[gpu] (cuda-python)",
+    "cuda.cudart": "angle-rt[gpu] (cuda-python)",
     "tqdm": "tqdm",
 }
 
@@ -23,6 +25,14 @@ def is_available(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def cuda_runtime() -> ModuleType:
+    """The CUDA runtime bindings of cuda-python: `cuda.bindings.runtime` (12.6+), else
+    the older `cuda.cudart`."""
+    if is_available("cuda.bindings"):
+        return lazy_import("cuda.bindings.runtime")
+    return lazy_import("cuda.cudart")
 
 
 def lazy_import(name: str) -> ModuleType:

@@ -9,19 +9,13 @@ import numpy as np
 
 from angle_rt.batching import pad_batch, plan_batches
 from angle_rt.errors import BundleError
-from angle_rt.manifest import MANIFEST_FILE, Artifact, Manifest, read_manifest, verify_checksum
+from angle_rt.manifest import MANIFEST_FILE, Manifest, read_manifest, verify_checksum
 from angle_rt.postprocess import l2_normalize, truncate_dims
 from angle_rt.prompts import PROMPTS, resolve_prompt
-from angle_rt.session import Session, default_device, open_session
+from angle_rt.session import Session, open_session, select
 from angle_rt.tokenizer import TextTokenizer
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
-# Default artifact per device, best first: reduced precision where its kernels are fast
-# (CPU: INT8; GPU: FP16/BF16), fp32 otherwise.
-PREFERENCE = {
-    "cpu": ("int8-dynamic", "int8", "fp32"),
-    "cuda": ("fp16", "bf16", "int8", "fp32"),
-}
 
 
 class Encoder:
@@ -29,7 +23,9 @@ class Encoder:
 
     `path` is the bundle directory or a file inside it (an artifact or angle_rt.json).
     `precision` picks an artifact ("fp32", "fp16", "int8", …) when `path` is a directory;
-    by default the best one present for the device (see PREFERENCE).
+    by default the best one present for the device (angle_rt.session.PREFERENCE);
+    `backend` is "auto" (TensorRT engine → ONNX Runtime CUDA → CPU), "tensorrt",
+    "cuda", "cpu", or a loader taking the artifact path and returning a Session.
     `max_batch_tokens` bounds padded tokens per batch.
     """
 
@@ -45,8 +41,7 @@ class Encoder:
     ) -> None:
         self.bundle, file = _locate(Path(path))
         self.manifest: Manifest = read_manifest(self.bundle)
-        self.artifact: Artifact = _choose(self.manifest, file, precision,
-                                          default_device(backend))
+        self.artifact, device = select(self.manifest, file, precision, backend)
         tok_file = self.manifest.tokenizer["file"]
         if verify_checksums:
             verify_checksum(self.bundle, tok_file, self.manifest.tokenizer["sha256"])
@@ -54,7 +49,8 @@ class Encoder:
             for extra in self.artifact.external_data:
                 verify_checksum(self.bundle, extra["file"], extra["sha256"])
         self.tokenizer = _open_tokenizer(self.bundle / tok_file, self.manifest)
-        self.session = open_session(self.bundle / self.artifact.file, backend, intra_op_threads)
+        self.session = open_session(self.bundle / self.artifact.file, device,
+                                    self.manifest.embedding_dim, intra_op_threads)
         self.max_batch_tokens = max_batch_tokens
         self.prompts = {**PROMPTS, **self.manifest.prompts}
         self._min_tokens = _min_tokens(self.manifest.pooling)
@@ -138,25 +134,6 @@ def _locate(path: Path) -> tuple[Path, str | None]:
         return path.parent, None if path.name == MANIFEST_FILE else path.name
     raise BundleError(f"{path} does not exist; pass a bundle directory written by angle-export "
                       "or a file inside one")
-
-
-def _choose(manifest: Manifest, file: str | None, precision: str | None,
-            device: str) -> Artifact:
-    if file is not None:
-        art = manifest.artifact(file)
-        if precision is not None and art.precision != precision:
-            raise ValueError(f"{file} is {art.precision}, not the requested {precision}")
-        return art
-    onnx = {a.precision: a for a in manifest.artifacts if a.format == "onnx"}
-    if precision is None:
-        for want in PREFERENCE[device]:
-            if want in onnx:
-                return onnx[want]
-    if precision in onnx:
-        return onnx[precision]
-    have = ", ".join(f"{a.file} ({a.precision})" for a in manifest.artifacts)
-    raise BundleError(f"bundle has no {precision or 'usable'} ONNX artifact (it has: {have}); "
-                      "re-export with the precision you need")
 
 
 def _open_tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:

@@ -54,10 +54,77 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the parity gate")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e = add_engine_args(p)
+    e.add_argument("--engine", choices=("auto", "yes", "no"), default="auto",
+                   help="build TensorRT engines after the ONNX artifacts: auto = where "
+                        "TensorRT and a GPU are present")
     return p
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """TensorRT engine flags, shared by export and build-engine."""
+    g = p.add_argument_group("TensorRT engine (optimization profiles per sequence bucket)")
+    g.add_argument("--min-batch", type=int, default=1)
+    g.add_argument("--opt-batch", type=int, default=32)
+    g.add_argument("--max-batch", type=int, default=128)
+    g.add_argument("--buckets", default="32,64,128,256,512",
+                   help="sequence bucket edges, one profile each (capped at max_length)")
+    g.add_argument("--workspace-gb", type=float, default=4.0)
+    g.add_argument("--opt-level", type=int, default=3, choices=range(6),
+                   help="builder optimization level 0-5 (higher builds slower)")
+    g.add_argument("--timing-cache", help="timing cache file, read and written")
+    return g
+
+
+def build_options(args: argparse.Namespace):
+    from exporters.trt_build import BuildOptions
+
+    buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
+    return BuildOptions(args.min_batch, args.opt_batch, args.max_batch, buckets,
+                        args.workspace_gb, args.opt_level, args.timing_cache)
+
+
+def build_engine_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="angle-export build-engine",
+        description="Build TensorRT engines from an existing bundle, on the GPU machine that "
+                    "will run them (engines are specific to GPU type and TensorRT version).")
+    p.add_argument("bundle", help="bundle directory written by angle-export")
+    p.add_argument("--precision", action="append", choices=("fp32", "fp16", "bf16", "int8"),
+                   help="repeatable; default: every TensorRT-ready ONNX in the bundle")
+    p.add_argument("--no-verify", dest="verify", action="store_false")
+    add_engine_args(p)
+    return p
+
+
+def build_engine_main(argv: list[str]) -> int:
+    args = build_engine_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="angle-export: %(message)s")
+    return run_build(Path(args.bundle), args.precision, build_options(args), args.verify)
+
+
+def run_build(bundle: Path, precisions: list[str] | None, opts, verify: bool) -> int:
+    """Build engines; print what was built, or why not (exit 1 parity, 2 other errors)."""
+    from exporters.engines import build_engines
+
+    try:
+        built = build_engines(bundle, precisions, opts, verify)
+    except ParityError as exc:
+        print(f"angle-export: engine parity gate failed:\n{exc}", file=sys.stderr)
+        return 1
+    except (AngleRTError, OSError, ValueError) as exc:
+        print(f"angle-export: error: {exc}", file=sys.stderr)
+        return 2
+    for art in built:
+        print(f"{bundle / art.file}: {art.engine['gpu_name']}, TensorRT "
+              f"{art.engine['tensorrt_version']}, {len(art.engine['profiles'])} profiles")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-engine"]:
+        return build_engine_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="angle-export: %(message)s")
@@ -83,7 +150,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"angle-export: error: {exc}", file=sys.stderr)
         return 2
     print(summary(bundle))
-    return 0
+    return engines_after_export(bundle, args)
+
+
+def engines_after_export(bundle: Path, args: argparse.Namespace) -> int:
+    """Build engines where TensorRT is present; otherwise say how to build them later."""
+    from angle_rt.session.trt import tensorrt_available
+
+    wanted = [p for p, on in (("fp16", args.fp16), ("bf16", args.bf16), ("int8", args.int8))
+              if on]
+    if args.engine == "no" or (args.engine == "auto" and not wanted):
+        return 0
+    reason = tensorrt_available()
+    if reason is not None:
+        flags = " ".join(f"--precision {p}" for p in wanted)
+        print(f"TensorRT engines not built here ({reason}). On the GPU machine that will "
+              f"serve, run:\n  angle-export build-engine {bundle} {flags}".rstrip())
+        return 2 if args.engine == "yes" else 0
+    return run_build(bundle, wanted or ["fp32"], build_options(args), args.verify)
 
 
 def summary(bundle: Path) -> str:

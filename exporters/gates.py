@@ -65,7 +65,7 @@ class Gate:
         info = {**report.to_dict(), "runtime": enc.session.name}
         problems = [] if report.passed else [explain(report, texts, artifact.file)]
         self.worst = [rows[i] for i in report.worst]
-        if self.sts is not None and artifact.precision.startswith("int8"):
+        if self.sts is not None and artifact.precision.startswith("int8") and not problems:
             info.update(self._spearman(enc))
             if info["stsb_dev_drop"] > MAX_SPEARMAN_DROP:
                 problems.append(f"{artifact.file}: STS-B dev Spearman {info['stsb_dev']:.2f} "

@@ -82,3 +82,15 @@ def tiny_bert_bundle(tiny_bert_dir: Path, tmp_path_factory) -> Path:
 
     return export(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny-bert",
                   pooling="mean", max_length=64)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU/TensorRT tests run only where both are usable; elsewhere they say why not."""
+    from angle_rt.session.trt import tensorrt_available
+
+    reason = None
+    for item in items:
+        if "trt" in item.keywords or "gpu" in item.keywords:
+            reason = reason or tensorrt_available() or ""
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=f"needs TensorRT + CUDA GPU: {reason}"))

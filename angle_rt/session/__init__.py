@@ -1,44 +1,139 @@
-"""Backends: each turns one padded batch into embeddings; `open_session` picks one."""
+"""Backends, and which artifact runs where: TensorRT engine → ONNX Runtime CUDA →
+ONNX Runtime CPU, with a warning at each fallback that was not asked for."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from angle_rt._imports import lazy_import
 from angle_rt.errors import BackendUnavailableError
+from angle_rt.manifest import Artifact, Manifest
 from angle_rt.session.base import Session
 from angle_rt.session.onnxrt import OrtSession
 
-BACKENDS = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+Backend = str | Callable[[Path], Session]
+# Default artifact per device, best first: reduced precision where its kernels are fast
+# (CPU: INT8; GPU: FP16/BF16), fp32 otherwise.
+PREFERENCE = {
+    "tensorrt": ("fp16", "int8", "bf16", "fp32"),
+    "cuda": ("fp16", "bf16", "int8", "fp32"),
+    "cpu": ("int8-dynamic", "int8", "fp32"),
+}
 
 
-def default_device(backend: str | Callable[[Path], Session]) -> str:
-    """"cuda" when `backend` allows it and onnxruntime-gpu sees a GPU, else "cpu"."""
-    if backend == "cpu" or callable(backend):
-        return "cpu"
-    from angle_rt._imports import lazy_import
-
+def ort_cuda_available() -> bool:
     providers = lazy_import("onnxruntime").get_available_providers()
-    return "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+    return "CUDAExecutionProvider" in providers
 
 
-def open_session(
-    path: str | Path, backend: str | Callable[[Path], Session] = "auto",
-    intra_op_threads: int | None = None,
-) -> Session:
-    """Open the model file at `path` on `backend`: "auto", "cpu", "cuda", or a callable
-    that takes the path and returns a Session (a loader of your own)."""
-    if callable(backend):
-        return backend(Path(path))
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    path = Path(path)
-    if path.suffix == ".plan":
+def select(manifest: Manifest, file: str | None, precision: str | None,
+           backend: Backend) -> tuple[Artifact, Backend]:
+    """The artifact to run and where: (artifact, "tensorrt" | "cuda" | "cpu" | loader)."""
+    if not callable(backend) and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or a loader, got {backend!r}")
+    if file is not None:
+        art = manifest.artifact(file)
+        if precision is not None and art.precision != precision:
+            raise ValueError(f"{file} is {art.precision}, not the requested {precision}")
+        if art.format == "tensorrt":
+            _require_engine(art, backend)
+            return art, "tensorrt"
+        return art, backend if callable(backend) else _onnx_device(backend)
+    if backend in ("auto", "tensorrt"):
+        art, problems = _usable_engine(manifest, precision)
+        if art is not None:
+            return art, "tensorrt"
+        if backend == "tensorrt":
+            raise BackendUnavailableError("no usable TensorRT engine: " + "; ".join(problems))
+        if problems and any(a.format == "tensorrt" for a in manifest.artifacts):
+            _warn("TensorRT engine not used (" + "; ".join(problems) + "); falling back to "
+                  "ONNX Runtime")
+    device = backend if callable(backend) else _onnx_device(backend)
+    return _onnx_artifact(manifest, precision, "cpu" if callable(device) else device), device
+
+
+def open_session(path: str | Path, device: Backend, dim: int,
+                 intra_op_threads: int | None = None) -> Session:
+    """Open `path` on the device `select` chose (or with a loader of your own)."""
+    if callable(device):
+        return device(Path(path))
+    if device == "tensorrt":
+        from angle_rt.session.trt import TrtSession
+
+        return TrtSession(path, dim)
+    return OrtSession(path, device=device, intra_op_threads=intra_op_threads)
+
+
+def _onnx_device(backend: str) -> str:
+    if backend == "cpu":
+        return "cpu"
+    if ort_cuda_available():
+        return "cuda"
+    if backend == "cuda":
         raise BackendUnavailableError(
-            f"{path.name} is a TensorRT engine; this angle_rt has no TensorRT backend yet. "
-            "Open the bundle's model.onnx instead"
-        )
-    return OrtSession(path, device=backend, intra_op_threads=intra_op_threads)
+            "backend='cuda' needs onnxruntime-gpu with a CUDA device; install angle-rt[gpu] "
+            "(in place of onnxruntime) or use backend='cpu'")
+    return "cpu"
 
 
-__all__ = ["BACKENDS", "OrtSession", "Session", "default_device", "open_session"]
+def _onnx_artifact(manifest: Manifest, precision: str | None, device: str) -> Artifact:
+    from angle_rt.errors import BundleError
+
+    onnx = {a.precision: a for a in manifest.artifacts if a.format == "onnx"}
+    for want in (precision,) if precision else PREFERENCE[device]:
+        if want in onnx:
+            return onnx[want]
+    have = ", ".join(f"{a.file} ({a.precision})" for a in manifest.artifacts)
+    raise BundleError(f"bundle has no {precision or 'usable'} ONNX artifact (it has: {have}); "
+                      "re-export with the precision you need")
+
+
+def _usable_engine(manifest: Manifest, precision: str | None) -> tuple[Artifact | None,
+                                                                       list[str]]:
+    engines = [a for a in manifest.artifacts if a.format == "tensorrt"
+               and (precision is None or a.precision == precision)]
+    if not engines:
+        return None, ["the bundle has no engine" + (f" for {precision}" if precision else "")]
+    from angle_rt.session.trt import engine_problem, gpu_info, tensorrt_available
+
+    reason = tensorrt_available()
+    if reason is not None:
+        return None, [reason]
+    trt_version, gpu = lazy_import("tensorrt").__version__, gpu_info()
+    order = PREFERENCE["tensorrt"]
+    problems = []
+    for art in sorted(engines, key=lambda a: order.index(a.precision)
+                      if a.precision in order else len(order)):
+        problem = engine_problem(art.engine or {}, trt_version, gpu)
+        if problem is None:
+            return art, []
+        problems.append(f"{art.file}: {problem}; rebuild it here with `angle-export "
+                        f"build-engine BUNDLE --precision {art.precision}`")
+    return None, problems
+
+
+def _require_engine(art: Artifact, backend: Backend) -> None:
+    if backend not in ("auto", "tensorrt"):
+        raise ValueError(f"{art.file} is a TensorRT engine; backend={backend!r} cannot run it")
+    from angle_rt.session.trt import engine_problem, gpu_info, tensorrt_available
+
+    reason = tensorrt_available()
+    if reason is not None:
+        raise BackendUnavailableError(f"{art.file} needs TensorRT and a CUDA GPU: {reason}. "
+                                      "Pass the bundle directory to fall back to ONNX Runtime")
+    problem = engine_problem(art.engine or {}, lazy_import("tensorrt").__version__, gpu_info())
+    if problem is not None:
+        from angle_rt.errors import BundleError
+
+        raise BundleError(f"{art.file} cannot run here: {problem}; rebuild it with "
+                          f"`angle-export build-engine BUNDLE --precision {art.precision}`")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+__all__ = ["BACKENDS", "PREFERENCE", "OrtSession", "Session", "open_session", "select"]

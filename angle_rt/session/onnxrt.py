@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from angle_rt._imports import lazy_import
 from angle_rt._system import physical_cores
-from angle_rt.errors import BackendUnavailableError, BundleError
+from angle_rt.errors import BundleError
 from angle_rt.session.base import Session
 
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -18,7 +19,7 @@ class OrtSession(Session):
     """One InferenceSession, shared by all threads (ORT's run() is thread-safe)."""
 
     def __init__(
-        self, path: str | Path, device: str = "auto", intra_op_threads: int | None = None
+        self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None
     ) -> None:
         ort = lazy_import("onnxruntime")
         providers = _providers(ort, device)
@@ -33,6 +34,10 @@ class OrtSession(Session):
                 f"ONNX Runtime could not load {path} ({type(exc).__name__}: {exc}); the file is "
                 "damaged or not an angle_rt graph: re-export the bundle"
             ) from exc
+        if device == "cuda" and self._sess.get_providers()[0] != "CUDAExecutionProvider":
+            warnings.warn(f"ONNX Runtime could not use CUDA for {Path(path).name}; running on "
+                          "CPU (check the CUDA/cuDNN libraries onnxruntime-gpu needs)",
+                          RuntimeWarning, stacklevel=4)
         self._inputs = [i.name for i in self._sess.get_inputs()]
         self._output = self._sess.get_outputs()[0].name
         if self._inputs != ["input_ids", "attention_mask"]:
@@ -50,14 +55,6 @@ class OrtSession(Session):
 
 
 def _providers(ort, device: str) -> list[str]:
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise BackendUnavailableError(
-            f"backend='cuda' needs onnxruntime-gpu with a CUDA device; available providers: "
-            f"{', '.join(available)}. Install angle-rt[gpu] or use backend='cpu'"
-        )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]

@@ -1,0 +1,178 @@
+"""TensorRT backend: a deserialized engine, a pool of execution contexts with their own
+CUDA stream and buffers, and the smallest optimization profile that fits each batch.
+
+Memory and streams go through cuda-python (`cuda.bindings.runtime`), never torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from angle_rt._imports import cuda_runtime, lazy_import
+from angle_rt.errors import BackendUnavailableError, BundleError
+from angle_rt.profiles import ShapeProfile, buffer_bytes, choose_profile
+from angle_rt.session.base import Session
+
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "embedding"
+
+
+def check(result: tuple[Any, ...]) -> Any:
+    """Unwrap a cuda-python call's (err, value...) tuple, raising on a CUDA error."""
+    err, *values = result
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else values
+
+
+def gpu_info() -> dict[str, str]:
+    """Name and compute capability of the current CUDA device."""
+    cudart = cuda_runtime()
+    device = check(cudart.cudaGetDevice())
+    prop = check(cudart.cudaGetDeviceProperties(device))
+    name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
+    return {"gpu_name": name.strip("\x00 "),
+            "compute_capability": f"{prop.major}.{prop.minor}"}
+
+
+def engine_problem(info: dict[str, Any], trt_version: str, gpu: dict[str, str]) -> str | None:
+    """Why an engine built as `info` says cannot run here, or None if it can.
+
+    >>> built = {"tensorrt_version": "10.8.0.43", "compute_capability": "9.0",
+    ...          "gpu_name": "NVIDIA H100"}
+    >>> engine_problem(built, "10.8.0.43", {"compute_capability": "9.0", "gpu_name": "x"})
+    >>> "TensorRT 10.7.0.23" in engine_problem(built, "10.7.0.23", {"compute_capability": "9.0"})
+    True
+    """
+    if info.get("tensorrt_version") != trt_version:
+        return (f"it was built with TensorRT {info.get('tensorrt_version')}, this machine "
+                f"has TensorRT {trt_version}")
+    if info.get("compute_capability") != gpu.get("compute_capability"):
+        return (f"it was built for {info.get('gpu_name')} (compute capability "
+                f"{info.get('compute_capability')}), this GPU is {gpu.get('gpu_name')} "
+                f"(compute capability {gpu.get('compute_capability')})")
+    return None
+
+
+class _Slot:
+    """One execution context with its stream, device buffers and pinned host buffers."""
+
+    def __init__(self, engine: Any, cudart: Any, sizes: dict[str, int],
+                 id_dtype: type) -> None:
+        self.ctx = engine.create_execution_context()
+        self.cudart = cudart
+        self.stream = check(cudart.cudaStreamCreate())
+        self.device = {name: check(cudart.cudaMalloc(n)) for name, n in sizes.items()}
+        self.host_ptr = {name: check(cudart.cudaMallocHost(n)) for name, n in sizes.items()}
+        self.host = {name: _pinned_array(self.host_ptr[name], sizes[name],
+                                         np.float32 if name == OUTPUT else id_dtype)
+                     for name in sizes}
+        for name in sizes:
+            self.ctx.set_tensor_address(name, int(self.device[name]))
+        self.profile = 0
+
+    def infer(self, ids: np.ndarray, mask: np.ndarray, profile: int, dim: int) -> np.ndarray:
+        cudart, stream = self.cudart, self.stream
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        if profile != self.profile:
+            self.ctx.set_optimization_profile_async(profile, int(stream))
+            self.profile = profile
+        for name, arr in zip(INPUTS, (ids, mask), strict=True):
+            flat = self.host[name][: arr.size]
+            flat[:] = arr.ravel()
+            check(cudart.cudaMemcpyAsync(self.device[name], self.host_ptr[name], arr.nbytes,
+                                         h2d, stream))
+            if not self.ctx.set_input_shape(name, tuple(arr.shape)):
+                raise RuntimeError(f"TensorRT refused shape {arr.shape} for {name}")
+        if not self.ctx.execute_async_v3(int(stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        n = ids.shape[0] * dim
+        check(cudart.cudaMemcpyAsync(self.host_ptr[OUTPUT], self.device[OUTPUT], n * 4,
+                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+        check(cudart.cudaStreamSynchronize(stream))
+        return self.host[OUTPUT][:n].reshape(ids.shape[0], dim).copy()
+
+    def close(self) -> None:
+        for ptr in self.device.values():
+            self.cudart.cudaFree(ptr)
+        for ptr in self.host_ptr.values():
+            self.cudart.cudaFreeHost(ptr)
+        self.cudart.cudaStreamDestroy(self.stream)
+
+
+def _pinned_array(ptr: int, nbytes: int, dtype: type) -> np.ndarray:
+    ctype = np.ctypeslib.as_ctypes_type(np.dtype(dtype))
+    n = nbytes // np.dtype(dtype).itemsize
+    return np.ctypeslib.as_array(ctypes.cast(int(ptr), ctypes.POINTER(ctype)), (n,))
+
+
+class TrtSession(Session):
+    """Deserialize once; `workers` contexts serve concurrent calls (one per thread at a
+    time); batches larger than the engine's largest profile are split."""
+
+    name = "tensorrt"
+    pad_multiple = 8
+
+    def __init__(self, path: str | Path, dim: int, workers: int = 2) -> None:
+        trt = lazy_import("tensorrt")
+        cudart = cuda_runtime()
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"TensorRT {trt.__version__} could not deserialize {path}: it was "
+                              "built with another TensorRT version or GPU, or is damaged; "
+                              "rebuild it with `angle-export build-engine BUNDLE`")
+        self.profiles = [ShapeProfile(*map(tuple, self.engine.get_tensor_profile_shape(
+            INPUTS[0], k))) for k in range(self.engine.num_optimization_profiles)]
+        self.input_dtype = np.int32 if self.engine.get_tensor_dtype(INPUTS[0]) == \
+            trt.DataType.INT32 else np.int64
+        self.dim = dim
+        sizes = buffer_bytes(self.profiles, dim, np.dtype(self.input_dtype).itemsize)
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        self._all = [_Slot(self.engine, cudart, sizes, self.input_dtype)
+                     for _ in range(max(1, workers))]
+        for slot in self._all:
+            self._slots.put(slot)
+        # a profile is used by one context at a time (TensorRT's rule for dynamic shapes)
+        self._profile_locks = [threading.Lock() for _ in self.profiles]
+        self._max_batch = max(p.max[0] for p in self.profiles)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        parts = [self._run_one(input_ids[i:i + self._max_batch],
+                               attention_mask[i:i + self._max_batch])
+                 for i in range(0, len(input_ids), self._max_batch)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _run_one(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        # the encoder already padded the width to a multiple of 8 on the model's side
+        k = choose_profile(self.profiles, ids.shape[0], ids.shape[1])
+        slot = self._slots.get()
+        try:
+            with self._profile_locks[k]:
+                return slot.infer(ids.astype(self.input_dtype, copy=False),
+                                  mask.astype(self.input_dtype, copy=False), k, self.dim)
+        finally:
+            self._slots.put(slot)
+
+    def close(self) -> None:
+        for slot in self._all:
+            slot.close()
+        self._all.clear()
+
+
+def tensorrt_available() -> str | None:
+    """None when TensorRT, cuda-python and a CUDA device are all usable, else why not."""
+    try:
+        lazy_import("tensorrt")
+        cudart = cuda_runtime()
+        count = check(cudart.cudaGetDeviceCount())
+    except (BackendUnavailableError, RuntimeError) as exc:
+        return str(exc)
+    return None if count > 0 else "no CUDA device is visible"

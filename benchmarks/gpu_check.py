@@ -1,0 +1,134 @@
+"""One-command GPU check: what is installed, then torch fp16 vs TensorRT on MiniLM.
+
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu-check.json]
+
+Reports driver, CUDA, TensorRT, cuda-python and ONNX Runtime providers; measures torch
+fp16 throughput (the reference a GPU user runs today) and, where TensorRT is present,
+builds an fp16 engine, checks its parity and measures it at batch 1/32/128 on STS-B test
+sentences in the same run. Prints a short table last; sized to finish in < 5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BATCHES = (1, 32, 128)
+
+
+def environment() -> dict[str, str]:
+    env = {"python": platform.python_version()}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20)
+        env["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        env["gpu"] = f"nvidia-smi unavailable ({exc})"
+    for mod in ("torch", "tensorrt", "onnxruntime", "cuda.bindings", "transformers"):
+        try:
+            m = importlib.import_module(mod)
+            env[mod] = getattr(m, "__version__", "installed")
+        except ImportError as exc:
+            env[mod] = f"missing ({exc.name})"
+    try:
+        import onnxruntime
+
+        env["onnxruntime providers"] = ",".join(onnxruntime.get_available_providers())
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        env["torch cuda"] = f"{torch.version.cuda}, available={torch.cuda.is_available()}"
+    except ImportError:
+        pass
+    return env
+
+
+def sentences() -> list[str]:
+    from exporters.verify import builtin_sentences
+    from training.sts import find_shared_data, load_sts
+
+    data = find_shared_data()
+    return load_sts(data / "sts" / "stsb-test.jsonl").sentences if data else \
+        builtin_sentences()
+
+
+def rate(fn, texts: list[str], batch: int, sync=lambda: None, seconds: float = 6.0) -> float:
+    """Sentences/s for `fn(texts_chunk)` over repeated passes of at most `seconds`."""
+    n = len(texts) if batch > 1 else 200
+    fn(texts[: min(n, 256)])  # warm-up (engine profiles, cuBLAS handles)
+    sync()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for i in range(0, n, batch):
+            fn(texts[i:i + batch])
+            done += len(texts[i:i + batch])
+        sync()
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/gpu-check.json")
+    args = p.parse_args()
+    env = environment()
+    for k, v in env.items():
+        print(f"{k:24} {v}")
+    texts, rows = sentences(), {}
+    import torch
+
+    from benchmarks.models import minilm
+    from training.model import AngleModel
+
+    if torch.cuda.is_available():
+        model = AngleModel.from_pretrained(minilm(), dtype=torch.float16).cuda().eval()
+        for b in BATCHES:
+            rows[f"torch fp16 b{b}"] = rate(lambda t, b=b: model.encode(t, batch_size=b),
+                                           texts, b, torch.cuda.synchronize)
+    from angle_rt.session.trt import tensorrt_available
+
+    reason = tensorrt_available()
+    if reason is None:
+        rows.update(tensorrt_rows(texts))
+    else:
+        print(f"TensorRT part skipped: {reason}")
+    result = {"environment": env, "sent_per_s": rows, "n_texts": len(texts)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'system':28} {'sent/s':>10}")
+    for name, r in rows.items():
+        print(f"{name:28} {r:10.0f}")
+    print(f"wrote {args.out}")
+
+
+def tensorrt_rows(texts: list[str]) -> dict[str, float]:
+    from angle_rt import Encoder
+    from benchmarks.models import minilm
+    from exporters import export
+    from exporters.engines import build_engines
+    from exporters.trt_build import BuildOptions
+    from exporters.verify import compare
+
+    bundle = export(minilm(), "build/gpu-check/minilm", force=True, fp16=True)
+    build_engines(bundle, ["fp16"], BuildOptions(max_batch=128, buckets=(32, 64, 128, 256)))
+    enc = Encoder(bundle, precision="fp16", backend="tensorrt")
+    ref = Encoder(bundle, precision="fp32", backend="cpu").encode(texts[:500])
+    report = compare(ref, enc.encode(texts[:500]), 0.999)
+    print(f"TensorRT fp16 parity vs fp32 ONNX: min cos {report.min_cosine:.6f}, "
+          f"passed={report.passed}")
+    return {f"angle_rt TensorRT fp16 b{b}": rate(lambda t, b=b: enc.encode(t, batch_size=b),
+                                                 texts, b) for b in BATCHES}
+
+
+if __name__ == "__main__":
+    main()
