@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,35 @@ class Encoder:
             return emb[0]
         return emb if convert_to_numpy else list(emb)
 
+    def encode_iter(
+        self,
+        sentences: Iterable[str],
+        chunk_size: int = 4096,
+        show_progress_bar: bool = False,
+        **encode_kwargs: Any,
+    ) -> Iterator[np.ndarray]:
+        """Yield (k, dim) arrays for consecutive chunks of any iterable, in input order.
+
+        Memory stays bounded by `chunk_size` however long the stream; a non-str item
+        raises TypeError naming its position in the whole stream.
+        """
+        if isinstance(sentences, (str, bytes)):
+            raise TypeError("encode_iter takes an iterable of str; use encode() for one text")
+        bar = _bar(show_progress_bar, None)
+        chunk: list[str] = []
+        for i, text in enumerate(sentences):
+            if not isinstance(text, str):
+                raise TypeError(f"sentences[{i}] is {type(text).__name__}, not str")
+            chunk.append(text)
+            if len(chunk) == chunk_size:
+                yield self.encode(chunk, **encode_kwargs)
+                bar.update(len(chunk))
+                chunk = []
+        if chunk:
+            yield self.encode(chunk, **encode_kwargs)
+            bar.update(len(chunk))
+        bar.close()
+
     def _template(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt_name is not None:
             if prompt_name not in self.prompts:
@@ -144,17 +174,20 @@ def _open_tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:
 
 
 def _as_texts(sentences: object) -> list[str]:
+    """A list of str from a list, tuple, 1-D array or any other iterable of str."""
     if isinstance(sentences, np.ndarray):
         if sentences.ndim != 1:
             raise TypeError(f"sentences array must be 1-D, got shape {sentences.shape}")
         sentences = sentences.tolist()
-    if not isinstance(sentences, (list, tuple)):
-        raise TypeError("sentences must be a str or a list/tuple of str, got "
+    if isinstance(sentences, (bytes, bytearray, Mapping)) or not isinstance(sentences,
+                                                                             Iterable):
+        raise TypeError("sentences must be a str or an iterable of str, got "
                         f"{type(sentences).__name__}")
-    for i, s in enumerate(sentences):
+    texts = sentences if isinstance(sentences, list) else list(sentences)
+    for i, s in enumerate(texts):
         if not isinstance(s, str):
             raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
-    return list(sentences)
+    return texts
 
 
 def _min_tokens(pooling: str) -> int:
@@ -172,14 +205,28 @@ def _check_lengths(ids: list[list[int]], need: int) -> None:
                              f"{'at a token index and' if need > 1 else 'and'} needs ≥ {need}")
 
 
-def _progress(batches: list[np.ndarray], enabled: bool, total: int):
-    if not enabled:
-        yield from batches
-        return
-    from angle_rt._imports import lazy_import
+def _progress(batches: list[np.ndarray], enabled: bool, total: int) -> Iterator[np.ndarray]:
+    bar = _bar(enabled, total)
+    for b in batches:
+        yield b
+        bar.update(len(b))
+    bar.close()
 
-    tqdm = lazy_import("tqdm").tqdm
-    with tqdm(total=total, desc="encode", unit="sent") as bar:
-        for b in batches:
-            yield b
-            bar.update(len(b))
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, total: int | None) -> Any:
+    """A tqdm bar over sentences when asked for and tqdm is installed, else a no-op."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional for the runtime
+        return _NoBar()
+    return tqdm(total=total, desc="encode", unit="sent")

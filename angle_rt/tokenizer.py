@@ -46,12 +46,16 @@ class TextTokenizer:
         """Token ids per text (special tokens added), at most max_length each."""
         if not texts:
             return []
-        if prompt is None:
-            encs = self._truncating.encode_batch_fast([self._cap(t) for t in texts])
-            return [e.ids for e in encs]
-        head, tail = split_prompt(prompt)
-        capped = [self._cap(t) for t in texts]
-        encs = self._plain.encode_batch([head + t + tail for t in capped])
+        try:
+            if prompt is None:
+                encs = self._truncating.encode_batch_fast([self._cap(t) for t in texts])
+                return [e.ids for e in encs]
+            head, tail = split_prompt(prompt)
+            capped = [self._cap(t) for t in texts]
+            encs = self._plain.encode_batch([head + t + tail for t in capped])
+        except TypeError:  # the Rust side refuses str it cannot encode as UTF-8
+            _raise_unencodable(texts)
+            raise
         return [self._fit(e, len(head), len(t), prompt) for e, t in zip(encs, capped, strict=True)]
 
     def _cap(self, text: str) -> str:
@@ -78,3 +82,14 @@ class TextTokenizer:
             )
         drop = set(text_pos[len(text_pos) - excess:])
         return [t for i, t in enumerate(ids) if i not in drop]
+
+
+def _raise_unencodable(texts: Sequence[str]) -> None:
+    """Name the first text that is not valid Unicode (a lone surrogate, say)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"sentences[{i}] is not valid Unicode ({exc.reason} at character "
+                             f"{exc.start}); decode your input with errors='replace' or "
+                             "clean it first") from None
