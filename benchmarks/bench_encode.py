@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             outputs[name] = fn(texts)
             times[name].append(time.perf_counter() - start)
+    if args.st_python:
+        for name, r in st_onnx_anchors(args, model_dir, texts).items():
+            times[name], outputs[name] = r["seconds"], np.asarray(r["embeddings"])
     anchor = statistics.median(times["sentence-transformers torch fp32"])
     ref = outputs["sentence-transformers torch fp32"]
     n_tokens = sum(len(r) for r in Encoder(bundle).tokenizer.encode(texts))
@@ -98,6 +101,22 @@ def run(args: argparse.Namespace) -> dict:
             "results": rows}
 
 
+def st_onnx_anchors(args: argparse.Namespace, model_dir: Path, texts: list[str]) -> dict:
+    """sentence-transformers ONNX / qint8, run in the environment at --st-python."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="build") as tmp:
+        sent = Path(tmp) / "sentences.json"
+        sent.write_text(json.dumps(texts))
+        out = Path("build/bench/st-onnx") / "result.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        script = Path(__file__).parent / "st_onnx_anchor.py"
+        subprocess.run([args.st_python, str(script), str(model_dir), str(sent), str(out),
+                        str(args.threads), str(args.batch_size), str(args.repeats)], check=True)
+        return json.loads(out.read_text())
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -114,6 +133,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--st-python", help="python of an environment with sentence-transformers"
+                                       "[onnx] (see st_onnx_anchor.py): adds its ONNX anchors")
     p.add_argument("--precisions", action="store_true",
                    help="also fp16 / int8 / int8-dynamic artifacts and sentence-transformers bf16")
     args = p.parse_args()

@@ -49,12 +49,18 @@ def run(cfg: TrainConfig) -> tuple[dict, float]:
     return {"best_dev": result.best_spearman, "history": result.history}, seconds / epochs
 
 
+def sts_config(name: str, **overrides: object) -> TrainConfig:
+    """MiniLM on STS-B train (format A), dev for selection: the shared recipe settings."""
+    base = dict(model=str(minilm()), train_data=data("sts/stsb-train.jsonl"),
+                valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
+                output_dir=str(OUT / name), epochs=2, batch_size=32, learning_rate=2e-5,
+                warmup_steps=36, cosine_w=1.0, ibn_w=0.0, angle_w=0.02, eval_steps=90,
+                group_by_length=True)
+    return TrainConfig(**{**base, **overrides})
+
+
 def stsb() -> dict:
-    cfg = TrainConfig(model=str(minilm()), train_data=data("sts/stsb-train.jsonl"),
-                      valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
-                      output_dir=str(OUT / "minilm-stsb"), epochs=2, batch_size=32,
-                      learning_rate=2e-5, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
-                      angle_w=0.02, eval_steps=90, group_by_length=True)
+    cfg = sts_config("minilm-stsb")
     info, per_epoch = run(cfg)
     best = Path(cfg.output_dir) / "best-checkpoint"
     return {"recipe": "stsb", "config": _args(cfg), "seconds_per_epoch": per_epoch,
@@ -62,12 +68,8 @@ def stsb() -> dict:
 
 
 def lora() -> dict:
-    cfg = TrainConfig(model=str(minilm()), train_data=data("sts/stsb-train.jsonl"),
-                      valid_data=data("sts/stsb-dev.jsonl"), column_rename=RENAME,
-                      output_dir=str(OUT / "minilm-stsb-lora"), epochs=2, batch_size=32,
-                      learning_rate=3e-4, warmup_steps=36, cosine_w=1.0, ibn_w=0.0,
-                      angle_w=0.02, eval_steps=90, group_by_length=True, lora=True, lora_r=32,
-                      lora_alpha=32, lora_dropout=0.1, merge=True)
+    cfg = sts_config("minilm-stsb-lora", learning_rate=3e-4, lora=True, lora_r=32,
+                     lora_alpha=32, lora_dropout=0.1, merge=True)
     info, per_epoch = run(cfg)
     merged = Path(cfg.output_dir) / "merged"
     bundle = export(merged, OUT / "minilm-stsb-lora-bundle", force=True)

@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from angle_rt.errors import AngleRTError, ParityError
 from exporters.onnx_export import DEFAULT_OPSET
@@ -107,18 +109,24 @@ def run_build(bundle: Path, precisions: list[str] | None, opts, verify: bool) ->
     """Build engines; print what was built, or why not (exit 1 parity, 2 other errors)."""
     from exporters.engines import build_engines
 
-    try:
-        built = build_engines(bundle, precisions, opts, verify)
-    except ParityError as exc:
-        print(f"angle-export: engine parity gate failed:\n{exc}", file=sys.stderr)
-        return 1
-    except (AngleRTError, OSError, ValueError) as exc:
-        print(f"angle-export: error: {exc}", file=sys.stderr)
-        return 2
-    for art in built:
+    built, code = _guarded(lambda: build_engines(bundle, precisions, opts, verify),
+                           "engine parity gate failed")
+    for art in built or []:
         print(f"{bundle / art.file}: {art.engine['gpu_name']}, TensorRT "
               f"{art.engine['tensorrt_version']}, {len(art.engine['profiles'])} profiles")
-    return 0
+    return code
+
+
+def _guarded(call: Callable[[], Any], failed: str) -> tuple[Any, int]:
+    """Run `call`: a failed gate exits 1, other expected errors 2, with their message."""
+    try:
+        return call(), 0
+    except ParityError as exc:
+        print(f"angle-export: {failed}:\n{exc}", file=sys.stderr)
+        return None, 1
+    except (AngleRTError, OSError, ValueError) as exc:
+        print(f"angle-export: error: {exc}", file=sys.stderr)
+        return None, 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from exporters.pipeline import export  # torch import after argument errors
 
     out = args.output or str(Path("build") / Path(args.model.rstrip("/")).name)
-    try:
-        bundle = export(args.model, out, pooling=args.pooling, max_length=args.max_length,
+    bundle, code = _guarded(lambda: export(
+                        args.model, out, pooling=args.pooling, max_length=args.max_length,
                         prompt=args.prompt, normalize=args.normalize,
                         padding_side=args.padding_side, lora=args.lora,
                         revision=args.revision, opset=args.opset, force=args.force,
@@ -142,13 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                         int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
                         calib_size=args.calib_size, int8_method=args.int8_method,
                         fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
-                        int8_exclude=tuple(args.int8_exclude))
-    except ParityError as exc:
-        print(f"angle-export: parity gate failed, nothing written:\n{exc}", file=sys.stderr)
-        return 1
-    except (AngleRTError, OSError, ValueError) as exc:
-        print(f"angle-export: error: {exc}", file=sys.stderr)
-        return 2
+                        int8_exclude=tuple(args.int8_exclude)),
+                            "parity gate failed, nothing written")
+    if code:
+        return code
     print(summary(bundle))
     return engines_after_export(bundle, args)
 

@@ -142,7 +142,7 @@ class ArtifactBuilder:
             raise ValueError(f"unknown precision {precision!r}")
         if folder is not None:  # a trial build: make it an openable bundle
             for name in ("angle_rt.json", "tokenizer.json"):
-                (folder / name).symlink_to(self.bundle / name)
+                (folder / name).symlink_to((self.bundle / name).resolve())
         return dst
 
     def default_exclude(self, precision: str) -> tuple[str, ...]:

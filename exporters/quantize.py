@@ -201,9 +201,15 @@ def quantize_dynamic_int8(src: Path, dst: Path, exclude: Iterable[str] = ()) -> 
     patterns = [re.compile(p) for p in exclude]
     skip = [layer.node for layer in linear_layers(onnx.load(str(src), load_external_data=False))
             if any(p.search(layer.node) for p in patterns)]
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
-                     per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=skip,
-                     extra_options={"MatMulConstBOnly": True})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises shape "pre-processing" on every call
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=skip,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
     return dst
 
 

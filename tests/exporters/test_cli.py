@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import exporters.pipeline as export_mod
@@ -115,3 +116,36 @@ def test_lora_adapter_is_merged_before_export(capsys, tiny_bert_dir, tmp_path):
     got = Encoder(tmp_path / "b").encode(texts)
     assert np.allclose(got, merged, atol=1e-5)
     assert not np.allclose(got, plain, atol=1e-3)
+
+
+def test_graph_with_external_weights_is_consolidated_and_checksummed(tiny_bert_bundle,
+                                                                      tmp_path):
+    """Models over 2 GB keep weights outside the protobuf; the bundle holds one .data file
+    whose checksum is verified like the graph's (exercised here on a small model)."""
+    import shutil
+
+    import onnx
+
+    from angle_rt import ChecksumError
+    from exporters.bundle import consolidate_external_data, external_data_files, onnx_artifact
+
+    bundle = shutil.copytree(tiny_bert_bundle, tmp_path / "b")
+    model = onnx.load(str(bundle / "model.onnx"))
+    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(external_data_files(bundle / "model.onnx")) > 10  # one file per tensor
+    consolidate_external_data(bundle / "model.onnx")
+    assert external_data_files(bundle / "model.onnx") == ["model.onnx.data"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "angle_rt.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    art = onnx_artifact(bundle, "model.onnx", "fp32")
+    assert [e["file"] for e in art.external_data] == ["model.onnx.data"]
+    manifest = json.loads((bundle / "angle_rt.json").read_text())
+    manifest["artifacts"][0].update(sha256=art.sha256, external_data=list(art.external_data))
+    (bundle / "angle_rt.json").write_text(json.dumps(manifest))
+    ref = Encoder(tiny_bert_bundle).encode(["weights outside the graph"])
+    assert np.allclose(Encoder(bundle).encode(["weights outside the graph"]), ref, atol=1e-6)
+    data = bundle / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-16])
+    with pytest.raises(ChecksumError, match=r"model\.onnx\.data does not match"):
+        Encoder(bundle)

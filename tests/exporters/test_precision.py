@@ -146,7 +146,8 @@ def test_failing_gate_names_layers_to_exclude(capsys, tiny_bert_dir, tmp_path, m
     # demand more than reduced precision can give, so the gate fails and diagnoses
     precision = flag.lstrip("-")
     monkeypatch.setitem(verify_mod.THRESHOLDS, precision, 0.9999999)
-    code = main(["--model", str(tiny_bert_dir), "-o", str(tmp_path / "b"), "-q",
+    monkeypatch.chdir(tmp_path)  # a relative -o, as users type it
+    code = main(["--model", str(tiny_bert_dir), "-o", "b", "-q",
                  "--pooling", "mean", "--max-length", "32", flag])
     err = capsys.readouterr().err
     assert code == 1 and "parity gate failed" in err and f"model.{precision}.onnx" in err

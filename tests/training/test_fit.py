@@ -151,3 +151,32 @@ def test_group_by_length_is_a_permutation_of_similar_batches():
     spread = [np.ptp(lengths[grouped[i:i + 10]]) for i in range(0, 1000, 10)]
     random_spread = [np.ptp(lengths[order[i:i + 10]]) for i in range(0, 1000, 10)]
     assert np.mean(spread) < np.mean(random_spread) / 3
+
+
+def test_evaluate_cli_scores_bundles_and_torch_models_alike(tiny_bert_dir, tiny_bert_bundle,
+                                                            small_sts):
+    data = str(small_sts / "stsb-dev.jsonl")
+    scores = {}
+    for name, model in (("bundle", tiny_bert_bundle), ("artifact",
+                                                       tiny_bert_bundle / "model.onnx")):
+        proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(model),
+                               "--data", data], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        scores[name] = json.loads(proc.stdout)["spearman"]
+    from training.evaluate import evaluate
+
+    torch_score = evaluate(tiny_bert_dir, data)  # saved settings: cls pooling, 128 tokens
+    bundle_score = evaluate(tiny_bert_bundle, data)  # exported with mean, 64 tokens
+    assert scores["bundle"] == scores["artifact"] == pytest.approx(bundle_score, abs=1e-3)
+    mean_torch = AngleModel.from_pretrained(tiny_bert_dir, pooling="mean", max_length=64)
+    from training.sts import load_sts, sts_spearman
+
+    pairs = load_sts(data)
+    emb = mean_torch.encode(pairs.sentences)
+    n = len(pairs.text1)
+    assert bundle_score == pytest.approx(sts_spearman(emb[:n], emb[n:], pairs.scores), abs=0.01)
+    assert torch_score != pytest.approx(bundle_score, abs=1e-6)  # different settings differ
+    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model",
+                           str(tiny_bert_dir), "--data", data, "--precision", "int8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--precision applies to bundles" in proc.stderr
