@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# Pythons of other environments holding anchors (benchmarks/anchor_worker.py), e.g.
+# make bench ANCHOR_PYTHONS="/tmp/stenv/bin/python /tmp/aeenv/bin/python"
+ANCHOR_PYTHONS ?=
+ANCHORS := $(foreach py,$(ANCHOR_PYTHONS),--anchor-python $(py))
 
 .PHONY: setup demo test test-all lint bench bench-mpnet clean
 
@@ -33,10 +37,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python benchmarks/bench_encode.py --model minilm
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/compare.py --model minilm $(ANCHORS)
 
 bench-mpnet: setup
-	$(BIN)/python benchmarks/bench_encode.py --model mpnet
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/compare.py --model mpnet $(ANCHORS)
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

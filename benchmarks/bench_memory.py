@@ -20,14 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from angle_rt import Encoder
+from benchmarks.harness import rss_mb
 from exporters.verify import builtin_sentences
-
-
-def rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process in MB."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
-                  .splitlines() if ":" in line)
-    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
 
 
 def short_sentences(n: int, seed: int = 0) -> Iterator[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,18 @@ class ArtifactBuilder:
                                                                               self.plan))
         return self._calibration
 
+    def outlier_order(self, patterns: tuple[str, ...]) -> list[str]:
+        """Linear nodes matching `patterns`, fewest activation outliers (peak over RMS on
+        the calibration set) first: the order in which they are worth quantizing."""
+        calib = self.calibration()
+        regexes = [re.compile(p) for p in patterns]
+        score = {}
+        for layer in linear_layers(onnx.load(str(self.src), load_external_data=False)):
+            if any(r.search(layer.node) for r in regexes):
+                rms = float(np.sqrt(np.mean(np.square(calib.samples[layer.activation]))))
+                score[layer.node] = calib.maxima[layer.activation] / max(rms, 1e-12)
+        return sorted(score, key=score.__getitem__)
+
     def candidates(self, precision: str) -> list[tuple[str, str]]:
         """(name, exclusion) pairs to try: op types (fp16/bf16) or layer groups (int8)."""
         model = onnx.load(str(self.src), load_external_data=False)
@@ -183,9 +196,10 @@ def calibration_feeds(angle: AngleModel, plan: PrecisionPlan) -> list[dict[str, 
 
 def _verified(manifest: Manifest, gate: Gate, builder: ArtifactBuilder) -> Manifest:
     """Gate every artifact. An INT8 artifact that fails keeps its most sensitive layer
-    types in float, one at a time (at most half of them), until it passes."""
+    types in float, one at a time (at most half of them), until it passes; then as many
+    of those layers as the gate allows are quantized again (see _requantized)."""
     for i, art in enumerate(manifest.artifacts):
-        exclude = builder.default_exclude(art.precision)
+        base = exclude = builder.default_exclude(art.precision)
         auto: list[str] = []
         while True:
             try:
@@ -200,14 +214,54 @@ def _verified(manifest: Manifest, gate: Gate, builder: ArtifactBuilder) -> Manif
                 exclude = (*exclude, ranked[0].exclude)
                 log.warning("%s failed its gate; keeping %s in float and retrying", art.file,
                             ranked[0].name)
-                builder.build(art.precision, exclude)
-                art = onnx_artifact(builder.bundle, art.file, art.precision)
-                manifest = _with_artifact(manifest, i, art)
-                write_manifest(builder.bundle, manifest)  # the gate opens it with checksums
+                manifest, art = _rebuilt(builder, manifest, i, art, exclude)
         if auto:
-            info["kept_in_float"] = auto
+            manifest, art, info, kept = _requantized(gate, builder, manifest, i, art, base,
+                                                     exclude[len(base):], info)
+            info["kept_in_float"] = kept
         manifest = _with_artifact(manifest, i, dataclasses.replace(art, parity=info))
     return dataclasses.replace(manifest, parity=gate.summary())
+
+
+def _rebuilt(builder: ArtifactBuilder, manifest: Manifest, i: int, art: Artifact,
+             exclude: tuple[str, ...]) -> tuple[Manifest, Artifact]:
+    """Rebuild artifact i with `exclude` kept in float; the manifest on disk follows (the
+    gate opens the bundle with checksums)."""
+    builder.build(art.precision, exclude)
+    art = onnx_artifact(builder.bundle, art.file, art.precision)
+    manifest = _with_artifact(manifest, i, art)
+    write_manifest(builder.bundle, manifest)
+    return manifest, art
+
+
+def _requantized(gate: Gate, builder: ArtifactBuilder, manifest: Manifest, i: int,
+                 art: Artifact, base: tuple[str, ...], groups: tuple[str, ...],
+                 info: dict[str, Any]) -> tuple[Manifest, Artifact, dict[str, Any], list[str]]:
+    """Whole layer types were kept in float; usually a few of their layers cause the
+    damage. Order those layers by activation outliers (fewest first) and find, by binary
+    search with the full gate deciding each step, the longest prefix that can be
+    quantized again. Returns the passing artifact and the nodes left in float."""
+    nodes = builder.outlier_order(groups)
+
+    def trial(k: int) -> tuple[Manifest, Artifact]:
+        keep = tuple("^" + re.escape(n) + "$" for n in nodes[k:])
+        return _rebuilt(builder, manifest, i, art, (*base, *keep))
+
+    lo, hi, on_disk, best = 0, len(nodes), 0, (manifest, art, info)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        m, a = trial(mid)
+        on_disk = mid
+        try:
+            best, lo = (m, a, gate.check(a)), mid
+        except ParityError:
+            hi = mid - 1
+    if on_disk != lo:  # the file on disk is a failed trial: rebuild the chosen one
+        m, a = trial(lo)
+        best = (m, a, gate.check(a))
+    log.info("%s: %d of the %d layers kept in float by type quantized again", art.file, lo,
+             len(nodes))
+    return (*best, list(nodes[lo:]))
 
 
 def _with_artifact(manifest: Manifest, i: int, art: Artifact) -> Manifest:

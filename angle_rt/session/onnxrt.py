@@ -19,14 +19,21 @@ class OrtSession(Session):
     """One InferenceSession, shared by all threads (ORT's run() is thread-safe)."""
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        intra_op_threads: int | None = None,
+        options: dict[str, object] | None = None,
     ) -> None:
+        """`options` sets further ort.SessionOptions attributes (e.g. enable_profiling)."""
         ort = lazy_import("onnxruntime")
         providers = _providers(ort, device)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads or physical_cores()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in (options or {}).items():
+            setattr(opts, key, value)
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -86,9 +86,10 @@ def test_int8_graph_is_symmetric_qdq_on_linear_layers(minilm_precisions):
                                for o in d.output} for i in n.input)]
     art = next(a for a in json.loads((minilm_precisions / "angle_rt.json").read_text())
                ["artifacts"] if a["precision"] == "int8")
-    kept = art["parity"].get("kept_in_float", [])  # layer groups the gate kept in float
-    assert len(linear_layers(fp32)) == 36 and len(kept) <= 3
-    assert len(quantized) == 36 - 6 * len(kept)
+    kept = art["parity"].get("kept_in_float", [])  # linear nodes the gate kept in float
+    assert len(linear_layers(fp32)) == 36 and len(kept) <= 18
+    assert set(kept) <= {layer.node for layer in linear_layers(fp32)}
+    assert {n.name for n in quantized}.isdisjoint(kept) and len(quantized) == 36 - len(kept)
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zero = inits[n.input[2]]
