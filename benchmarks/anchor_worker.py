@@ -14,7 +14,8 @@ Kinds: sentence-transformers ONNX fp32 and ONNX int8 (its dynamic-quantization e
 this CPU), fastembed on that same ONNX file, angle_emb's AnglE.encode. Each is loaded if its
 package imports; what fails is reported, not fatal.
 
-Protocol: one JSON object per line. The worker first prints {"ready": {name: load_mb},
+Protocol: one JSON object per line. The worker first prints {"ready": {name: {"load_mb",
+"kind"}},
 "skipped": {kind: reason}}; then answers {"cmd": "warm"|"pass"|"latency"|"save", ...}
 until {"cmd": "quit"}.
 """
@@ -110,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(cfg["threads"])
     texts = json.loads(Path(cfg["sentences"]).read_text())
     runners: dict[str, Runner] = {}
-    skipped = {}
+    skipped, kinds = {}, {}
     for kind, build in KINDS.items():
         try:
             before, _ = rss_mb()
@@ -119,9 +120,11 @@ def main() -> None:
             for name, fn in fns.items():
                 if name not in cfg["skip"]:
                     runners[name] = Runner(name, fn, load_mb)
+                    kinds[name] = kind
         except Exception as exc:  # an anchor that does not load is reported, not fatal
             skipped[kind] = f"{type(exc).__name__}: {exc}"[:300]
-    reply.write(json.dumps({"ready": {n: r.load_mb for n, r in runners.items()},
+    reply.write(json.dumps({"ready": {n: {"load_mb": r.load_mb, "kind": kinds[n]}
+                                      for n, r in runners.items()},
                             "skipped": skipped}) + "\n")
     for line in sys.stdin:
         msg = json.loads(line)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from angle_rt import Encoder
-from benchmarks.harness import Runner, loaded, summary
+from benchmarks.harness import Runner, cpu_name, loaded, summary
 from benchmarks.models import MODELS
 from exporters import export
 from exporters.verify import builtin_sentences, compare
@@ -158,7 +157,7 @@ def remote_runners(args, model_dir: Path, bundle: Path, texts: list[str], lat: l
     manifest = Encoder(bundle).manifest
     (tmp / "sentences.json").write_text(json.dumps(texts))
     (tmp / "latency.json").write_text(json.dumps(lat))
-    runners, workers, skipped = [], [], {}
+    runners, workers, skipped, kinds = [], [], {}, set()
     for i, python in enumerate(args.anchor_python):
         workdir = tmp / f"worker{i}"
         workdir.mkdir()
@@ -169,11 +168,13 @@ def remote_runners(args, model_dir: Path, bundle: Path, texts: list[str], lat: l
                "skip": sorted(have)}
         w = Worker(python, cfg, workdir, tmp / "latency.json")
         workers.append(w)
-        skipped.update({f"{kind} ({python})": why for kind, why in w.skipped.items()})
-        for name, load_mb in w.ready.items():
-            runners.append(RemoteRunner(w, name, load_mb))
+        skipped.update({kind: f"{why} ({python})" for kind, why in w.skipped.items()})
+        for name, info in w.ready.items():
+            runners.append(RemoteRunner(w, name, info["load_mb"]))
+            kinds.add(info["kind"])
             have.add(name)
-    return runners, workers, skipped
+    # a kind that loaded in some environment is not "skipped" because another lacks it
+    return runners, workers, {k: v for k, v in skipped.items() if k not in kinds}
 
 
 def measure(runners: list[Runner], texts: list[str], lat: list[str], repeats: int) -> None:
@@ -226,16 +227,6 @@ def targets(rows: dict, best: str) -> dict:
     out["p50_vs_st_torch"] = {"system": best_p50, "ratio": ours[best_p50]["p50_vs_st_torch"],
                               "goal_at_most": 0.5}
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.platform()
 
 
 def plot(res: dict, out: Path) -> bool:

@@ -3,6 +3,7 @@ they also run in the anchors' own environments)."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -73,3 +74,13 @@ def loaded(name: str, factory: Callable[[], Callable]) -> Runner:
     before, _ = rss_mb()
     fn = factory()
     return Runner(name, fn, rss_mb()[0] - before)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.platform()

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from angle_rt import Encoder
 from angle_rt.batching import pad_batch, plan_batches
 from angle_rt.session.onnxrt import OrtSession
-from benchmarks.compare import cpu_name, sentences
+from benchmarks.compare import sentences
+from benchmarks.harness import cpu_name
 
 
 def stages(enc: Encoder, texts: list[str], batch: int) -> dict[str, float]:
