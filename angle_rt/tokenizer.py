@@ -46,12 +46,11 @@ class TextTokenizer:
         """Token ids per text (special tokens added), at most max_length each."""
         if not texts:
             return []
+        capped = [self._cap(t) for t in texts]
         try:
             if prompt is None:
-                encs = self._truncating.encode_batch_fast([self._cap(t) for t in texts])
-                return [e.ids for e in encs]
+                return [e.ids for e in self._truncating.encode_batch_fast(capped)]
             head, tail = split_prompt(prompt)
-            capped = [self._cap(t) for t in texts]
             encs = self._plain.encode_batch([head + t + tail for t in capped])
         except TypeError:  # the Rust side refuses str it cannot encode as UTF-8
             _raise_unencodable(texts)

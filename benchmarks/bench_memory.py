@@ -21,15 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from angle_rt import Encoder
 from benchmarks.harness import cpu_name, rss_mb
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def builtin_sentences() -> list[str]:
-    """exporters.verify's sentences, read directly: importing exporters loads torch, which
-    would inflate the RSS baseline this benchmark divides by."""
-    text = (ROOT / "exporters" / "data" / "sentences.txt").read_text("utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+from exporters.verify import builtin_sentences
 
 
 def short_sentences(n: int, seed: int = 0) -> Iterator[str]:

@@ -1,5 +1,17 @@
 """exporters: Hugging Face model → ONNX bundle (→ precision passes → TensorRT), verified."""
 
-from exporters.pipeline import export
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["export"]
+
+
+def __getattr__(name: str) -> Any:
+    # export() pulls in torch and transformers; load it on first use so that the torch-free
+    # helpers (exporters.verify's sentences, say) import without them
+    if name == "export":
+        from exporters.pipeline import export
+
+        return export
+    raise AttributeError(f"module 'exporters' has no attribute {name!r}")
