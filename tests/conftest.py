@@ -85,12 +85,18 @@ def tiny_bert_bundle(tiny_bert_dir: Path, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU/TensorRT tests run only where both are usable; elsewhere they say why not."""
+    """`gpu` tests run only where cuda-python sees a CUDA device, `trt` tests only where
+    TensorRT is usable too; elsewhere they are skipped with the reason."""
+    from angle_rt.session.cuda_mem import cuda_available
     from angle_rt.session.trt import tensorrt_available
 
-    reason = None
+    reasons: dict[str, str | None] = {}
     for item in items:
-        if "trt" in item.keywords or "gpu" in item.keywords:
-            reason = reason or tensorrt_available() or ""
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=f"needs TensorRT + CUDA GPU: {reason}"))
+        need = "trt" if "trt" in item.keywords else "gpu" if "gpu" in item.keywords else None
+        if need is None:
+            continue
+        if need not in reasons:
+            reasons[need] = tensorrt_available() if need == "trt" else cuda_available()
+        if reasons[need]:
+            what = "TensorRT + CUDA GPU" if need == "trt" else "CUDA GPU + cuda-python"
+            item.add_marker(pytest.mark.skip(reason=f"needs {what}: {reasons[need]}"))

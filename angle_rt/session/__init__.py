@@ -97,7 +97,8 @@ def _usable_engine(manifest: Manifest, precision: str | None) -> tuple[Artifact 
                and (precision is None or a.precision == precision)]
     if not engines:
         return None, ["the bundle has no engine" + (f" for {precision}" if precision else "")]
-    from angle_rt.session.trt import engine_problem, gpu_info, tensorrt_available
+    from angle_rt.session.cuda_mem import gpu_info
+    from angle_rt.session.trt import engine_problem, tensorrt_available
 
     reason = tensorrt_available()
     if reason is not None:
@@ -118,7 +119,8 @@ def _usable_engine(manifest: Manifest, precision: str | None) -> tuple[Artifact 
 def _require_engine(art: Artifact, backend: Backend) -> None:
     if backend not in ("auto", "tensorrt"):
         raise ValueError(f"{art.file} is a TensorRT engine; backend={backend!r} cannot run it")
-    from angle_rt.session.trt import engine_problem, gpu_info, tensorrt_available
+    from angle_rt.session.cuda_mem import gpu_info
+    from angle_rt.session.trt import engine_problem, tensorrt_available
 
     reason = tensorrt_available()
     if reason is not None:

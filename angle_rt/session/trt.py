@@ -6,7 +6,6 @@ Memory and streams go through cuda-python (`cuda.bindings.runtime`), never torch
 
 from __future__ import annotations
 
-import ctypes
 import queue
 import threading
 from pathlib import Path
@@ -14,31 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from angle_rt._imports import cuda_runtime, lazy_import
+from angle_rt._imports import lazy_import
 from angle_rt.errors import BackendUnavailableError, BundleError
 from angle_rt.profiles import ShapeProfile, buffer_bytes, choose_profile
 from angle_rt.session.base import Session
+from angle_rt.session.cuda_mem import CudaBuffers, cuda_available
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "embedding"
-
-
-def check(result: tuple[Any, ...]) -> Any:
-    """Unwrap a cuda-python call's (err, value...) tuple, raising on a CUDA error."""
-    err, *values = result
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
-    return values[0] if len(values) == 1 else values
-
-
-def gpu_info() -> dict[str, str]:
-    """Name and compute capability of the current CUDA device."""
-    cudart = cuda_runtime()
-    device = check(cudart.cudaGetDevice())
-    prop = check(cudart.cudaGetDeviceProperties(device))
-    name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-    return {"gpu_name": name.strip("\x00 "),
-            "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
 def engine_problem(info: dict[str, Any], trt_version: str, gpu: dict[str, str]) -> str | None:
@@ -61,55 +43,31 @@ def engine_problem(info: dict[str, Any], trt_version: str, gpu: dict[str, str]) 
 
 
 class _Slot:
-    """One execution context with its stream, device buffers and pinned host buffers."""
+    """One execution context bound to its own stream and buffers."""
 
-    def __init__(self, engine: Any, cudart: Any, sizes: dict[str, int],
-                 id_dtype: type) -> None:
+    def __init__(self, engine: Any, sizes: dict[str, int], id_dtype: type) -> None:
         self.ctx = engine.create_execution_context()
-        self.cudart = cudart
-        self.stream = check(cudart.cudaStreamCreate())
-        self.device = {name: check(cudart.cudaMalloc(n)) for name, n in sizes.items()}
-        self.host_ptr = {name: check(cudart.cudaMallocHost(n)) for name, n in sizes.items()}
-        self.host = {name: _pinned_array(self.host_ptr[name], sizes[name],
-                                         np.float32 if name == OUTPUT else id_dtype)
-                     for name in sizes}
+        self.mem = CudaBuffers(sizes, {name: np.float32 if name == OUTPUT else id_dtype
+                                       for name in sizes})
         for name in sizes:
-            self.ctx.set_tensor_address(name, int(self.device[name]))
+            self.ctx.set_tensor_address(name, self.mem.device[name])
         self.profile = 0
 
     def infer(self, ids: np.ndarray, mask: np.ndarray, profile: int, dim: int) -> np.ndarray:
-        cudart, stream = self.cudart, self.stream
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        stream = int(self.mem.stream)
         if profile != self.profile:
-            self.ctx.set_optimization_profile_async(profile, int(stream))
+            self.ctx.set_optimization_profile_async(profile, stream)
             self.profile = profile
         for name, arr in zip(INPUTS, (ids, mask), strict=True):
-            flat = self.host[name][: arr.size]
-            flat[:] = arr.ravel()
-            check(cudart.cudaMemcpyAsync(self.device[name], self.host_ptr[name], arr.nbytes,
-                                         h2d, stream))
+            self.mem.upload(name, arr)
             if not self.ctx.set_input_shape(name, tuple(arr.shape)):
                 raise RuntimeError(f"TensorRT refused shape {arr.shape} for {name}")
-        if not self.ctx.execute_async_v3(int(stream)):
+        if not self.ctx.execute_async_v3(stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        n = ids.shape[0] * dim
-        check(cudart.cudaMemcpyAsync(self.host_ptr[OUTPUT], self.device[OUTPUT], n * 4,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        check(cudart.cudaStreamSynchronize(stream))
-        return self.host[OUTPUT][:n].reshape(ids.shape[0], dim).copy()
+        return self.mem.download(OUTPUT, (ids.shape[0], dim))
 
     def close(self) -> None:
-        for ptr in self.device.values():
-            self.cudart.cudaFree(ptr)
-        for ptr in self.host_ptr.values():
-            self.cudart.cudaFreeHost(ptr)
-        self.cudart.cudaStreamDestroy(self.stream)
-
-
-def _pinned_array(ptr: int, nbytes: int, dtype: type) -> np.ndarray:
-    ctype = np.ctypeslib.as_ctypes_type(np.dtype(dtype))
-    n = nbytes // np.dtype(dtype).itemsize
-    return np.ctypeslib.as_array(ctypes.cast(int(ptr), ctypes.POINTER(ctype)), (n,))
+        self.mem.close()
 
 
 class TrtSession(Session):
@@ -121,7 +79,6 @@ class TrtSession(Session):
 
     def __init__(self, path: str | Path, dim: int, workers: int = 2) -> None:
         trt = lazy_import("tensorrt")
-        cudart = cuda_runtime()
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
@@ -136,7 +93,7 @@ class TrtSession(Session):
         self.dim = dim
         sizes = buffer_bytes(self.profiles, dim, np.dtype(self.input_dtype).itemsize)
         self._slots: queue.Queue[_Slot] = queue.Queue()
-        self._all = [_Slot(self.engine, cudart, sizes, self.input_dtype)
+        self._all = [_Slot(self.engine, sizes, self.input_dtype)
                      for _ in range(max(1, workers))]
         for slot in self._all:
             self._slots.put(slot)
@@ -171,8 +128,6 @@ def tensorrt_available() -> str | None:
     """None when TensorRT, cuda-python and a CUDA device are all usable, else why not."""
     try:
         lazy_import("tensorrt")
-        cudart = cuda_runtime()
-        count = check(cudart.cudaGetDeviceCount())
-    except (BackendUnavailableError, RuntimeError) as exc:
+    except BackendUnavailableError as exc:
         return str(exc)
-    return None if count > 0 else "no CUDA device is visible"
+    return cuda_available()
