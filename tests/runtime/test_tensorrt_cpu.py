@@ -18,6 +18,7 @@ from angle_rt.profiles import (
     max_shapes,
     sequence_profiles,
 )
+from angle_rt.session.cuda_mem import check, cuda_available
 from angle_rt.session.trt import engine_problem, tensorrt_available
 from exporters.cli import main
 from exporters.engines import engine_targets
@@ -59,6 +60,22 @@ def test_buffers_are_sized_for_the_largest_profile():
                                                "embedding": 96 * 1024 * 4}
     round_trip = [ShapeProfile.from_dict(p.to_dict()) for p in profiles]
     assert round_trip == profiles
+
+
+def test_cuda_results_are_unwrapped_or_raised():
+    """cuda-python returns (error, values...): the error code decides, values come back."""
+    assert check((0,)) is None
+    assert check((0, 12345)) == 12345
+    assert check((0, 1, 2)) == [1, 2]
+    with pytest.raises(RuntimeError, match="CUDA error 2"):
+        check((2, None))
+
+
+def test_cuda_unavailable_says_why():
+    reason = cuda_available()
+    if reason is None:
+        pytest.skip("a CUDA device is visible here")
+    assert "cuda" in reason.lower()
 
 
 def test_engine_compatibility_messages():
