@@ -45,7 +45,7 @@ from angle_rt.manifest import read_manifest
 from angle_rt.session.base import Session
 from angle_rt.session.onnxrt import OrtSession
 from benchmarks.harness import cpu_name
-from exporters.quantize import linear_layers
+from exporters.quantize import linear_layers, replace_nodes
 from exporters.verify import calibration_texts, compare, stress_texts, verification_texts
 from training.sts import find_shared_data, load_sts, sts_spearman
 
@@ -86,7 +86,7 @@ def per_token(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
                 helper.make_node("Cast", [f"{p}_yi"], [f"{p}_yf"], to=TensorProto.FLOAT),
                 helper.make_node("Mul", [f"{p}_yf", scale], [f"{p}_y1"]),
                 helper.make_node("Mul", [f"{p}_y1", f"{p}_ws"], list(n.output))]
-    return _replace_nodes(model, out)
+    return replace_nodes(model, out)
 
 
 def outlier_split(model: onnx.ModelProto, peaks: dict[str, np.ndarray], ratio: float = 4.0,
@@ -117,18 +117,7 @@ def outlier_split(model: onnx.ModelProto, peaks: dict[str, np.ndarray], ratio: f
                 helper.make_node("MatMul", [f"{p}_xi", f"{p}_wi"], [f"{p}_yi"], name=p),
                 helper.make_node("Add", [f"{p}_yi", f"{p}_yo"], list(n.output))]
         small.append(f"{p}_outlier")
-    return _replace_nodes(model, out), small
-
-
-def _replace_nodes(model: onnx.ModelProto, nodes: list) -> onnx.ModelProto:
-    g = model.graph
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return model
+    return replace_nodes(model, out), small
 
 
 def channel_peaks(fp32: Path, nodes: list[str], enc: Encoder) -> dict[str, np.ndarray]:

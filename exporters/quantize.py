@@ -138,8 +138,14 @@ def insert_qdq(model: onnx.ModelProto, layers: list[LinearLayer],
                                     act_scales[layer.node])
             node.input[0], node.input[1] = f"{node.name}_x_dq", f"{node.name}_w_dq"
         new_nodes.append(node)
+    return replace_nodes(model, new_nodes)
+
+
+def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """Give the graph `nodes` (in topological order) and drop initializers no node reads."""
+    g = model.graph
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(nodes)
     used = {i for n in g.node for i in n.input}
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
