@@ -41,7 +41,7 @@ def corpus() -> tuple[list[str], str]:
     data = find_shared_data()
     if data is not None:
         return load_sts(data / "sts" / "stsb-test.jsonl").sentences, "STS-B test"
-    return builtin_sentences(), "built-in verification sentences"
+    return builtin_sentences(), "built-in verification"
 
 
 def similarity_table(enc: Encoder) -> str:
