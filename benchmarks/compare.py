@@ -34,18 +34,10 @@ from angle_rt import Encoder
 from benchmarks.harness import Runner, cpu_name, loaded, summary
 from benchmarks.models import MODELS
 from exporters import export
-from exporters.verify import builtin_sentences, compare
+from exporters.verify import benchmark_sentences, compare
 from training.sts import find_shared_data, load_sts, sts_spearman
 
 REFERENCE = "sentence-transformers torch fp32"
-
-
-def sentences() -> tuple[list[str], str]:
-    """STS-B test sentences (text1 then text2) where the data is, else the built-in set."""
-    data = find_shared_data()
-    if data is None:
-        return builtin_sentences(), "built-in"
-    return load_sts(data / "sts" / "stsb-test.jsonl").sentences, "STS-B test"
 
 
 def bundle_for(model: str) -> Path:
@@ -255,7 +247,7 @@ def plot(res: dict, out: Path) -> bool:
 
 def run(args: argparse.Namespace) -> dict:
     model_dir, bundle = MODELS[args.model](), bundle_for(args.model)
-    texts, source = sentences()
+    texts, source = benchmark_sentences()
     lat = texts[:: max(1, len(texts) // args.latency_n)][: args.latency_n]
     runners = local_runners(model_dir, bundle, args.threads, args.batch_size)
     with tempfile.TemporaryDirectory(dir="build") as tmp:

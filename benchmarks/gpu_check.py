@@ -55,15 +55,6 @@ def environment() -> dict[str, str]:
     return env
 
 
-def sentences() -> list[str]:
-    from exporters.verify import builtin_sentences
-    from training.sts import find_shared_data, load_sts
-
-    data = find_shared_data()
-    return load_sts(data / "sts" / "stsb-test.jsonl").sentences if data else \
-        builtin_sentences()
-
-
 def rate(fn, texts: list[str], batch: int, sync=lambda: None, seconds: float = 4.0) -> float:
     """Sentences/s of `fn(texts, batch_size)` as users call it: the whole list per call at
     batch > 1 (each system batches it its own way), one sentence per call at batch 1 (200
@@ -93,9 +84,10 @@ def main() -> None:
     env["cuda-python buffers"] = cuda_buffers_check()
     print(f"{'cuda-python buffers':24} {env['cuda-python buffers']}")
     from benchmarks.models import minilm
+    from exporters.verify import benchmark_sentences
 
     model_dir = args.model or minilm()
-    texts, rows = sentences(), {}
+    texts, rows = benchmark_sentences()[0], {}
     torch_part, agreement = torch_rows(model_dir, texts)
     rows.update(torch_part)
     from angle_rt.session.trt import tensorrt_available

@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +44,7 @@ from angle_rt import Encoder
 from angle_rt.manifest import read_manifest
 from angle_rt.session.base import Session
 from angle_rt.session.onnxrt import OrtSession
-from benchmarks.harness import cpu_name
+from benchmarks.harness import Runner, cpu_name
 from exporters.quantize import linear_layers, replace_nodes
 from exporters.verify import calibration_texts, compare, stress_texts, verification_texts
 from training.sts import find_shared_data, load_sts, sts_spearman
@@ -269,16 +269,14 @@ def score(enc: Encoder, ref: np.ndarray, texts: list[str], sts) -> dict:
 
 
 def timed(encs: dict[str, Encoder], sents: list[str], passes: int = 3) -> dict[str, float]:
-    for e in encs.values():
-        e.encode(sents[:256], batch_size=32)
-    secs: dict[str, list[float]] = {k: [] for k in encs}
+    """sent/s per encoder: median of `passes` interleaved passes after a warm-up."""
+    runners = [Runner(k, lambda t, e=e: e.encode(t, batch_size=32)) for k, e in encs.items()]
+    for r in runners:
+        r.warm(sents[:256])
     for _ in range(passes):
-        for k, e in encs.items():
-            start = time.perf_counter()
-            e.encode(sents, batch_size=32)
-            secs[k].append(time.perf_counter() - start)
-    return {k: len(sents) / float(np.median(v)) for k, v in secs.items()}
-
+        for r in runners:
+            r.timed_pass(sents)
+    return {r.name: len(sents) / statistics.median(r.seconds) for r in runners}
 
 if __name__ == "__main__":
     main()

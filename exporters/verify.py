@@ -25,6 +25,17 @@ def builtin_sentences() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def benchmark_sentences() -> tuple[list[str], str]:
+    """STS-B test sentences (text1 then text2) where the shared data is, else the built-in
+    set; with a label for reports ("STS-B test" or "built-in")."""
+    from training.sts import find_shared_data, load_sts
+
+    data = find_shared_data()
+    if data is None:
+        return builtin_sentences(), "built-in"
+    return load_sts(data / "sts" / "stsb-test.jsonl").sentences, "STS-B test"
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Texts from a .txt (one per line) or .jsonl file (text-like fields of each record)."""
     path = Path(path)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from angle_rt._imports import cuda_runtime
+from angle_rt.errors import BackendUnavailableError
 
 
 def check(result: tuple[Any, ...]) -> Any:
@@ -26,8 +27,6 @@ def check(result: tuple[Any, ...]) -> Any:
 
 def cuda_available() -> str | None:
     """None when cuda-python loads and sees a CUDA device, else why not."""
-    from angle_rt.errors import BackendUnavailableError
-
     try:
         count = check(cuda_runtime().cudaGetDeviceCount())
     except (BackendUnavailableError, RuntimeError) as exc:
