@@ -7,6 +7,7 @@ from angle_rt.errors import (
     BundleError,
     BundleVersionError,
     ChecksumError,
+    ClosedError,
     ParityError,
 )
 from angle_rt.manifest import FORMAT_VERSION, Manifest, read_manifest
@@ -22,6 +23,7 @@ __all__ = [
     "BundleError",
     "BundleVersionError",
     "ChecksumError",
+    "ClosedError",
     "Encoder",
     "Manifest",
     "ParityError",

@@ -16,11 +16,24 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def padded_width(longest: int, multiple: int = 1, max_width: int | None = None) -> int:
+    """Width of a batch whose longest row has `longest` tokens: rounded up to `multiple`,
+    but never past `max_width` (an engine's largest profile, the model's max_length) unless
+    the row itself is longer.
+
+    >>> padded_width(97, 8), padded_width(97, 8, max_width=100), padded_width(100, 8, 100)
+    (104, 100, 100)
+    """
+    width = round_up(longest, multiple)
+    return width if max_width is None else max(longest, min(width, max_width))
+
+
 def plan_batches(
     lengths: Sequence[int] | np.ndarray,
     max_batch: int,
     max_tokens: int,
     pad_multiple: int = 1,
+    max_width: int | None = None,
 ) -> list[np.ndarray]:
     """Group item indices into batches, longest first.
 
@@ -40,7 +53,7 @@ def plan_batches(
     order = np.argsort(-lens, kind="stable")
     batches, start, n = [], 0, len(order)
     while start < n:
-        longest = round_up(int(lens[order[start]]), pad_multiple)
+        longest = padded_width(int(lens[order[start]]), pad_multiple, max_width)
         size = max(1, min(max_batch, max_tokens // max(longest, 1), n - start))
         batches.append(order[start:start + size])
         start += size
@@ -53,6 +66,7 @@ def pad_batch(
     padding_side: str = "right",
     pad_multiple: int = 1,
     dtype: type = np.int64,
+    max_width: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stack token id rows into (input_ids, attention_mask), padded to the longest row.
 
@@ -62,7 +76,7 @@ def pad_batch(
     >>> pad_batch([[5, 6], [8]], pad_id=0, padding_side="left")[0].tolist()
     [[5, 6], [0, 8]]
     """
-    width = round_up(max(len(r) for r in rows), pad_multiple)
+    width = padded_width(max(len(r) for r in rows), pad_multiple, max_width)
     ids = np.full((len(rows), width), pad_id, dtype=dtype)
     mask = np.zeros((len(rows), width), dtype=dtype)
     for i, row in enumerate(rows):

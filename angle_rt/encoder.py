@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from angle_rt.batching import pad_batch, plan_batches
-from angle_rt.errors import BundleError
+from angle_rt.errors import BundleError, ClosedError
 from angle_rt.manifest import MANIFEST_FILE, Manifest, read_manifest, verify_checksum
 from angle_rt.postprocess import l2_normalize, truncate_dims
 from angle_rt.prompts import PROMPTS, resolve_prompt
@@ -28,6 +30,10 @@ class Encoder:
     `backend` is "auto" (TensorRT engine → ONNX Runtime CUDA → CPU), "tensorrt",
     "cuda", "cpu", or a loader taking the artifact path and returning a Session.
     `max_batch_tokens` bounds padded tokens per batch.
+
+    `close()` (or leaving a ``with Encoder(...) as enc:`` block) waits for running encodes,
+    then releases the session (ONNX Runtime session; TensorRT contexts, device and pinned
+    buffers, streams); using a closed Encoder raises ClosedError.
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class Encoder:
             for extra in self.artifact.external_data:
                 verify_checksum(self.bundle, extra["file"], extra["sha256"])
         self.tokenizer = _open_tokenizer(self.bundle / tok_file, self.manifest)
+        self._state = threading.Condition()
+        self._running, self._closed = 0, False
         self.session = open_session(self.bundle / self.artifact.file, device,
                                     self.manifest.embedding_dim, intra_op_threads)
         self.max_batch_tokens = max_batch_tokens
@@ -86,7 +94,8 @@ class Encoder:
         single = isinstance(sentences, str)
         texts = [sentences] if single else _as_texts(sentences)
         template = self._template(prompt, prompt_name)
-        emb = self._embed(texts, template, batch_size, show_progress_bar)
+        with self._open_for_use():
+            emb = self._embed(texts, template, batch_size, show_progress_bar)
         emb = truncate_dims(emb, truncate_dim)
         if normalize_embeddings:
             emb = l2_normalize(emb)
@@ -143,14 +152,48 @@ class Encoder:
         ids = self.tokenizer.encode(texts, template)
         _check_lengths(ids, self._min_tokens)
         sess = self.session
+        # never pad past max_length (position embeddings) or the backend's widest input
+        cap = min(self.max_length, sess.max_width or self.max_length)
         batches = plan_batches([len(r) for r in ids], batch_size, self.max_batch_tokens,
-                               sess.pad_multiple)
+                               sess.pad_multiple, cap)
         for idx in _progress(batches, progress, len(texts)):
             input_ids, mask = pad_batch([ids[i] for i in idx], self.manifest.pad_token_id,
                                         self.manifest.padding_side, sess.pad_multiple,
-                                        sess.input_dtype)
+                                        sess.input_dtype, cap)
             out[idx] = sess.run(input_ids, mask)
         return out
+
+    def close(self) -> None:
+        """Wait for running encodes, then release the backend; safe to call twice."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._state.wait_for(lambda: self._running == 0)
+        self.session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _open_for_use(self) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise ClosedError(f"this Encoder ({self.bundle}) was closed; open a new one")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._running -= 1
+                self._state.notify_all()
 
     def __repr__(self) -> str:
         return (f"Encoder({str(self.bundle)!r}, artifact={self.artifact.file!r}, "

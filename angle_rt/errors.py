@@ -25,3 +25,7 @@ class BackendUnavailableError(AngleRTError, RuntimeError):
 
 class ParityError(AngleRTError, RuntimeError):
     """Exported outputs diverge from the reference beyond the precision's threshold."""
+
+
+class ClosedError(AngleRTError, RuntimeError):
+    """The Encoder (or session) was closed; open a new one to encode again."""

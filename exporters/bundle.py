@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +32,10 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
         raise FileExistsError(f"{target} already exists and is not empty; pass --force to "
                               "replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # not mkdtemp: its 0700 would leave the bundle unreadable to a server running as another
+    # user; mkdir gives the permissions of any new directory (0777 less the umask)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}")
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:

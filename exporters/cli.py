@@ -5,21 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from angle_rt.errors import AngleRTError, ParityError
-from exporters.onnx_export import DEFAULT_OPSET
+
+SUBCOMMANDS = ("export", "build-engine")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`angle-export [export] --model ...` and `angle-export build-engine BUNDLE`."""
     p = argparse.ArgumentParser(
         prog="angle-export",
         description="Export an AnglE / sentence-embedding model to an angle_rt bundle "
                     "(ONNX graph with pooling inside + tokenizer + manifest), verified "
-                    "against PyTorch.")
+                    "against PyTorch; build TensorRT engines from a bundle.",
+        epilog="Without a subcommand, `export` is assumed (angle-export --model M ...). "
+               "Exit codes: 0 ok, 1 a parity gate failed (nothing written), 2 bad "
+               "arguments, model or environment.")
+    sub = p.add_subparsers(dest="command", metavar="{export,build-engine}")
+    add_export_args(sub.add_parser(
+        "export", help="model → bundle (the default subcommand)",
+        description="Export a model to an angle_rt bundle, each artifact gated against "
+                    "PyTorch."))
+    add_build_engine_args(sub.add_parser(
+        "build-engine", help="bundle → TensorRT engines, on the GPU machine that will run "
+                             "them",
+        description="Build TensorRT engines from an existing bundle, on the GPU machine that "
+                    "will run them (engines are specific to GPU type and TensorRT version)."))
+    return p
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id or local model directory")
     p.add_argument("-o", "--output", help="bundle directory (default: build/<model name>)")
     p.add_argument("--pooling", help="cls, cls_avg, cls_max, mean, avg, max, last or a token "
@@ -32,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding-side", choices=("right", "left"))
     p.add_argument("--lora", help="peft LoRA adapter directory, merged before export")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17, the first with one "
+                                             "LayerNormalization op)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--verify-data", help=".txt (one text per line) or .jsonl texts for the "
                                          "parity gate (default: the built-in set)")
@@ -60,7 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--engine", choices=("auto", "yes", "no"), default="auto",
                    help="build TensorRT engines after the ONNX artifacts: auto = where "
                         "TensorRT and a GPU are present")
-    return p
+
+
+def add_build_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle directory written by angle-export")
+    p.add_argument("--precision", action="append", choices=("fp32", "fp16", "bf16", "int8"),
+                   help="repeatable; default: every TensorRT-ready ONNX in the bundle")
+    p.add_argument("--no-verify", dest="verify", action="store_false")
+    add_engine_args(p)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -81,35 +110,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_options(args: argparse.Namespace):
     from exporters.trt_build import BuildOptions
 
-    buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
+    try:
+        buckets = tuple(int(b) for b in args.buckets.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--buckets takes comma-separated integers, got {args.buckets!r}"
+                         ) from None
     return BuildOptions(args.min_batch, args.opt_batch, args.max_batch, buckets,
                         args.workspace_gb, args.opt_level, args.timing_cache)
 
 
-def build_engine_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="angle-export build-engine",
-        description="Build TensorRT engines from an existing bundle, on the GPU machine that "
-                    "will run them (engines are specific to GPU type and TensorRT version).")
-    p.add_argument("bundle", help="bundle directory written by angle-export")
-    p.add_argument("--precision", action="append", choices=("fp32", "fp16", "bf16", "int8"),
-                   help="repeatable; default: every TensorRT-ready ONNX in the bundle")
-    p.add_argument("--no-verify", dest="verify", action="store_false")
-    add_engine_args(p)
-    return p
-
-
-def build_engine_main(argv: list[str]) -> int:
-    args = build_engine_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="angle-export: %(message)s")
-    return run_build(Path(args.bundle), args.precision, build_options(args), args.verify)
-
-
-def run_build(bundle: Path, precisions: list[str] | None, opts, verify: bool) -> int:
+def run_build(bundle: Path, precisions: list[str] | None, args: argparse.Namespace) -> int:
     """Build engines; print what was built, or why not (exit 1 parity, 2 other errors)."""
     from exporters.engines import build_engines
 
-    built, code = _guarded(lambda: build_engines(bundle, precisions, opts, verify),
+    built, code = _guarded(lambda: build_engines(bundle, precisions, build_options(args),
+                                                 args.verify),
                            "engine parity gate failed")
     for art in built or []:
         print(f"{bundle / art.file}: {art.engine['gpu_name']}, TensorRT "
@@ -118,7 +133,8 @@ def run_build(bundle: Path, precisions: list[str] | None, opts, verify: bool) ->
 
 
 def _guarded(call: Callable[[], Any], failed: str) -> tuple[Any, int]:
-    """Run `call`: a failed gate exits 1, other expected errors 2, with their message."""
+    """Run `call`: a failed gate exits 1; anything else that goes wrong exits 2 with a
+    one-line message (ANGLE_RT_DEBUG=1 shows the traceback)."""
     try:
         return call(), 0
     except ParityError as exc:
@@ -126,32 +142,49 @@ def _guarded(call: Callable[[], Any], failed: str) -> tuple[Any, int]:
         return None, 1
     except (AngleRTError, OSError, ValueError) as exc:
         print(f"angle-export: error: {exc}", file=sys.stderr)
-        return None, 2
+    except ImportError as exc:
+        print(f"angle-export: error: {exc}; the exporter needs `pip install angle-rt[export]`",
+              file=sys.stderr)
+    except Exception as exc:  # torch, transformers, onnx or TensorRT failing mid-way
+        print(f"angle-export: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if os.environ.get("ANGLE_RT_DEBUG"):
+        traceback.print_exc()
+    return None, 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["build-engine"]:
-        return build_engine_main(argv[1:])
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        argv = ["export", *argv]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="angle-export: %(message)s")
-    from exporters.pipeline import export  # torch import after argument errors
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False)
+                        else logging.INFO, format="angle-export: %(message)s")
+    if args.command == "build-engine":
+        return run_build(Path(args.bundle), args.precision, args)
+    return export_main(args)
 
+
+def export_main(args: argparse.Namespace) -> int:
     out = args.output or str(Path("build") / Path(args.model.rstrip("/")).name)
-    bundle, code = _guarded(lambda: export(
-                        args.model, out, pooling=args.pooling, max_length=args.max_length,
-                        prompt=args.prompt, normalize=args.normalize,
-                        padding_side=args.padding_side, lora=args.lora,
-                        revision=args.revision, opset=args.opset, force=args.force,
-                        verify=args.verify, verify_data=args.verify_data,
-                        sts_data=args.sts_data, trust_remote_code=args.trust_remote_code,
-                        progress=not args.quiet, fp16=args.fp16, bf16=args.bf16,
-                        int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
-                        calib_size=args.calib_size, int8_method=args.int8_method,
-                        fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
-                        int8_exclude=tuple(args.int8_exclude)),
-                            "parity gate failed, nothing written")
+
+    def run() -> Path:
+        from exporters.onnx_export import DEFAULT_OPSET  # torch: after argument errors
+        from exporters.pipeline import export
+
+        opset = DEFAULT_OPSET if args.opset is None else args.opset
+        return export(args.model, out, pooling=args.pooling, max_length=args.max_length,
+                      prompt=args.prompt, normalize=args.normalize,
+                      padding_side=args.padding_side, lora=args.lora,
+                      revision=args.revision, opset=opset, force=args.force,
+                      verify=args.verify, verify_data=args.verify_data,
+                      sts_data=args.sts_data, trust_remote_code=args.trust_remote_code,
+                      progress=not args.quiet, fp16=args.fp16, bf16=args.bf16,
+                      int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
+                      calib_size=args.calib_size, int8_method=args.int8_method,
+                      fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
+                      int8_exclude=tuple(args.int8_exclude))
+
+    bundle, code = _guarded(run, "parity gate failed, nothing written")
     if code:
         return code
     print(summary(bundle))
@@ -172,7 +205,7 @@ def engines_after_export(bundle: Path, args: argparse.Namespace) -> int:
         print(f"TensorRT engines not built here ({reason}). On the GPU machine that will "
               f"serve, run:\n  angle-export build-engine {bundle} {flags}".rstrip())
         return 2 if args.engine == "yes" else 0
-    return run_build(bundle, wanted or ["fp32"], build_options(args), args.verify)
+    return run_build(bundle, wanted or ["fp32"], args)
 
 
 def summary(bundle: Path) -> str:

@@ -33,47 +33,58 @@ def engine_targets(bundle: Path, precisions: list[str] | None) -> list[str]:
 
 def build_engines(bundle: str | Path, precisions: list[str] | None = None,
                   opts: BuildOptions | None = None, verify: bool = True) -> list[Artifact]:
-    """Build, verify and register engines in the bundle's manifest; returns their entries."""
+    """Build, verify and register engines in the bundle's manifest; returns their entries.
+
+    An engine is built and gated under a staging name and listed in the manifest only after
+    its gate passed: any failure (parity, profile, CUDA, TensorRT) leaves the bundle as it was.
+    """
     from angle_rt.session.trt import tensorrt_available
 
     bundle, opts = Path(bundle), opts or BuildOptions()
     reason = tensorrt_available()
     if reason is not None:
         raise BackendUnavailableError(f"cannot build TensorRT engines here: {reason}")
-    built = []
-    for precision in engine_targets(bundle, precisions):
-        manifest = read_manifest(bundle)
-        plan = bundle / ENGINE_FILES[precision]
-        staging = plan.with_suffix(".plan.tmp")
+    return [_build_verified(bundle, precision, opts, verify)
+            for precision in engine_targets(bundle, precisions)]
+
+
+def _build_verified(bundle: Path, precision: str, opts: BuildOptions,
+                    verify: bool) -> Artifact:
+    manifest = read_manifest(bundle)
+    plan = bundle / ENGINE_FILES[precision]
+    staging = plan.with_name(f".{plan.name}.staging")
+    try:
         info = build_engine(bundle / SOURCE_FILES[precision], staging, manifest.max_length,
                             opts)
-        os.replace(staging, plan)
-        art = Artifact(file=plan.name, format="tensorrt", precision=precision,
-                       sha256=sha256_file(plan), size_bytes=plan.stat().st_size, engine=info)
-        others = tuple(a for a in manifest.artifacts if a.file != plan.name)
-        write_manifest(bundle, dataclasses.replace(manifest, artifacts=(*others, art)))
-        if verify:
-            try:
-                art = dataclasses.replace(art, parity=engine_gate(bundle, art))
-            except ParityError:  # leave the bundle as it was, minus the failed engine
-                write_manifest(bundle, dataclasses.replace(manifest, artifacts=others))
-                plan.unlink()
-                raise
-            write_manifest(bundle, dataclasses.replace(manifest, artifacts=(*others, art)))
-        built.append(art)
-    return built
+        parity = engine_gate(bundle, staging, precision) if verify else None
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, plan)
+    art = Artifact(file=plan.name, format="tensorrt", precision=precision,
+                   sha256=sha256_file(plan), size_bytes=plan.stat().st_size, engine=info,
+                   parity=parity)
+    others = tuple(a for a in manifest.artifacts if a.file != plan.name)
+    write_manifest(bundle, dataclasses.replace(manifest, artifacts=(*others, art)))
+    return art
 
 
-def engine_gate(bundle: Path, art: Artifact) -> dict:
-    """The engine against the fp32 ONNX graph on real sentences and worst-case inputs."""
+def engine_gate(bundle: Path, plan: Path, precision: str) -> dict:
+    """The engine at `plan` against the fp32 ONNX graph on real sentences and worst-case
+    inputs, through the Encoder's own tokenize/batch/pad path; closes what it opens."""
+    from angle_rt.session.trt import TrtSession
+
     manifest = read_manifest(bundle)
     texts = verification_texts(None) + stress_texts(manifest.max_length)
-    ref = Encoder(bundle, precision="fp32", backend="cuda" if _ort_cuda() else "cpu")
-    engine = Encoder(bundle / art.file, backend="tensorrt")
-    report = compare(ref.encode(texts), engine.encode(texts), THRESHOLDS[art.precision])
+    with Encoder(bundle, precision="fp32", backend="cuda" if _ort_cuda() else "cpu") as ref:
+        expected = ref.encode(texts)
+    with Encoder(bundle, precision="fp32", verify_checksums=False,
+                 backend=lambda _: TrtSession(plan, manifest.embedding_dim)) as engine:
+        report = compare(expected, engine.encode(texts), THRESHOLDS[precision])
+    name = ENGINE_FILES[precision]
     if not report.passed:
-        raise ParityError(explain(report, texts, art.file) + "\nthe engine was removed")
-    log.info("%s: min cos %.6f vs fp32 ONNX", art.file, report.min_cosine)
+        raise ParityError(explain(report, texts, name) + "\nthe engine was not added")
+    log.info("%s: min cos %.6f vs fp32 ONNX", name, report.min_cosine)
     return {**report.to_dict(), "reference": "fp32 ONNX graph", "runtime": "tensorrt"}
 
 

@@ -76,7 +76,19 @@ def _onnx_device(backend: str) -> str:
         raise BackendUnavailableError(
             "backend='cuda' needs onnxruntime-gpu with a CUDA device; install angle-rt[gpu] "
             "(in place of onnxruntime) or use backend='cpu'")
+    if gpu_visible():
+        _warn("a CUDA GPU is present but this onnxruntime has no CUDA execution provider; "
+              "running on CPU (replace onnxruntime with onnxruntime-gpu to use the GPU)",
+              stacklevel=5)
     return "cpu"
+
+
+def gpu_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU: cuda-python sees one, or the driver's device
+    node exists (cuda-python need not be installed)."""
+    from angle_rt.session.cuda_mem import cuda_available
+
+    return Path("/dev/nvidiactl").exists() or cuda_available() is None
 
 
 def _onnx_artifact(manifest: Manifest, precision: str | None, device: str) -> Artifact:
@@ -134,8 +146,9 @@ def _require_engine(art: Artifact, backend: Backend) -> None:
                           f"`angle-export build-engine BUNDLE --precision {art.precision}`")
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+def _warn(message: str, stacklevel: int = 4) -> None:
+    """Warn at the caller of Encoder(...) (select → Encoder.__init__ → caller)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 __all__ = ["BACKENDS", "PREFERENCE", "OrtSession", "Session", "open_session", "select"]

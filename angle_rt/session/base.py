@@ -14,6 +14,8 @@ class Session(ABC):
     input_dtype: type = np.int64
     #: pad each batch's width to a multiple of this (8 suits GPU kernels)
     pad_multiple: int = 1
+    #: widest batch the backend takes (a TensorRT engine's largest profile); None: any
+    max_width: int | None = None
     #: a short name for messages and benchmarks, e.g. "onnxruntime-cpu"
     name: str = "session"
 

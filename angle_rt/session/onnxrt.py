@@ -9,7 +9,7 @@ import numpy as np
 
 from angle_rt._imports import lazy_import
 from angle_rt._system import physical_cores
-from angle_rt.errors import BundleError
+from angle_rt.errors import BundleError, ClosedError
 from angle_rt.session.base import Session
 
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -57,8 +57,15 @@ class OrtSession(Session):
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        sess = self._sess
+        if sess is None:
+            raise ClosedError("this ONNX Runtime session was closed")
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return self._sess.run([self._output], feed)[0]
+        return sess.run([self._output], feed)[0]
+
+    def close(self) -> None:
+        """Drop the InferenceSession (its weights and arenas); idempotent."""
+        self._sess = None
 
 
 def _providers(ort, device: str) -> list[str]:

@@ -7,7 +7,6 @@ Memory and streams go through cuda-python (`cuda.bindings.runtime`), never torch
 from __future__ import annotations
 
 import queue
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from angle_rt._imports import lazy_import
 from angle_rt.errors import BackendUnavailableError, BundleError
-from angle_rt.profiles import ShapeProfile, buffer_bytes, choose_profile
+from angle_rt.profiles import ShapeProfile, buffer_bytes, choose_profile, max_shapes
 from angle_rt.session.base import Session
 from angle_rt.session.cuda_mem import CudaBuffers, cuda_available
 
@@ -43,36 +42,61 @@ def engine_problem(info: dict[str, Any], trt_version: str, gpu: dict[str, str]) 
 
 
 class _Slot:
-    """One execution context bound to its own stream and buffers."""
+    """One execution context bound to its own stream and buffers.
+
+    Profile rule (TensorRT 10 `IExecutionContext::setOptimizationProfileAsync`, NvInferRuntime.h
+    / the Python API's `set_optimization_profile_async`): a context is not thread-safe, so one
+    thread uses a slot at a time; each context selects its own profile on its own stream
+    before `set_input_shape`, and the switch must be ordered with the enqueue that follows (here
+    both go on the slot's stream). Several contexts may select the same profile at once: the
+    "profile unique to one context" rule of TensorRT ≤ 8.0 is gone, so there is no lock per
+    profile and concurrent batches of one length bucket run in parallel.
+    """
 
     def __init__(self, engine: Any, sizes: dict[str, int], id_dtype: type) -> None:
+        self.profile: int | None = None  # set explicitly before the first batch
+        self.mem: CudaBuffers | None = None
         self.ctx = engine.create_execution_context()
-        self.mem = CudaBuffers(sizes, {name: np.float32 if name == OUTPUT else id_dtype
-                                       for name in sizes})
-        for name in sizes:
-            self.ctx.set_tensor_address(name, self.mem.device[name])
-        self.profile = 0
+        if self.ctx is None:
+            raise BackendUnavailableError("TensorRT could not create an execution context "
+                                          "(out of GPU memory?)")
+        try:
+            self.mem = CudaBuffers(sizes, {name: np.float32 if name == OUTPUT else id_dtype
+                                           for name in sizes})
+            for name in sizes:
+                if not self.ctx.set_tensor_address(name, self.mem.device[name]):
+                    raise BundleError(f"the engine has no I/O tensor named {name!r}; rebuild "
+                                      "it with `angle-export build-engine BUNDLE`")
+        except BaseException:
+            self.close()  # a traceback must not keep the context alive
+            raise
 
     def infer(self, ids: np.ndarray, mask: np.ndarray, profile: int, dim: int) -> np.ndarray:
         stream = int(self.mem.stream)
         if profile != self.profile:
-            self.ctx.set_optimization_profile_async(profile, stream)
+            if not self.ctx.set_optimization_profile_async(profile, stream):
+                raise RuntimeError(f"TensorRT refused optimization profile {profile}")
             self.profile = profile
         for name, arr in zip(INPUTS, (ids, mask), strict=True):
             self.mem.upload(name, arr)
             if not self.ctx.set_input_shape(name, tuple(arr.shape)):
-                raise RuntimeError(f"TensorRT refused shape {arr.shape} for {name}")
+                raise RuntimeError(f"TensorRT refused shape {arr.shape} for {name} "
+                                   f"(profile {profile})")
         if not self.ctx.execute_async_v3(stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         return self.mem.download(OUTPUT, (ids.shape[0], dim))
 
     def close(self) -> None:
-        self.mem.close()
+        """Destroy the context first (it refers to the buffers), then free the buffers."""
+        self.ctx = None
+        if self.mem is not None:
+            self.mem.close()
 
 
 class TrtSession(Session):
     """Deserialize once; `workers` contexts serve concurrent calls (one per thread at a
-    time); batches larger than the engine's largest profile are split."""
+    time); batches larger than the engine's largest profile are split, and the encoder
+    never pads wider than the largest profile (`max_width`)."""
 
     name = "tensorrt"
     pad_multiple = 8
@@ -80,8 +104,8 @@ class TrtSession(Session):
     def __init__(self, path: str | Path, dim: int, workers: int = 2) -> None:
         trt = lazy_import("tensorrt")
         self._logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._logger)
-        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise BundleError(f"TensorRT {trt.__version__} could not deserialize {path}: it was "
                               "built with another TensorRT version or GPU, or is damaged; "
@@ -91,15 +115,18 @@ class TrtSession(Session):
         self.input_dtype = np.int32 if self.engine.get_tensor_dtype(INPUTS[0]) == \
             trt.DataType.INT32 else np.int64
         self.dim = dim
+        self._max_batch, self.max_width = max_shapes(self.profiles)
         sizes = buffer_bytes(self.profiles, dim, np.dtype(self.input_dtype).itemsize)
         self._slots: queue.Queue[_Slot] = queue.Queue()
-        self._all = [_Slot(self.engine, sizes, self.input_dtype)
-                     for _ in range(max(1, workers))]
+        self._all: list[_Slot] = []
+        try:
+            for _ in range(max(1, workers)):
+                self._all.append(_Slot(self.engine, sizes, self.input_dtype))
+        except BaseException:
+            self.close()  # free the contexts and buffers made before the failure
+            raise
         for slot in self._all:
             self._slots.put(slot)
-        # a profile is used by one context at a time (TensorRT's rule for dynamic shapes)
-        self._profile_locks = [threading.Lock() for _ in self.profiles]
-        self._max_batch = max(p.max[0] for p in self.profiles)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         parts = [self._run_one(input_ids[i:i + self._max_batch],
@@ -108,20 +135,22 @@ class TrtSession(Session):
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _run_one(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        # the encoder already padded the width to a multiple of 8 on the model's side
         k = choose_profile(self.profiles, ids.shape[0], ids.shape[1])
         slot = self._slots.get()
         try:
-            with self._profile_locks[k]:
-                return slot.infer(ids.astype(self.input_dtype, copy=False),
-                                  mask.astype(self.input_dtype, copy=False), k, self.dim)
+            return slot.infer(ids.astype(self.input_dtype, copy=False),
+                              mask.astype(self.input_dtype, copy=False), k, self.dim)
         finally:
             self._slots.put(slot)
 
     def close(self) -> None:
+        """Contexts and their buffers and streams, then the engine and runtime; idempotent."""
         for slot in self._all:
             slot.close()
         self._all.clear()
+        self._slots = queue.Queue()
+        self.engine = None
+        self._runtime = None
 
 
 def tensorrt_available() -> str | None:

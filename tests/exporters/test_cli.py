@@ -149,3 +149,52 @@ def test_graph_with_external_weights_is_consolidated_and_checksummed(tiny_bert_b
     data.write_bytes(data.read_bytes()[:-16])
     with pytest.raises(ChecksumError, match=r"model\.onnx\.data does not match"):
         Encoder(bundle)
+
+
+def test_bundle_gets_the_permissions_of_a_new_directory(capsys, tiny_bert_dir, tmp_path):
+    """mkdtemp's 0700 made bundles unreadable to a server running as another user."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        code, _, _ = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                          "--no-verify", "--max-length", 32)
+    finally:
+        os.umask(umask)
+    assert code == 0
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "b").iterdir())
+
+
+def test_runtime_and_import_errors_exit_2_without_a_traceback(capsys, tiny_bert_dir, tmp_path,
+                                                              monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(export_mod, "export", broken)
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q")
+    assert code == 2 and "RuntimeError: CUDA error: an illegal memory access" in err
+    assert "Traceback" not in err
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+
+    monkeypatch.setattr(export_mod, "export", missing)
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q")
+    assert code == 2 and "pip install angle-rt[export]" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "build-engine", tmp_path / "no-such-bundle")
+    assert code == 2 and err.startswith("angle-export: error:") and "Traceback" not in err
+
+
+def test_build_engine_is_a_listed_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{export,build-engine}" in out and "Exit codes: 0 ok, 1 a parity gate failed" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["build-engine", "--help"])
+    assert "--precision" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["build-engine"])  # the bundle is required
+    assert exc.value.code == 2
