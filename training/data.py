@@ -133,6 +133,14 @@ class AngleCollator:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
+    def rng_state(self) -> Any:
+        """State of the RNG that picks one element of list-valued text fields."""
+        return self._rng.getstate()
+
+    def set_rng_state(self, state: Any) -> None:
+        """Continue picking exactly where `rng_state()` was taken (training resume)."""
+        self._rng.setstate(state)
+
     def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
         columns = FORMATS[self.fmt][:2] if self.fmt == "A" else FORMATS[self.fmt]
         prompts = self._prompts(len(columns))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -68,7 +70,10 @@ class TrainConfig:
     eval_steps: int = 0  # also evaluate every N steps (always after each epoch)
     save_steps: int = 0  # also write checkpoint.pt every N steps (always after each epoch)
     logging_steps: int = 10
-    resume: bool = False  # continue from output_dir/checkpoint.pt
+    # continue exactly from output_dir/checkpoint.pt: trainable weights, AdamW state, GradScaler,
+    # step/epoch/micro-batch position (same data order, checked), best score and history, and
+    # the Python, numpy, torch CPU, CUDA and collator RNGs; see _Trainer._load_checkpoint
+    resume: bool = False
     cosine_w: float = 0.0  # loss weights and temperatures: see training.losses.AngleLoss
     ibn_w: float = 1.0
     cln_w: float = 1.0
@@ -171,11 +176,8 @@ class _Trainer:
     def _epoch(self, bar) -> None:
         """The rest of the current epoch (all of it unless resumed mid-way)."""
         size, accum = self.cfg.batch_size, self.cfg.gradient_accumulation_steps
-        rng = np.random.default_rng(self.cfg.seed + self.epoch)
-        order = rng.permutation(len(self.records))
-        if self.cfg.group_by_length:
-            order = group_by_length(order, self.lengths, size, rng)
-        for i in range(self.micro, self.per_epoch):
+        order = self._order(self.epoch)
+        for i in range(self.micro, self.per_epoch):  # resumed: skip the batches already done
             batch = self.collate([self.records[j] for j in order[i * size:(i + 1) * size]])
             loss = self._micro_step(batch)
             self.micro = i + 1
@@ -190,6 +192,18 @@ class _Trainer:
         self.epoch, self.micro = self.epoch + 1, 0
         self._evaluate()
         self._save_checkpoint()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The sample order of `epoch`: a function of (seed, epoch, the data, batch_size,
+        group_by_length) only, from its own np.random.default_rng(seed + epoch)."""
+        rng = np.random.default_rng(self.cfg.seed + epoch)
+        order = rng.permutation(len(self.records))
+        if self.cfg.group_by_length:
+            order = group_by_length(order, self.lengths, self.cfg.batch_size, rng)
+        return order
+
+    def _order_digest(self, epoch: int) -> str:
+        return hashlib.sha256(self._order(epoch).astype(np.int64).tobytes()).hexdigest()
 
     def _micro_step(self, batch: Batch) -> float:
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
@@ -247,26 +261,82 @@ class _Trainer:
             json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
 
     def _save_checkpoint(self) -> None:
+        """Write output_dir/checkpoint.pt (via a temporary file, so a crash while writing
+        leaves the previous one whole) with what `_load_checkpoint` restores. Called only
+        after an optimizer step, so no half-accumulated gradient is ever lost."""
         trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in self.model.state_dict().items() if k in trainable}
-        torch.save({"model": state, "optimizer": self.opt.state_dict(), "step": self.step,
-                    "epoch": self.epoch, "micro": self.micro, "best": self.best,
-                    "history": self.history, "torch_rng": torch.get_rng_state(),
-                    "config": dataclasses.asdict(self.cfg)}, self.out / CHECKPOINT)
+        path = self.out / CHECKPOINT
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": state, "optimizer": self.opt.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                    "step": self.step, "epoch": self.epoch, "micro": self.micro,
+                    "data_order": self._order_digest(self.epoch), "best": self.best,
+                    "history": self.history, "rng": _rng_states(self.collate),
+                    "config": dataclasses.asdict(self.cfg)}, tmp)
+        os.replace(tmp, path)
 
     def _load_checkpoint(self) -> None:
+        """`--resume`: continue from output_dir/checkpoint.pt as if never stopped.
+
+        Restored: the trainable weights (the frozen rest is reloaded from `model`, as at
+        the start); the AdamW state (moments, step counts, param groups); the GradScaler
+        (loss scale, growth tracker) with fp16; the optimizer step, epoch and micro-batch
+        position in the epoch; the best validation score and the evaluation history; and
+        the RNG states of Python `random`, numpy's global RNG, torch on the CPU (dropout),
+        every CUDA device (torch.cuda.set_rng_state_all, when CUDA is available) and the
+        collator (which picks one element of list-valued text fields).
+
+        Not stored, because they are functions of what is: the learning rate (`get_lr` of
+        the step and the total) and the data order. Each epoch's order comes from its own
+        np.random.default_rng(seed + epoch) (shuffle, then group_by_length bucketing), so
+        it is recomputed and its first `micro` micro-batches are skipped (not collated:
+        the restored collator RNG already accounts for them); the checkpoint holds a
+        SHA-256 of that order (sample indices) and resuming refuses (ValueError) if it
+        differs, i.e. the seed, batch_size, group_by_length or the number of train rows
+        (or, grouped, their lengths) changed; rows edited in place are not detected.
+        Other config changes are allowed and logged as a warning (max_steps, epochs or
+        warmup_steps change the LR schedule, so the continuation is then another run).
+
+        With the same config this is exact: on the CPU the final weights equal, bit for
+        bit, those of an uninterrupted run (tests/training/test_fit.py). On CUDA, kernels
+        that are nondeterministic by themselves (atomics) can still make any two runs,
+        resumed or not, differ slightly.
+        """
         path = self.out / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"--resume: {path} does not exist")
-        ck = torch.load(path, map_location=self.device, weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        changed = sorted(k for k, v in ck.get("config", {}).items()
+                         if k != "resume" and getattr(self.cfg, k, v) != v)
+        if changed:
+            log.warning("--resume: config differs from the checkpoint's in %s; the "
+                        "continuation is not the same run", ", ".join(changed))
         missing = self.model.load_state_dict(ck["model"], strict=False)
         if missing.unexpected_keys:
             raise ValueError(f"{path} does not fit this model: {missing.unexpected_keys[:3]}")
         self.opt.load_state_dict(ck["optimizer"])
+        if self.scaler is not None:
+            if ck.get("scaler"):
+                self.scaler.load_state_dict(ck["scaler"])
+            else:
+                log.warning("--resume: %s has no GradScaler state; the fp16 loss scale "
+                            "starts afresh", path)
         self.step, self.epoch, self.micro = ck["step"], ck["epoch"], ck["micro"]
+        if "data_order" in ck and ck["data_order"] != self._order_digest(self.epoch):
+            raise ValueError(
+                f"--resume: the data order of epoch {self.epoch} differs from {path}'s "
+                "(seed, batch_size, group_by_length or the train rows changed), so skipping the "
+                f"{self.micro} micro-batches already done would skip other samples")
         self.best, self.history = ck["best"], ck["history"]
-        torch.set_rng_state(ck["torch_rng"])
-        log.info("resumed at step %d (epoch %d)", self.step, self.epoch)
+        if "rng" in ck:
+            _set_rng_states(ck["rng"], self.collate)
+        else:  # written before the other RNG states were kept
+            torch.set_rng_state(ck["torch_rng"])
+            log.warning("--resume: %s holds only the torch CPU RNG state; Python, numpy, "
+                        "CUDA and collator RNGs start afresh", path)
+        log.info("resumed at step %d (epoch %d, micro-batch %d)", self.step, self.epoch,
+                 self.micro)
 
     def _finish(self) -> FitResult:
         self._save_model(self.out)
@@ -309,6 +379,29 @@ def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _rng_states(collate: AngleCollator) -> dict[str, Any]:
+    """Every RNG the training loop can draw from, for the checkpoint."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "cuda": cuda, "collator": collate.rng_state()}
+
+
+def _set_rng_states(states: dict[str, Any], collate: AngleCollator) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    collate.set_rng_state(states["collator"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("--resume: the checkpoint has CUDA RNG states for %d devices, this "
+                        "machine %d; restoring the first %d", len(cuda),
+                        torch.cuda.device_count(), min(len(cuda), torch.cuda.device_count()))
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    elif cuda:
+        log.warning("--resume: the checkpoint holds CUDA RNG states but CUDA is unavailable")
 
 
 def _autocast(precision: str, device: torch.device):

@@ -68,26 +68,52 @@ def test_cli_errors_are_clear(tiny_bert_dir, small_sts, tmp_path):
     assert proc.returncode == 2 and "sentence1:text1,sentence2:text2,score:label" in proc.stderr
 
 
-def test_resume_continues_exactly(tiny_bert_dir, small_sts, tmp_path, monkeypatch):
-    straight = fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "a", save_steps=2))
-    ref = AngleModel.from_pretrained(straight.output_dir).backbone.state_dict()
+def test_resume_continues_exactly(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+    """Stop mid-epoch at step 4 of 8, resume: bit-identical weights and history to a straight
+    run. Dropout is on (torch RNG), text1 is a list the collator samples from (its RNG),
+    batches are grouped by length (data order) and steps accumulate two micro-batches."""
+    rows = [json.loads(line) for line in
+            (shared_data / "sts" / "stsb-train.jsonl").read_text().splitlines()[:40]]
+    with (tmp_path / "train.jsonl").open("w") as f:
+        for r in rows:  # two phrasings of text1: the collator picks one at random
+            variants = [r["sentence1"], " ".join(r["sentence1"].split()[:4])]
+            f.write(json.dumps({"text1": variants, "text2": r["sentence2"],
+                                "label": r["score"]}) + "\n")
+    dev = (shared_data / "sts" / "stsb-dev.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "dev.jsonl").write_text("\n".join(dev) + "\n")
 
+    def cfg(out, **kw):  # 40 rows / 8 = 5 micro-batches = 3 steps an epoch; 8 steps in all
+        return _cfg(tiny_bert_dir, tmp_path, out, train_data=str(tmp_path / "train.jsonl"),
+                    valid_data=str(tmp_path / "dev.jsonl"), column_rename=STS_RENAME,
+                    max_steps=8, gradient_accumulation_steps=2, group_by_length=True,
+                    filter_duplicate=False, **kw)
+
+    straight = fit(cfg(tmp_path / "a"))
     real_step = fit_mod._Trainer._optimizer_step
 
-    def crash_at_three(self):
-        if self.step == 2:
+    def crash_at_six(self):
+        if self.step == 5:  # one step past the checkpoint at 4: that work is lost
             raise KeyboardInterrupt("simulated crash")
         real_step(self)
 
-    monkeypatch.setattr(fit_mod._Trainer, "_optimizer_step", crash_at_three)
+    monkeypatch.setattr(fit_mod._Trainer, "_optimizer_step", crash_at_six)
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "b", save_steps=2))
+        fit(cfg(tmp_path / "b", save_steps=4))
     monkeypatch.setattr(fit_mod._Trainer, "_optimizer_step", real_step)
-    resumed = fit(_cfg(tiny_bert_dir, small_sts, tmp_path / "b", save_steps=2, resume=True))
-    assert resumed.steps == 4
-    got = AngleModel.from_pretrained(resumed.output_dir).backbone.state_dict()
-    for k, v in ref.items():
-        assert torch.allclose(v, got[k], atol=1e-6), k
+    ck = torch.load(tmp_path / "b" / fit_mod.CHECKPOINT, weights_only=False)
+    assert (ck["step"], ck["epoch"], ck["micro"]) == (4, 1, 2)  # stopped mid-epoch
+    resumed = fit(cfg(tmp_path / "b", save_steps=4, resume=True))
+    assert resumed.steps == straight.steps == 8
+    assert resumed.history == straight.history
+    ref = AngleModel.from_pretrained(straight.output_dir).backbone
+    got = AngleModel.from_pretrained(resumed.output_dir).backbone
+    assert ref.config.hidden_dropout_prob > 0  # dropout was active
+    got_params = dict(got.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.equal(p, got_params[name]), name
+    # another seed would make other batches of epoch 2 the ones already done: refused
+    with pytest.raises(ValueError, match="data order of epoch 2 differs"):
+        fit(cfg(tmp_path / "b", save_steps=4, resume=True, seed=43))
 
 
 def test_precision_checkpointing_and_teacher_options(tiny_bert_dir, tiny_llama_dir, small_sts,
