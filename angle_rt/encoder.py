@@ -93,7 +93,7 @@ class Encoder:
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else _as_texts(sentences)
-        template = self._template(prompt, prompt_name)
+        template = self.template(prompt, prompt_name)
         with self._open_for_use():
             emb = self._embed(texts, template, batch_size, show_progress_bar)
         emb = truncate_dims(emb, truncate_dim)
@@ -132,7 +132,9 @@ class Encoder:
             bar.update(len(chunk))
         bar.close()
 
-    def _template(self, prompt: str | None, prompt_name: str | None) -> str | None:
+    def template(self, prompt: str | None = None,
+                 prompt_name: str | None = None) -> str | None:
+        """The prompt template `encode` applies for these arguments (None: no prompt)."""
         if prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise ValueError(f"unknown prompt_name {prompt_name!r}; this bundle has "
@@ -142,6 +144,38 @@ class Encoder:
             return self.manifest.default_prompt
         return resolve_prompt(prompt, self.prompts)
 
+    def tokenize(self, texts: list[str], template: str | None) -> list[list[int]]:
+        """Token ids per text, prompt applied and truncated at max_length, exactly as
+        `encode` feeds them; ValueError names a text too short for the bundle's pooling."""
+        ids = self.tokenizer.encode(texts, template)
+        _check_lengths(ids, self._min_tokens)
+        return ids
+
+    @property
+    def pad_width_cap(self) -> int:
+        """Widest padded batch: never past max_length (position embeddings) or the
+        backend's widest input (a TensorRT engine's largest profile)."""
+        return min(self.max_length, self.session.max_width or self.max_length)
+
+    def plan(self, lengths: list[int], batch_size: int) -> list[np.ndarray]:
+        """Index batches for token rows of these lengths under the Encoder's token budget,
+        padded as the backend wants (what `encode` runs)."""
+        return plan_batches(lengths, batch_size, self.max_batch_tokens,
+                            self.session.pad_multiple, self.pad_width_cap)
+
+    def run_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors (len(rows), dim) for one batch of token id rows: padded, then run by the
+        backend. Raw model output: `encode`'s truncate_dim / normalize come after."""
+        with self._open_for_use():
+            return self._run_rows(rows)
+
+    def _run_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        sess = self.session
+        input_ids, mask = pad_batch(rows, self.manifest.pad_token_id,
+                                    self.manifest.padding_side, sess.pad_multiple,
+                                    sess.input_dtype, self.pad_width_cap)
+        return sess.run(input_ids, mask)
+
     def _embed(self, texts: list[str], template: str | None, batch_size: int,
                progress: bool) -> np.ndarray:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -149,18 +183,10 @@ class Encoder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        ids = self.tokenizer.encode(texts, template)
-        _check_lengths(ids, self._min_tokens)
-        sess = self.session
-        # never pad past max_length (position embeddings) or the backend's widest input
-        cap = min(self.max_length, sess.max_width or self.max_length)
-        batches = plan_batches([len(r) for r in ids], batch_size, self.max_batch_tokens,
-                               sess.pad_multiple, cap)
-        for idx in _progress(batches, progress, len(texts)):
-            input_ids, mask = pad_batch([ids[i] for i in idx], self.manifest.pad_token_id,
-                                        self.manifest.padding_side, sess.pad_multiple,
-                                        sess.input_dtype, cap)
-            out[idx] = sess.run(input_ids, mask)
+        ids = self.tokenize(texts, template)
+        for idx in _progress(self.plan([len(r) for r in ids], batch_size), progress,
+                             len(texts)):
+            out[idx] = self._run_rows([ids[i] for i in idx])
         return out
 
     def close(self) -> None:
