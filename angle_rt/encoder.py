@@ -12,7 +12,13 @@ import numpy as np
 
 from angle_rt.batching import pad_batch, plan_batches
 from angle_rt.errors import BundleError, ClosedError
-from angle_rt.manifest import MANIFEST_FILE, Manifest, read_manifest, verify_checksum
+from angle_rt.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    min_tokens,
+    read_manifest,
+    verify_checksum,
+)
 from angle_rt.postprocess import l2_normalize, truncate_dims
 from angle_rt.prompts import PROMPTS, resolve_prompt
 from angle_rt.session import Session, open_session, select
@@ -62,7 +68,7 @@ class Encoder:
                                     self.manifest.embedding_dim, intra_op_threads)
         self.max_batch_tokens = max_batch_tokens
         self.prompts = {**PROMPTS, **self.manifest.prompts}
-        self._min_tokens = _min_tokens(self.manifest.pooling)
+        self._min_tokens = min_tokens(self.manifest.pooling)
 
     @property
     def dim(self) -> int:
@@ -257,14 +263,6 @@ def _as_texts(sentences: object) -> list[str]:
         if not isinstance(s, str):
             raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
     return texts
-
-
-def _min_tokens(pooling: str) -> int:
-    """Tokens a text needs: 1, or k+1 (|k|) for pooling at token index k."""
-    if pooling.lstrip("-").isdigit():
-        k = int(pooling)
-        return k + 1 if k >= 0 else -k
-    return 1
 
 
 def _check_lengths(ids: list[list[int]], need: int) -> None:

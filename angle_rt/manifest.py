@@ -16,8 +16,21 @@ from angle_rt.errors import BundleError, BundleVersionError, ChecksumError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "angle_rt.json"
+TOKENIZER_FILE = "tokenizer.json"
 ARCHITECTURES = ("encoder", "decoder")
 PADDING_SIDES = ("right", "left")
+# the graph's I/O: (input_ids, attention_mask) [batch, sequence] → embedding [batch, dim]
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embedding"
+# artifact file per precision: ONNX graphs (fp32 is always there) and TensorRT engines
+ONNX_FILES = {
+    "fp32": "model.onnx",
+    "fp16": "model.fp16.onnx",
+    "bf16": "model.bf16.onnx",
+    "int8": "model.int8.onnx",
+    "int8-dynamic": "model.int8-dynamic.onnx",
+}
+ENGINE_FILES = {p: f"engine.{p}.plan" for p in ("fp32", "fp16", "bf16", "int8")}
 ARTIFACT_FORMATS = ("onnx", "tensorrt")
 
 
@@ -179,7 +192,7 @@ def _validate(m: Manifest) -> None:
         (isinstance(m.pad_token_id, int), f"pad_token_id {m.pad_token_id!r}"),
         (bool(m.artifacts), "no artifacts"),
         ("file" in m.tokenizer and "sha256" in m.tokenizer, "tokenizer needs file and sha256"),
-        ([t.name for t in m.inputs] == ["input_ids", "attention_mask"],
+        (tuple(t.name for t in m.inputs) == INPUT_NAMES,
          f"inputs {[t.name for t in m.inputs]}"),
         (len(m.outputs) == 1, f"outputs {[t.name for t in m.outputs]}"),
     ]
@@ -188,3 +201,17 @@ def _validate(m: Manifest) -> None:
     bad = [msg for ok, msg in checks if not ok]
     if bad:
         raise BundleError("invalid manifest: " + "; ".join(bad) + "; re-export the bundle")
+
+
+def min_tokens(pooling: str | int) -> int:
+    """Tokens a text needs for the bundle's pooling: 1, or k+1 (|k| from the end) for
+    pooling at token index k.
+
+    >>> min_tokens("mean"), min_tokens(1), min_tokens("-2")
+    (1, 2, 2)
+    """
+    text = str(pooling)
+    if text.lstrip("-").isdigit():
+        k = int(text)
+        return k + 1 if k >= 0 else -k
+    return 1

@@ -1,4 +1,5 @@
-"""What follows the graph: Matryoshka truncation and L2 normalization (pooling is in the graph)."""
+"""What follows the graph: Matryoshka truncation, L2 normalization (pooling is in the graph),
+and the row cosine that parity gates and STS scores use."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def l2_normalize(emb: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """
     norm = np.linalg.norm(emb, axis=-1, keepdims=True)
     return (emb / np.maximum(norm, eps)).astype(np.float32, copy=False)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows, in float64.
+
+    >>> cosine_rows(np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([[2.0, 0.0], [-1.0, -1.0]]))
+    array([ 1., -1.])
+    """
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return (a64 * b64).sum(axis=1) / np.maximum(den, 1e-30)

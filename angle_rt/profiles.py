@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from angle_rt.errors import BundleError
+from angle_rt.manifest import INPUT_NAMES, OUTPUT_NAME
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512)
 
@@ -79,4 +80,4 @@ def buffer_bytes(profiles: list[ShapeProfile], dim: int, id_itemsize: int) -> di
     """
     batch, seq = max_shapes(profiles)
     ids = batch * seq * id_itemsize
-    return {"input_ids": ids, "attention_mask": ids, "embedding": batch * dim * 4}
+    return {**dict.fromkeys(INPUT_NAMES, ids), OUTPUT_NAME: batch * dim * 4}

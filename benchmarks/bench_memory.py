@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from angle_rt import Encoder
 from benchmarks.harness import cpu_name, rss_mb
-from exporters.verify import builtin_sentences
+from exporters.texts import builtin_sentences
 
 
 def short_sentences(n: int, seed: int = 0) -> Iterator[str]:

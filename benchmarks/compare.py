@@ -4,7 +4,7 @@
         [--batch-size 32] [--anchor-python PY ...] [--latency-n 200] [--no-plot]
 
 Systems: angle_rt per artifact of a bundle with fp32/fp16/int8/int8-dynamic (exported into
-build/bench on first use); PyTorch eager (training.model); sentence-transformers' torch
+build/bench on first use); PyTorch eager (angle_torch.model); sentence-transformers' torch
 backend in fp32 and bf16; and, through anchor_worker.py in other environments
 (--anchor-python, repeatable), sentence-transformers ONNX / ONNX int8, fastembed and
 angle_emb. After a warm-up, `--repeats` passes over all sentences run interleaved (system
@@ -31,11 +31,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from angle_rt import Encoder
+from angle_torch.sts import find_shared_data, load_sts, sts_spearman
 from benchmarks.harness import Runner, cpu_name, loaded, summary
 from benchmarks.models import MODELS
 from exporters import export
-from exporters.verify import benchmark_sentences, compare
-from training.sts import find_shared_data, load_sts, sts_spearman
+from exporters.texts import benchmark_sentences
+from exporters.verify import compare
 
 REFERENCE = "sentence-transformers torch fp32"
 
@@ -52,7 +53,7 @@ def local_runners(model_dir: Path, bundle: Path, threads: int, batch: int) -> li
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from training.model import AngleModel
+    from angle_torch.model import AngleModel
 
     torch.set_num_threads(threads)
     manifest = Encoder(bundle).manifest
@@ -61,7 +62,7 @@ def local_runners(model_dir: Path, bundle: Path, threads: int, batch: int) -> li
         runners.append(loaded(f"angle_rt {art.precision}", lambda a=art: _angle_rt(
             bundle, a.precision, threads, batch)))
     norm = manifest.normalized
-    runners.append(loaded("torch eager (training.model)", lambda: _torch_eager(
+    runners.append(loaded("torch eager (angle_torch.model)", lambda: _torch_eager(
         AngleModel.from_pretrained(model_dir), batch, norm)))
     runners.append(loaded(REFERENCE, lambda: _st(
         SentenceTransformer(str(model_dir), device="cpu"), batch)))

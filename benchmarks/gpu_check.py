@@ -84,7 +84,7 @@ def main() -> None:
     env["cuda-python buffers"] = cuda_buffers_check()
     print(f"{'cuda-python buffers':24} {env['cuda-python buffers']}")
     from benchmarks.models import minilm
-    from exporters.verify import benchmark_sentences
+    from exporters.texts import benchmark_sentences
 
     model_dir = args.model or minilm()
     texts, rows = benchmark_sentences()[0], {}
@@ -139,7 +139,7 @@ def torch_rows(model_dir: Path, texts: list[str]) -> tuple[dict[str, float], dic
     if not torch.cuda.is_available():
         print("torch sees no CUDA device: torch rows skipped")
         return {}, {}
-    from training.model import AngleModel
+    from angle_torch.model import AngleModel
 
     rows = {}
     model = AngleModel.from_pretrained(model_dir, dtype=torch.float16).cuda().eval()
@@ -164,8 +164,8 @@ def fp16_agreement(model, model_dir: Path, texts: list[str]) -> dict[str, float]
     engines' parity threshold (0.999)."""
     import torch
 
+    from angle_torch.model import AngleModel
     from exporters.verify import compare
-    from training.model import AngleModel
 
     ref = AngleModel.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     report = compare(ref.encode(texts, batch_size=128), model.encode(texts, batch_size=128),

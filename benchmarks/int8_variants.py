@@ -44,10 +44,11 @@ from angle_rt import Encoder
 from angle_rt.manifest import read_manifest
 from angle_rt.session.base import Session
 from angle_rt.session.onnxrt import OrtSession
+from angle_torch.sts import find_shared_data, load_sts, sts_spearman
 from benchmarks.harness import Runner, cpu_name
 from exporters.quantize import linear_layers, replace_nodes
-from exporters.verify import calibration_texts, compare, stress_texts, verification_texts
-from training.sts import find_shared_data, load_sts, sts_spearman
+from exporters.texts import calibration_texts, stress_texts, verification_texts
+from exporters.verify import compare
 
 THRESHOLD = 0.98
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from angle_rt import Encoder
 from angle_rt.session.onnxrt import OrtSession
 from benchmarks.harness import cpu_name
-from exporters.verify import benchmark_sentences
+from exporters.texts import benchmark_sentences
 
 
 def stages(enc: Encoder, texts: list[str], batch: int) -> dict[str, float]:
@@ -59,7 +59,7 @@ def operator_shares(path: Path, texts: list[str], threads: int, batch: int) -> d
         opts = {"enable_profiling": True, "profile_file_prefix": str(Path(tmp) / "ort")}
         enc = Encoder(path, backend=lambda p: OrtSession(p, "cpu", threads, opts))
         enc.encode(texts, batch_size=batch)
-        events = json.loads(Path(enc.session._sess.end_profiling()).read_text())
+        events = json.loads(Path(enc.session.inference_session.end_profiling()).read_text())
     per_op: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from angle_torch.sts import find_shared_data
 from benchmarks.models import minilm
 from exporters import export
 from training.evaluate import evaluate
 from training.fit import TrainConfig, fit
-from training.sts import find_shared_data
 
 RENAME = "sentence1:text1,sentence2:text2,score:label"
 OUT = Path("build/train")

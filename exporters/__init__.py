@@ -9,7 +9,7 @@ __all__ = ["export"]
 
 def __getattr__(name: str) -> Any:
     # export() pulls in torch and transformers; load it on first use so that the torch-free
-    # helpers (exporters.verify's sentences, say) import without them
+    # helpers (exporters.texts' sentences, say) import without them
     if name == "export":
         from exporters.pipeline import export
 

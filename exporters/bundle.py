@@ -14,8 +14,16 @@ from typing import Any
 import onnx
 
 import angle_rt
-from angle_rt.manifest import Artifact, Manifest, TensorSpec, sha256_file
-from training.model import AngleModel
+from angle_rt.manifest import (
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    TOKENIZER_FILE,
+    Artifact,
+    Manifest,
+    TensorSpec,
+    sha256_file,
+)
+from angle_torch.model import AngleModel
 
 EXTERNAL_DATA_SUFFIX = ".data"
 
@@ -96,9 +104,8 @@ def source_info(model: AngleModel) -> dict[str, Any]:
 def build_manifest(model: AngleModel, artifacts: list[Artifact], tokenizer_sha: str,
                    normalize: bool, parity: dict[str, Any]) -> Manifest:
     s = model.settings
-    ids = TensorSpec("input_ids", "int64", ("batch", "sequence"))
-    mask = TensorSpec("attention_mask", "int64", ("batch", "sequence"))
-    out = TensorSpec("embedding", "float32", ("batch", model.embedding_dim))
+    ids, mask = (TensorSpec(name, "int64", ("batch", "sequence")) for name in INPUT_NAMES)
+    out = TensorSpec(OUTPUT_NAME, "float32", ("batch", model.embedding_dim))
     return Manifest(
         source=source_info(model),
         architecture="decoder" if s.is_decoder else "encoder",
@@ -111,7 +118,7 @@ def build_manifest(model: AngleModel, artifacts: list[Artifact], tokenizer_sha: 
         normalized=normalize,
         inputs=(ids, mask),
         outputs=(out,),
-        tokenizer={"file": "tokenizer.json", "sha256": tokenizer_sha},
+        tokenizer={"file": TOKENIZER_FILE, "sha256": tokenizer_sha},
         artifacts=tuple(artifacts),
         default_prompt=s.default_prompt,
         prompts=dict(s.prompts),

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from angle_rt import Encoder
+from angle_torch.model import AngleModel
 from exporters import export
 from exporters.cli import summary
-from exporters.verify import benchmark_sentences, compare
-from training.model import AngleModel
+from exporters.texts import benchmark_sentences
+from exporters.verify import compare
 
 SHOWCASE = [
     "A man is playing a guitar on stage.",

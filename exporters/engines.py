@@ -10,9 +10,10 @@ from pathlib import Path
 
 from angle_rt import Encoder
 from angle_rt.errors import BackendUnavailableError, ParityError
-from angle_rt.manifest import Artifact, read_manifest, sha256_file, write_manifest
-from exporters.trt_build import ENGINE_FILES, SOURCE_FILES, BuildOptions, build_engine
-from exporters.verify import THRESHOLDS, compare, explain, stress_texts, verification_texts
+from angle_rt.manifest import ENGINE_FILES, Artifact, read_manifest, sha256_file, write_manifest
+from exporters.texts import stress_texts, verification_texts
+from exporters.trt_build import SOURCE_FILES, BuildOptions, build_engine
+from exporters.verify import THRESHOLDS, compare, explain
 
 log = logging.getLogger("angle_rt.export")
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from angle_rt import Encoder
 from angle_rt.errors import BundleError, ParityError
-from angle_rt.manifest import Artifact
+from angle_rt.manifest import Artifact, min_tokens
+from angle_torch.sts import StsPairs, find_shared_data, load_sts, sts_spearman
 from exporters.reference import MAX_REFERENCE_PARAMS, ReferenceSession, parameter_count
-from exporters.verify import THRESHOLDS, compare, explain, stress_texts, verification_texts
-from training.sts import StsPairs, find_shared_data, load_sts, sts_spearman
+from exporters.texts import stress_texts, verification_texts
+from exporters.verify import THRESHOLDS, compare, explain
 
 if TYPE_CHECKING:
-    from exporters.pipeline import ArtifactBuilder
-    from training.model import AngleModel
+    from angle_torch.model import AngleModel
 
 log = logging.getLogger("angle_rt.export")
 MAX_SPEARMAN_DROP = 1.0  # INT8: STS-B dev Spearman×100 within this of fp32
@@ -34,12 +35,15 @@ class Candidate:
 
 
 class Gate:
-    """Reference vectors computed once; `check(artifact)` passes it or raises ParityError."""
+    """Reference vectors computed once; `check(artifact)` passes it or raises ParityError.
+
+    `angle` is the torch reference model; `sts` the STS pairs of the INT8 Spearman check
+    (None: cosine gates only)."""
 
     def __init__(self, angle: AngleModel, bundle: Path, normalize: bool,
-                 verify_data: str | Path | None, sts_data: str | Path | None,
-                 builder: ArtifactBuilder, progress: bool = False) -> None:
-        self.angle, self.bundle, self.builder = angle, bundle, builder
+                 verify_data: str | Path | None, sts: StsPairs | None,
+                 progress: bool = False) -> None:
+        self.angle, self.bundle = angle, bundle
         self.normalize, self.progress = normalize, progress
         stress = _long_enough(angle, stress_texts(angle.settings.max_length))
         self.texts = _long_enough(angle, verification_texts(verify_data)) + stress
@@ -47,8 +51,7 @@ class Gate:
         self.source = str(verify_data) if verify_data else "built-in"
         log.info("parity gate: %d texts, torch fp32 vs each artifact", len(self.texts))
         self.ref = angle.encode(self.texts, normalize=normalize, show_progress=progress)
-        self.sts = _sts_pairs(sts_data) if builder.plan.int8 or builder.plan.int8_dynamic \
-            else None
+        self.sts = sts
         self._sts_ref: float | None = None
         self.results: dict[str, dict[str, Any]] = {}
         self.worst: list[int] = []
@@ -79,24 +82,27 @@ class Gate:
         return info
 
     def summary(self) -> dict[str, Any]:
-        return {"reference": "torch fp32 (training.model.AngleModel, CPU)",
+        return {"reference": "torch fp32 (angle_torch.model.AngleModel, CPU)",
                 "texts": self.source, "n_texts": len(self.texts),
                 "max_tokens": max(len(r) for r in self.angle.tokenizer.encode(
                     self.texts, self.angle.prompt_template(None))),
                 "results": self.results}
 
-    def rank(self, precision: str, exclude: tuple[str, ...]) -> list[Candidate]:
-        """Try keeping each layer type in higher precision on the worst sentences of the
-        last check (and the worst-case inputs); best first."""
+    def rank(self, precision: str, exclude: tuple[str, ...],
+             candidates: list[tuple[str, str]],
+             build: Callable[[str, tuple[str, ...], Path], Path]) -> list[Candidate]:
+        """Try keeping each candidate (name, exclusion regex) in higher precision — `build`
+        writes that trial artifact into a folder — on the worst sentences of the last
+        check (and the worst-case inputs); best first."""
         n = len(self.texts)
         rows = sorted(set(self.worst) | set(range(n - self.n_stress, n)))
         texts, ref = [self.texts[i] for i in rows], self.ref[rows]
         found = []
-        for name, regex in self.builder.candidates(precision):
+        for name, regex in candidates:
             if regex in exclude:
                 continue
             with tempfile.TemporaryDirectory(dir=self.bundle) as tmp:
-                path = self.builder.build(precision, (*exclude, regex), Path(tmp))
+                path = build(precision, (*exclude, regex), Path(tmp))
                 enc, _ = self._encoder(path, precision, verify=False)
                 if enc is not None:
                     got = enc.encode(texts)
@@ -145,15 +151,16 @@ def advice(precision: str, ranked: list[Candidate]) -> str:
 
 def _long_enough(angle: AngleModel, texts: list[str]) -> list[str]:
     """Drop texts too short for token-index pooling (they are refused at encode time)."""
-    pooling = angle.settings.pooling
-    if not isinstance(pooling, int):
+    need = min_tokens(angle.settings.pooling)
+    if need == 1:
         return texts
-    need = pooling + 1 if pooling >= 0 else -pooling
     ids = angle.tokenizer.encode(texts, angle.prompt_template(None))
     return [t for t, r in zip(texts, ids, strict=True) if len(r) >= need]
 
 
-def _sts_pairs(path: str | Path | None) -> StsPairs | None:
+def sts_pairs(path: str | Path | None) -> StsPairs | None:
+    """STS pairs for the INT8 Spearman check: `path`, else STS-B dev from the shared data,
+    else None (with a warning: the cosine gates still apply)."""
     if path:
         return load_sts(path)
     data = find_shared_data()

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.model import AngleModel
+from angle_rt.manifest import INPUT_NAMES, OUTPUT_NAME
+from angle_torch.model import AngleModel
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = "embedding"
 MIN_OPSET = 17  # LayerNormalization is one op from 17 (TensorRT maps it to its norm layer)
 DEFAULT_OPSET = 17
 
@@ -48,8 +47,7 @@ def export_onnx(model: AngleModel, path: str | Path, *, normalize: bool,
         raise ValueError(f"opset must be ≥ {MIN_OPSET} (one LayerNormalization op), got {opset}")
     module = ExportModule(model.eval(), normalize).eval()
     ids, mask = trace_inputs(model)
-    axes = {"input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
+    axes = {**{name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES},
             OUTPUT_NAME: {0: "batch"}}
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about Python bools in HF mask code; the parity gate checks the

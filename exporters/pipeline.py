@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -12,10 +11,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from angle_rt.errors import ParityError
-from angle_rt.manifest import Artifact, Manifest, sha256_file, write_manifest
+from angle_rt.manifest import (
+    INPUT_NAMES,
+    MANIFEST_FILE,
+    ONNX_FILES,
+    TOKENIZER_FILE,
+    sha256_file,
+    write_manifest,
+)
+from angle_torch.model import AngleModel
 from exporters.bundle import build_manifest, consolidate_external_data, onnx_artifact, staged_dir
-from exporters.gates import Gate, advice
+from exporters.gates import Gate, sts_pairs
 from exporters.onnx_export import DEFAULT_OPSET, export_onnx
 from exporters.precision import FP16_CANDIDATE_OPS, convert_float16
 from exporters.quantize import (
@@ -28,19 +34,11 @@ from exporters.quantize import (
     quantize_dynamic_int8,
     quantize_int8,
 )
-from exporters.verify import calibration_texts
-from training.model import AngleModel
+from exporters.refine import verified
+from exporters.texts import calibration_texts
 
 log = logging.getLogger("angle_rt.export")
 
-# artifact file per precision; fp32 is always written (the reference graph)
-ARTIFACT_FILES = {
-    "fp32": "model.onnx",
-    "fp16": "model.fp16.onnx",
-    "bf16": "model.bf16.onnx",
-    "int8": "model.int8.onnx",
-    "int8-dynamic": "model.int8-dynamic.onnx",
-}
 
 
 @dataclass(frozen=True)
@@ -103,19 +101,20 @@ def export(
         log.info("tracing %s to ONNX (opset %d)", angle.name, opset)
         export_onnx(angle, tmp / "model.onnx", normalize=normalize, opset=opset)
         consolidate_external_data(tmp / "model.onnx")
-        angle.tokenizer.backend.save(str(tmp / "tokenizer.json"))
+        angle.tokenizer.backend.save(str(tmp / TOKENIZER_FILE))
         builder = ArtifactBuilder(angle, tmp, plan)
         artifacts = [onnx_artifact(tmp, "model.onnx", "fp32")]
         for precision in plan.wanted():
-            log.info("building %s", ARTIFACT_FILES[precision])
+            log.info("building %s", ONNX_FILES[precision])
             builder.build(precision, builder.default_exclude(precision))
-            artifacts.append(onnx_artifact(tmp, ARTIFACT_FILES[precision], precision))
-        manifest = build_manifest(angle, artifacts, sha256_file(tmp / "tokenizer.json"),
+            artifacts.append(onnx_artifact(tmp, ONNX_FILES[precision], precision))
+        manifest = build_manifest(angle, artifacts, sha256_file(tmp / TOKENIZER_FILE),
                                   normalize, parity={})
         write_manifest(tmp, manifest)
         if verify:
-            gate = Gate(angle, tmp, normalize, verify_data, sts_data, builder, progress)
-            manifest = _verified(manifest, gate, builder)
+            sts = sts_pairs(sts_data) if plan.int8 or plan.int8_dynamic else None
+            gate = Gate(angle, tmp, normalize, verify_data, sts, progress)
+            manifest = verified(manifest, gate, builder, onnx_artifact)
             write_manifest(tmp, manifest)
     return Path(output_dir)
 
@@ -131,7 +130,7 @@ class ArtifactBuilder:
 
     def build(self, precision: str, exclude: tuple[str, ...] = (),
               folder: Path | None = None) -> Path:
-        dst = (folder or self.bundle) / ARTIFACT_FILES[precision]
+        dst = (folder or self.bundle) / ONNX_FILES[precision]
         if precision in ("fp16", "bf16"):
             convert_float16(self.src, dst, precision, exclude)
         elif precision == "int8":
@@ -142,7 +141,7 @@ class ArtifactBuilder:
         else:
             raise ValueError(f"unknown precision {precision!r}")
         if folder is not None:  # a trial build: make it an openable bundle
-            for name in ("angle_rt.json", "tokenizer.json"):
+            for name in (MANIFEST_FILE, TOKENIZER_FILE):
                 (folder / name).symlink_to((self.bundle / name).resolve())
         return dst
 
@@ -190,81 +189,5 @@ def calibration_feeds(angle: AngleModel, plan: PrecisionPlan) -> list[dict[str, 
     for batch in plan_batches([len(r) for r in ids], 16, 16 * 256):
         input_ids, mask = pad_batch([ids[i] for i in batch], angle.pad_token_id,
                                     angle.settings.padding_side)
-        feeds.append({"input_ids": input_ids, "attention_mask": mask})
+        feeds.append(dict(zip(INPUT_NAMES, (input_ids, mask), strict=True)))
     return feeds
-
-
-def _verified(manifest: Manifest, gate: Gate, builder: ArtifactBuilder) -> Manifest:
-    """Gate every artifact. An INT8 artifact that fails keeps its most sensitive layer
-    types in float, one at a time (at most half of them), until it passes; then as many
-    of those layers as the gate allows are quantized again (see _requantized)."""
-    for i, art in enumerate(manifest.artifacts):
-        base = exclude = builder.default_exclude(art.precision)
-        auto: list[str] = []
-        while True:
-            try:
-                info = gate.check(art)
-                break
-            except ParityError as err:
-                ranked = gate.rank(art.precision, exclude) if art.precision != "fp32" else []
-                limit = len(builder.candidates(art.precision)) // 2
-                if not art.precision.startswith("int8") or not ranked or len(auto) >= limit:
-                    raise ParityError(f"{err}\n{advice(art.precision, ranked)}") from None
-                auto.append(ranked[0].name)
-                exclude = (*exclude, ranked[0].exclude)
-                log.warning("%s failed its gate; keeping %s in float and retrying", art.file,
-                            ranked[0].name)
-                manifest, art = _rebuilt(builder, manifest, i, art, exclude)
-        if auto:
-            manifest, art, info, kept = _requantized(gate, builder, manifest, i, art, base,
-                                                     exclude[len(base):], info)
-            info["kept_in_float"] = kept
-        manifest = _with_artifact(manifest, i, dataclasses.replace(art, parity=info))
-    return dataclasses.replace(manifest, parity=gate.summary())
-
-
-def _rebuilt(builder: ArtifactBuilder, manifest: Manifest, i: int, art: Artifact,
-             exclude: tuple[str, ...]) -> tuple[Manifest, Artifact]:
-    """Rebuild artifact i with `exclude` kept in float; the manifest on disk follows (the
-    gate opens the bundle with checksums)."""
-    builder.build(art.precision, exclude)
-    art = onnx_artifact(builder.bundle, art.file, art.precision)
-    manifest = _with_artifact(manifest, i, art)
-    write_manifest(builder.bundle, manifest)
-    return manifest, art
-
-
-def _requantized(gate: Gate, builder: ArtifactBuilder, manifest: Manifest, i: int,
-                 art: Artifact, base: tuple[str, ...], groups: tuple[str, ...],
-                 info: dict[str, Any]) -> tuple[Manifest, Artifact, dict[str, Any], list[str]]:
-    """Whole layer types were kept in float; usually a few of their layers cause the
-    damage. Order those layers by activation outliers (fewest first) and find, by binary
-    search with the full gate deciding each step, the longest prefix that can be
-    quantized again. Returns the passing artifact and the nodes left in float."""
-    nodes = builder.outlier_order(groups)
-
-    def trial(k: int) -> tuple[Manifest, Artifact]:
-        keep = tuple("^" + re.escape(n) + "$" for n in nodes[k:])
-        return _rebuilt(builder, manifest, i, art, (*base, *keep))
-
-    lo, hi, on_disk, best = 0, len(nodes), 0, (manifest, art, info)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        m, a = trial(mid)
-        on_disk = mid
-        try:
-            best, lo = (m, a, gate.check(a)), mid
-        except ParityError:
-            hi = mid - 1
-    if on_disk != lo:  # the file on disk is a failed trial: rebuild the chosen one
-        m, a = trial(lo)
-        best = (m, a, gate.check(a))
-    log.info("%s: %d of the %d layers kept in float by type quantized again", art.file, lo,
-             len(nodes))
-    return (*best, list(nodes[lo:]))
-
-
-def _with_artifact(manifest: Manifest, i: int, art: Artifact) -> Manifest:
-    arts = list(manifest.artifacts)
-    arts[i] = art
-    return dataclasses.replace(manifest, artifacts=tuple(arts))

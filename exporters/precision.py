@@ -1,4 +1,5 @@
-"""Precision in the graph: FP16/BF16 with FP32 islands, INT8 Q/DQ, dynamic INT8.
+"""Precision in the graph: FP16/BF16 with FP32 islands (INT8 Q/DQ and dynamic INT8 are in
+exporters/quantize.py).
 
 TensorRT 11 builds strongly typed networks from what the ONNX says, and ONNX Runtime
 runs the same files, so every numeric here is checked on CPU before any engine exists.

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from angle_rt.manifest import INPUT_NAMES
 from angle_rt.session.base import Session
 
 MAX_REFERENCE_PARAMS = 100_000_000  # beyond this the evaluator is too slow to be useful
@@ -33,6 +34,6 @@ class ReferenceSession(Session):
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with self._lock:
-            out = self._ev.run(None, {"input_ids": input_ids,
-                                      "attention_mask": attention_mask})[0]
+            out = self._ev.run(None, dict(zip(INPUT_NAMES, (input_ids, attention_mask),
+                                               strict=True)))[0]
         return np.asarray(out, dtype=np.float32)

@@ -1,9 +1,9 @@
 """ONNX → TensorRT engine: a strongly typed network (precision comes from the graph),
-optimization profiles per sequence bucket, a timing cache, and a parity gate.
+optimization profiles per sequence bucket and a timing cache. The engine's parity gate and
+its registration in the manifest are in exporters/engines.py.
 
-Everything TensorRT-specific is in this file and imported lazily; what can be checked
-without a GPU (profiles, manifest entries, messages) lives in angle_rt.profiles and is
-tested on CPU.
+TensorRT is imported lazily; the profiles themselves live in angle_rt.profiles. CPU tests
+run this module against a contract-checking fake of tensorrt (tests/fake_tensorrt.py).
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from typing import Any
 
 from angle_rt._imports import lazy_import
 from angle_rt.errors import AngleRTError
+from angle_rt.manifest import ENGINE_FILES, INPUT_NAMES, ONNX_FILES
 from angle_rt.profiles import DEFAULT_BUCKETS, ShapeProfile, sequence_profiles
 
 log = logging.getLogger("angle_rt.export")
-INPUTS = ("input_ids", "attention_mask")
-ENGINE_FILES = {"fp32": "engine.fp32.plan", "fp16": "engine.fp16.plan",
-                "bf16": "engine.bf16.plan", "int8": "engine.int8.plan"}
-SOURCE_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "bf16": "model.bf16.onnx",
-                "int8": "model.int8.onnx"}
+# the ONNX graph each engine precision is built from (dynamic INT8 is an ONNX Runtime format)
+SOURCE_FILES = {p: ONNX_FILES[p] for p in ENGINE_FILES}
 
 
 class EngineBuildError(AngleRTError, RuntimeError):
@@ -74,7 +72,7 @@ def build_engine(onnx_path: Path, plan_path: Path, max_length: int,
     profiles = opts.profiles(max_length)
     for p in profiles:
         profile = builder.create_optimization_profile()
-        for name in INPUTS:
+        for name in INPUT_NAMES:
             profile.set_shape(name, p.min, p.opt, p.max)
         config.add_optimization_profile(profile)
     cache = _timing_cache(config, opts.timing_cache)

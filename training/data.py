@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from angle_rt.tokenizer import TextTokenizer
-from training.model import pad_ids
+from angle_torch.model import pad_ids
 
 FORMATS = {
     "A": ("text1", "text2", "label"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from angle_rt.manifest import MANIFEST_FILE
-from training.sts import load_sts, sts_spearman
+from angle_torch.sts import load_sts, sts_spearman
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -34,7 +34,7 @@ def embed(model: str | Path, texts: list[str], prompt: str | None = None,
                                                            prompt=prompt)
     if precision not in (None, "fp32"):
         raise ValueError("--precision applies to bundles; a torch model is evaluated in fp32")
-    from training.model import AngleModel
+    from angle_torch.model import AngleModel
 
     return AngleModel.from_pretrained(model).encode(texts, batch_size=batch_size, prompt=prompt)
 

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from angle_torch.model import AngleModel
+from angle_torch.sts import StsPairs, sts_spearman
 from training.data import AngleCollator, Batch, detect_format, load_records
 from training.lora import add_lora, merged_copy
 from training.losses import AngleLoss, distillation_loss
-from training.model import AngleModel
-from training.sts import StsPairs, sts_spearman
 
 log = logging.getLogger("angle_rt.fit")
 CHECKPOINT = "checkpoint.pt"

@@ -1,18 +1,13 @@
-"""LoRA through peft: add or reload an adapter for training, merge it for export."""
+"""LoRA through peft for training: add or reload a trainable adapter, merge a copy."""
 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from training.model import AngleModel
-
-ADAPTER_CONFIG = "adapter_config.json"
+from angle_torch.model import AngleModel
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -37,28 +32,8 @@ def add_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
     return get_peft_model(backbone, config)
 
 
-def merge_lora(backbone: nn.Module, adapter: str | Path) -> nn.Module:
-    """Load an adapter onto `backbone` and fold it into the weights."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(backbone, str(adapter)).merge_and_unload()
-
-
 def merged_copy(model: AngleModel) -> AngleModel:
     """An AngleModel whose backbone has the (trained) adapter folded in; `model` is untouched."""
-    from training.model import AngleModel
-
     merged = copy.deepcopy(model.backbone).merge_and_unload()
     return AngleModel(merged.eval(), model.hf_tokenizer, copy.deepcopy(model.settings),
                       model.name)
-
-
-def adapter_base(path: str | Path) -> str | None:
-    """The base model an adapter directory was trained on, or None if `path` is no adapter."""
-    cfg = Path(path) / ADAPTER_CONFIG
-    if not cfg.is_file() or (Path(path) / "config.json").is_file():
-        return None
-    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{cfg} does not name its base model (base_model_name_or_path)")
-    return base

@@ -109,41 +109,49 @@ def _usable_engine(manifest: Manifest, precision: str | None) -> tuple[Artifact 
                and (precision is None or a.precision == precision)]
     if not engines:
         return None, ["the bundle has no engine" + (f" for {precision}" if precision else "")]
-    from angle_rt.session.cuda_mem import gpu_info
-    from angle_rt.session.trt import engine_problem, tensorrt_available
+    from angle_rt.session.trt import tensorrt_available
 
     reason = tensorrt_available()
     if reason is not None:
         return None, [reason]
-    trt_version, gpu = lazy_import("tensorrt").__version__, gpu_info()
     order = PREFERENCE["tensorrt"]
     problems = []
     for art in sorted(engines, key=lambda a: order.index(a.precision)
                       if a.precision in order else len(order)):
-        problem = engine_problem(art.engine or {}, trt_version, gpu)
+        problem = _incompatibility(art)
         if problem is None:
             return art, []
-        problems.append(f"{art.file}: {problem}; rebuild it here with `angle-export "
-                        f"build-engine BUNDLE --precision {art.precision}`")
+        problems.append(f"{art.file}: {problem}")
     return None, problems
 
 
 def _require_engine(art: Artifact, backend: Backend) -> None:
     if backend not in ("auto", "tensorrt"):
         raise ValueError(f"{art.file} is a TensorRT engine; backend={backend!r} cannot run it")
-    from angle_rt.session.cuda_mem import gpu_info
-    from angle_rt.session.trt import engine_problem, tensorrt_available
+    from angle_rt.session.trt import tensorrt_available
 
     reason = tensorrt_available()
     if reason is not None:
         raise BackendUnavailableError(f"{art.file} needs TensorRT and a CUDA GPU: {reason}. "
                                       "Pass the bundle directory to fall back to ONNX Runtime")
-    problem = engine_problem(art.engine or {}, lazy_import("tensorrt").__version__, gpu_info())
+    problem = _incompatibility(art)
     if problem is not None:
         from angle_rt.errors import BundleError
 
-        raise BundleError(f"{art.file} cannot run here: {problem}; rebuild it with "
-                          f"`angle-export build-engine BUNDLE --precision {art.precision}`")
+        raise BundleError(f"{art.file} cannot run here: {problem}")
+
+
+def _incompatibility(art: Artifact) -> str | None:
+    """Why a TensorRT engine cannot run on this machine (TensorRT version, GPU) and how to
+    rebuild it, or None; TensorRT and CUDA are known to be usable."""
+    from angle_rt.session.cuda_mem import gpu_info
+    from angle_rt.session.trt import engine_problem
+
+    problem = engine_problem(art.engine or {}, lazy_import("tensorrt").__version__, gpu_info())
+    if problem is None:
+        return None
+    return (f"{problem}; rebuild it here with `angle-export build-engine BUNDLE --precision "
+            f"{art.precision}`")
 
 
 def _warn(message: str, stacklevel: int = 4) -> None:

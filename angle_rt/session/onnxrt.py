@@ -10,6 +10,7 @@ import numpy as np
 from angle_rt._imports import lazy_import
 from angle_rt._system import physical_cores
 from angle_rt.errors import BundleError, ClosedError
+from angle_rt.manifest import INPUT_NAMES
 from angle_rt.session.base import Session
 
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -47,7 +48,7 @@ class OrtSession(Session):
                           RuntimeWarning, stacklevel=4)
         self._inputs = [i.name for i in self._sess.get_inputs()]
         self._output = self._sess.get_outputs()[0].name
-        if self._inputs != ["input_ids", "attention_mask"]:
+        if tuple(self._inputs) != INPUT_NAMES:
             raise BundleError(f"{path} has inputs {self._inputs}, expected input_ids, "
                               "attention_mask: re-export with angle-export")
         self.input_dtype = _ORT_TYPES.get(self._sess.get_inputs()[0].type, np.int64)
@@ -60,8 +61,15 @@ class OrtSession(Session):
         sess = self._sess
         if sess is None:
             raise ClosedError("this ONNX Runtime session was closed")
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feed = dict(zip(INPUT_NAMES, (input_ids, attention_mask), strict=True))
         return sess.run([self._output], feed)[0]
+
+    @property
+    def inference_session(self):
+        """The underlying onnxruntime.InferenceSession (profiling, I/O metadata)."""
+        if self._sess is None:
+            raise ClosedError("this ONNX Runtime session was closed")
+        return self._sess
 
     def close(self) -> None:
         """Drop the InferenceSession (its weights and arenas); idempotent."""

@@ -14,12 +14,10 @@ import numpy as np
 
 from angle_rt._imports import lazy_import
 from angle_rt.errors import BackendUnavailableError, BundleError
+from angle_rt.manifest import INPUT_NAMES, OUTPUT_NAME
 from angle_rt.profiles import ShapeProfile, buffer_bytes, choose_profile, max_shapes
 from angle_rt.session.base import Session
 from angle_rt.session.cuda_mem import CudaBuffers, cuda_available
-
-INPUTS = ("input_ids", "attention_mask")
-OUTPUT = "embedding"
 
 
 def engine_problem(info: dict[str, Any], trt_version: str, gpu: dict[str, str]) -> str | None:
@@ -61,7 +59,7 @@ class _Slot:
             raise BackendUnavailableError("TensorRT could not create an execution context "
                                           "(out of GPU memory?)")
         try:
-            self.mem = CudaBuffers(sizes, {name: np.float32 if name == OUTPUT else id_dtype
+            self.mem = CudaBuffers(sizes, {name: np.float32 if name == OUTPUT_NAME else id_dtype
                                            for name in sizes})
             for name in sizes:
                 if not self.ctx.set_tensor_address(name, self.mem.device[name]):
@@ -77,14 +75,14 @@ class _Slot:
             if not self.ctx.set_optimization_profile_async(profile, stream):
                 raise RuntimeError(f"TensorRT refused optimization profile {profile}")
             self.profile = profile
-        for name, arr in zip(INPUTS, (ids, mask), strict=True):
+        for name, arr in zip(INPUT_NAMES, (ids, mask), strict=True):
             self.mem.upload(name, arr)
             if not self.ctx.set_input_shape(name, tuple(arr.shape)):
                 raise RuntimeError(f"TensorRT refused shape {arr.shape} for {name} "
                                    f"(profile {profile})")
         if not self.ctx.execute_async_v3(stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        return self.mem.download(OUTPUT, (ids.shape[0], dim))
+        return self.mem.download(OUTPUT_NAME, (ids.shape[0], dim))
 
     def close(self) -> None:
         """Destroy the context first (it refers to the buffers), then free the buffers."""
@@ -111,8 +109,8 @@ class TrtSession(Session):
                               "built with another TensorRT version or GPU, or is damaged; "
                               "rebuild it with `angle-export build-engine BUNDLE`")
         self.profiles = [ShapeProfile(*map(tuple, self.engine.get_tensor_profile_shape(
-            INPUTS[0], k))) for k in range(self.engine.num_optimization_profiles)]
-        self.input_dtype = np.int32 if self.engine.get_tensor_dtype(INPUTS[0]) == \
+            INPUT_NAMES[0], k))) for k in range(self.engine.num_optimization_profiles)]
+        self.input_dtype = np.int32 if self.engine.get_tensor_dtype(INPUT_NAMES[0]) == \
             trt.DataType.INT32 else np.int64
         self.dim = dim
         self._max_batch, self.max_width = max_shapes(self.profiles)

@@ -96,7 +96,7 @@ def test_lora_adapter_is_merged_before_export(capsys, tiny_bert_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    from training.model import AngleModel
+    from angle_torch.model import AngleModel
 
     base = AutoModel.from_pretrained(tiny_bert_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from angle_rt import Encoder
+from angle_torch.model import AngleModel
+from angle_torch.sts import sts_spearman
 from exporters.verify import compare
-from training.model import AngleModel
-from training.sts import sts_spearman
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,10 @@ def test_mean_bundle_matches_sentence_transformers(minilm_dir, mean_vectors, sen
     assert report.passed, report
 
 
-def test_cls_bundle_matches_torch(minilm_dir, minilm_cls_bundle, sentences):
+def test_cls_bundle_matches_torch(minilm_dir, minilm_cls_fp32_bundle, sentences):
     torch_cls = AngleModel.from_pretrained(minilm_dir, pooling="cls")
     ref = torch_cls.encode(sentences)
-    got = Encoder(minilm_cls_bundle, precision="fp32").encode(sentences)
+    got = Encoder(minilm_cls_fp32_bundle, precision="fp32").encode(sentences)
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)  # unnormalized, as exported
     report = compare(ref, got, 0.99999)
     assert report.passed, report

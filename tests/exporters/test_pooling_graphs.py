@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from angle_rt import Encoder
+from angle_torch.model import AngleModel
 from exporters import export
-from exporters.verify import builtin_sentences
-from training.model import AngleModel
+from exporters.texts import builtin_sentences
 
 TEXTS = [*builtin_sentences()[::9], "", "x", " ".join(builtin_sentences()[:30])]
 STRATEGIES = ["cls", "cls_avg", "cls_max", "mean", "avg", "max", "last", 1]
@@ -25,7 +25,8 @@ def model_dirs(tiny_bert_dir, tiny_llama_dir):
 def test_graph_equals_torch(model_dirs, tmp_path, arch, strategy, side):
     src = model_dirs[arch]
     texts = [t for t in TEXTS if t] if strategy == 1 else TEXTS
-    bundle = export(src, tmp_path / "b", pooling=strategy, max_length=64, padding_side=side)
+    bundle = export(src, tmp_path / "b", pooling=strategy, max_length=64, padding_side=side,
+                    verify=False)  # the assertions below are the parity check
     torch_model = AngleModel.from_pretrained(src, pooling=strategy, max_length=64,
                                              padding_side=side)
     ref = torch_model.encode(texts, batch_size=16)

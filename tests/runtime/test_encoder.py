@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from angle_rt import Encoder
 from angle_rt.prompts import PROMPTS
-from exporters.verify import builtin_sentences
+from exporters.texts import builtin_sentences
 
 SENTENCES = builtin_sentences()
 

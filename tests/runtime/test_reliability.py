@@ -3,7 +3,6 @@
 import random
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from angle_rt import ChecksumError, Encoder
-from exporters.verify import builtin_sentences
+from exporters.texts import builtin_sentences
 
 ODD_TEXTS = [
     "\x00", "a\x00b", "\u200b", "\ufeff", "\uffff", "😀" * 50, "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚𝟛",
@@ -133,12 +132,13 @@ def _encoder(bundle, budget):
     return _ENCODERS[budget]
 
 
-def test_fuzz_random_unicode_for_a_bounded_time(enc):
-    """Random code points (all planes, controls, combining marks, surrogates) in random
-    batches for ~15 s: every call returns finite vectors or a ValueError naming an item."""
+def test_fuzz_random_unicode_for_a_seeded_count(enc):
+    """Random code points (all planes, controls, combining marks, surrogates) in 300 random
+    batches (seeded, so every run checks the same ones): every call returns finite vectors
+    or a ValueError naming an item."""
     rng = random.Random(1234)
-    deadline, calls = time.monotonic() + 15, 0
-    while time.monotonic() < deadline:
+    calls = 0
+    for _ in range(300):
         texts = ["".join(chr(_codepoint(rng)) for _ in range(rng.randint(0, 60)))
                  for _ in range(rng.randint(1, 16))]
         try:

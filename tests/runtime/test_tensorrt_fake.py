@@ -17,8 +17,9 @@ from angle_rt.session.cuda_mem import CudaBuffers
 from angle_rt.session.trt import TrtSession
 from exporters.cli import main
 from exporters.engines import build_engines
+from exporters.texts import builtin_sentences
 from exporters.trt_build import EngineBuildError
-from exporters.verify import builtin_sentences, compare
+from exporters.verify import compare
 from tests import fake_tensorrt
 from tests.fake_tensorrt import ContractError
 

@@ -3,7 +3,7 @@ from tokenizers import Tokenizer
 
 from angle_rt.prompts import PROMPTS
 from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP, TextTokenizer
-from exporters.verify import verification_texts
+from exporters.texts import verification_texts
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from angle_torch.model import AngleModel
 from training.data import AngleCollator, detect_format, load_records, parse_rename
-from training.model import AngleModel
 
 
 @pytest.mark.parametrize(("columns", "fmt"), [

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import training.fit as fit_mod
+from angle_torch.model import AngleModel
 from exporters import export
-from exporters.verify import builtin_sentences, compare
+from exporters.texts import builtin_sentences
+from exporters.verify import compare
 from training.fit import TrainConfig, fit, get_lr
-from training.model import AngleModel
 
 STS_RENAME = "sentence1:text1,sentence2:text2,score:label"
 
@@ -195,7 +196,7 @@ def test_evaluate_cli_scores_bundles_and_torch_models_alike(tiny_bert_dir, tiny_
     bundle_score = evaluate(tiny_bert_bundle, data)  # exported with mean, 64 tokens
     assert scores["bundle"] == scores["artifact"] == pytest.approx(bundle_score, abs=1e-3)
     mean_torch = AngleModel.from_pretrained(tiny_bert_dir, pooling="mean", max_length=64)
-    from training.sts import load_sts, sts_spearman
+    from angle_torch.sts import load_sts, sts_spearman
 
     pairs = load_sts(data)
     emb = mean_torch.encode(pairs.sentences)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from angle_rt import Encoder
+from angle_torch.model import AngleModel
+from angle_torch.settings import ANGLE_CONFIG_FILE
 from exporters import export
-from training.config import ANGLE_CONFIG_FILE
-from training.model import AngleModel
 
 
 def test_sentence_transformers_files_are_read(minilm_model):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.pooling import STRATEGIES, check_strategy, pool
+from angle_torch.pooling import STRATEGIES, check_strategy, pool
 
 # batch of 2, length 3, dim 2; row 1 has one pad (its state is junk that must not leak)
 H = torch.tensor([[[1.0, -2.0], [3.0, -4.0], [5.0, -6.0]],

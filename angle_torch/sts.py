@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from angle_rt.postprocess import cosine_rows
+
 DATA_ENV = "ANGLE_RT_DATA"
 
 
@@ -49,13 +51,6 @@ def load_sts(path: str | Path) -> StsPairs:
             t2.append(rec.get("sentence2", rec.get("text2")))
             y.append(float(rec.get("score", rec.get("label"))))
     return StsPairs(t1, t2, np.asarray(y, dtype=np.float64))
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return (a64 * b64).sum(axis=1) / np.maximum(den, 1e-30)
 
 
 def spearman_x100(pred: np.ndarray, gold: np.ndarray) -> float:

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from training.pooling import check_strategy
+from angle_torch.pooling import check_strategy
 
 ANGLE_CONFIG_FILE = "angle_config.json"
 

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from angle_rt.batching import pad_batch
 from angle_rt.prompts import PROMPTS, resolve_prompt
 from angle_rt.tokenizer import TextTokenizer
-from training.config import ANGLE_CONFIG_FILE, AngleSettings, read_settings
-from training.lora import adapter_base, merge_lora
-from training.pooling import check_strategy, pool
+from angle_torch.lora import adapter_base, merge_lora
+from angle_torch.pooling import check_strategy, pool
+from angle_torch.settings import ANGLE_CONFIG_FILE, AngleSettings, read_settings
 
 
 class AngleModel(nn.Module):
@@ -143,15 +144,10 @@ class AngleModel(nn.Module):
 
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int,
             side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → (input_ids, attention_mask) [len(rows), longest], int64."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, cols] = torch.tensor(r, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
+    """Token id lists → (input_ids, attention_mask) [len(rows), longest], int64: the
+    runtime's padding (angle_rt.batching.pad_batch), as torch tensors."""
+    ids, mask = pad_batch(rows, pad_id, side)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 @contextlib.contextmanager
