@@ -74,8 +74,9 @@ def _onnx_device(backend: str) -> str:
         return "cuda"
     if backend == "cuda":
         raise BackendUnavailableError(
-            "backend='cuda' needs onnxruntime-gpu with a CUDA device; install angle-rt[gpu] "
-            "(in place of onnxruntime) or use backend='cpu'")
+            "backend='cuda' needs onnxruntime-gpu with a CUDA device: replace onnxruntime with "
+            "it (pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu), "
+            "or use backend='cpu'")
     if gpu_visible():
         _warn("a CUDA GPU is present but this onnxruntime has no CUDA execution provider; "
               "running on CPU (replace onnxruntime with onnxruntime-gpu to use the GPU)",
