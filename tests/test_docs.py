@@ -195,3 +195,40 @@ def test_training_evaluate_flags_exist(flags: dict[str, set[tuple[str, str]]]) -
     unknown = sorted(f"{flag} ({page})" for flag, page in flags.get("training.evaluate", ())
                      if flag not in known)
     assert not unknown, f"python -m training.evaluate has no such flags: {unknown}"
+
+
+def _parses(parser: argparse.ArgumentParser, args: list[str]) -> str | None:
+    """None if `parser` accepts `args`, else argparse's complaint."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parser.parse_args(args)
+    except SystemExit as exc:
+        return err.getvalue().strip().splitlines()[-1] if exc.code else None
+    return None
+
+
+def test_documented_commands_parse_as_written() -> None:
+    """Each documented angle-export / training.fit command line (shell variables and
+    placeholders filled in) is accepted by the real parser: right flags, choices, arity."""
+    import shlex
+
+    from exporters import cli
+    from training.fit import build_parser as fit_parser
+
+    parsers = {"angle-export": cli.build_parser(), "training.fit": fit_parser()}
+    bad = []
+    for page in PAGES:
+        for program, text in commands(page):
+            if program not in parsers:
+                continue
+            text = re.sub(r'"?\$\{?\w+\}?"?', "x", text)  # $MODEL, "$OUT" → x
+            args = [a for a in shlex.split(text) if a != "..."]
+            if any(a.startswith("[") for a in args):
+                continue  # a usage synopsis ([-o DIR] [flags]), not a command
+            if program == "angle-export" and (not args or args[0] not in cli.SUBCOMMANDS):
+                args = ["export", *args]
+            problem = _parses(parsers[program], args)
+            if problem and "required" not in problem:  # a fragment may omit --model
+                bad.append(f"{page_id(page)}: {program} {text.strip()} → {problem}")
+    assert not bad, "\n".join(bad)
