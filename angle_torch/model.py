@@ -90,8 +90,18 @@ class AngleModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return pool(out.last_hidden_state, attention_mask, self.settings.pooling,
-                    self.settings.padding_side)
+        return self.pool(out.last_hidden_state, attention_mask)
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states [B, L, D] → sentence vectors [B, D] with this model's pooling."""
+        return pool(states, attention_mask, self.settings.pooling, self.settings.padding_side)
+
+    def hidden_states(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every layer's token states: the embedding output, then each layer's (ESE)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            output_hidden_states=True)
+        return tuple(out.hidden_states)
 
     def prompt_template(self, prompt: str | None) -> str | None:
         """None → the model's default prompt; '' → none; a name or a literal template."""

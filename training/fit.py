@@ -29,6 +29,7 @@ from angle_torch.model import AngleModel
 from angle_torch.sts import StsPairs, sts_spearman
 from training.data import AngleCollator, Batch, detect_format, load_records
 from training.lora import add_lora, merged_copy
+from training.ese import EseLoss, matryoshka_loss
 from training.losses import AngleLoss, distillation_loss
 
 log = logging.getLogger("angle_rt.fit")
@@ -92,12 +93,31 @@ class TrainConfig:
     teacher_temperature: float = 1.0
     teacher_weight: float = 1.0
     teacher_pooling: str | None = None
+    ese: bool = False  # Espresso: shallower layers and leading dims trained too (training.ese)
+    ese_compression_size: int = 128  # k, the leading dims every layer is trained to fill
+    ese_kl_temperature: float = 1.0
+    ese_layers: str = "angle_emb"  # angle_emb (its choice of layers) | transformer
+    matryoshka_dims: str | None = None  # "64,128,256": each leading slice trained as well
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def loss(self) -> AngleLoss:
         return AngleLoss(cosine_w=self.cosine_w, ibn_w=self.ibn_w, cln_w=self.cln_w,
                          angle_w=self.angle_w, cosine_tau=self.cosine_tau,
                          ibn_tau=self.ibn_tau, angle_tau=self.angle_tau)
+
+    def ese_loss(self) -> EseLoss | None:
+        if not self.ese:
+            return None
+        return EseLoss(self.ese_compression_size, self.ese_kl_temperature,
+                       layers=self.ese_layers)
+
+    def dims(self) -> list[int]:
+        """--matryoshka-dims as ints ([] when unset)."""
+        try:
+            return [int(d) for d in (self.matryoshka_dims or "").split(",") if d.strip()]
+        except ValueError:
+            raise ValueError(f"--matryoshka-dims takes comma-separated ints, got "
+                             f"{self.matryoshka_dims!r}") from None
 
 
 @dataclass
@@ -151,6 +171,7 @@ class _Trainer:
         self.records, self.valid, self.device = records, valid, device
         self.out = Path(cfg.output_dir)
         self.loss_fn = cfg.loss()
+        self.ese, self.dims = cfg.ese_loss(), cfg.dims()
         self.per_epoch = math.ceil(len(records) / cfg.batch_size)
         self.lengths = np.array([_chars(r) for r in records]) if cfg.group_by_length else None
         steps_per_epoch = math.ceil(self.per_epoch / cfg.gradient_accumulation_steps)
@@ -208,9 +229,21 @@ class _Trainer:
     def _micro_step(self, batch: Batch) -> float:
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         labels = batch.labels.to(self.device) if batch.labels is not None else None
+        def objective(vectors: torch.Tensor) -> torch.Tensor:
+            return self.loss_fn(vectors.float(), labels, batch.fmt)
+
         with _autocast(self.cfg.precision, self.device):
-            emb = self.model(ids, mask)
-        loss = self.loss_fn(emb.float(), labels, batch.fmt)
+            if self.ese is None:
+                emb = self.model(ids, mask)
+            else:  # every layer's states: the ESE terms pool each of them
+                hidden = self.model.hidden_states(ids, mask)
+                emb = self.model.pool(hidden[-1], mask)
+        if self.ese is None:
+            loss = objective(emb)
+        else:
+            loss = self.ese(hidden, lambda h: self.model.pool(h, mask), objective)
+        if self.dims:
+            loss = loss + matryoshka_loss(emb.float(), self.dims, objective)
         if self.teacher is not None:
             with torch.no_grad(), _autocast(self.cfg.precision, self.device):
                 target = self.teacher(ids, mask)
