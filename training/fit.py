@@ -28,8 +28,8 @@ import torch
 from angle_torch.model import AngleModel
 from angle_torch.sts import StsPairs, sts_spearman
 from training.data import AngleCollator, Batch, detect_format, load_records
-from training.lora import add_lora, merged_copy
 from training.ese import EseLoss, matryoshka_loss
+from training.lora import add_lora, merged_copy
 from training.losses import AngleLoss, distillation_loss
 
 log = logging.getLogger("angle_rt.fit")
