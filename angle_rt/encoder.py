@@ -35,7 +35,8 @@ class Encoder:
     by default the best one present for the device (angle_rt.session.PREFERENCE);
     `backend` is "auto" (TensorRT engine → ONNX Runtime CUDA → CPU), "tensorrt",
     "cuda", "cpu", or a loader taking the artifact path and returning a Session.
-    `max_batch_tokens` bounds padded tokens per batch.
+    `max_batch_tokens` bounds padded tokens per batch. `layers` picks a depth variant of an
+    ESE bundle (the backbone cut after that many layers; `variants()` lists them).
 
     `close()` (or leaving a ``with Encoder(...) as enc:`` block) waits for running encodes,
     then releases the session (ONNX Runtime session; TensorRT contexts, device and pinned
@@ -51,10 +52,15 @@ class Encoder:
         intra_op_threads: int | None = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         verify_checksums: bool = True,
+        layers: int | None = None,
     ) -> None:
         self.bundle, file = _locate(Path(path))
         self.manifest: Manifest = read_manifest(self.bundle)
-        self.artifact, device = select(self.manifest, file, precision, backend)
+        depth = self.manifest if file is not None else self.manifest.at_depth(layers)
+        self.artifact, device = select(depth, file, precision, backend)
+        if file is not None and layers is not None and self.artifact.layers != layers:
+            raise ValueError(f"{file} is cut at {self.artifact.layers or 'no'} layers, not the "
+                             f"requested {layers}")
         tok_file = self.manifest.tokenizer["file"]
         if verify_checksums:
             verify_checksum(self.bundle, tok_file, self.manifest.tokenizer["sha256"])
@@ -194,6 +200,20 @@ class Encoder:
                              len(texts)):
             out[idx] = self._run_rows([ids[i] for i in idx])
         return out
+
+    def variants(self) -> list[dict[str, Any]]:
+        """Every artifact of the bundle as depth × precision, with what its export measured:
+        parity (min cosine), STS-B dev Spearman per dimension and sentences/s where recorded.
+        The depth is None for the full model."""
+        rows = []
+        for art in self.manifest.artifacts:
+            parity = art.parity or {}
+            rows.append({"layers": art.layers, "precision": art.precision, "file": art.file,
+                         "format": art.format, "min_cosine": parity.get("min_cosine"),
+                         "stsb_dev_by_dim": parity.get("stsb_dev_by_dim", {}),
+                         "sentences_per_s": parity.get("sentences_per_s")})
+        return sorted(rows, key=lambda r: (r["layers"] is None, r["layers"] or 0,
+                                           r["precision"]))
 
     def close(self) -> None:
         """Wait for running encodes, then release the backend; safe to call twice."""

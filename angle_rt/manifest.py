@@ -31,6 +31,19 @@ ONNX_FILES = {
     "int8-dynamic": "model.int8-dynamic.onnx",
 }
 ENGINE_FILES = {p: f"engine.{p}.plan" for p in ("fp32", "fp16", "bf16", "int8")}
+
+
+def artifact_file(precision: str, layers: int | None = None, engine: bool = False) -> str:
+    """The file name of an artifact; depth variants insert `L<k>`.
+
+    >>> artifact_file("fp16"), artifact_file("fp32", 3), artifact_file("int8", 3, engine=True)
+    ('model.fp16.onnx', 'model.L3.onnx', 'engine.L3.int8.plan')
+    """
+    name = (ENGINE_FILES if engine else ONNX_FILES)[precision]
+    if layers is None:
+        return name
+    stem, rest = name.split(".", 1)
+    return f"{stem}.L{layers}.{rest}"
 ARTIFACT_FORMATS = ("onnx", "tensorrt")
 
 
@@ -55,6 +68,7 @@ class Artifact:
     external_data: tuple[dict[str, str], ...] = ()  # {file, sha256} beside a >2 GB graph
     parity: dict[str, Any] | None = None
     engine: dict[str, Any] | None = None  # TensorRT version, GPU, profiles
+    layers: int | None = None  # a depth variant: the backbone cut after this layer (ESE)
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,20 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def depths(self) -> list[int | None]:
+        """The depths the bundle has artifacts for: None (the full model) and any layer cuts."""
+        found = {a.layers for a in self.artifacts}
+        return sorted(found, key=lambda k: (k is None, k or 0))
+
+    def at_depth(self, layers: int | None) -> Manifest:
+        """This manifest with only the artifacts of one depth (None: the full model)."""
+        arts = tuple(a for a in self.artifacts if a.layers == layers)
+        if not arts:
+            have = ", ".join("full" if k is None else str(k) for k in self.depths())
+            raise BundleError(f"this bundle has no artifacts cut at {layers} layers (depths: "
+                              f"{have}); re-export with --layers {layers}")
+        return dataclasses.replace(self, artifacts=arts)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -18,7 +18,8 @@ from torch import nn
 from angle_rt.batching import pad_batch
 from angle_rt.prompts import PROMPTS, resolve_prompt
 from angle_rt.tokenizer import TextTokenizer
-from angle_torch.lora import adapter_base, merge_lora
+from angle_torch.billm import apply_billm, check_start
+from angle_torch.lora import adapter_base, is_peft_model, merge_lora, save_adapter
 from angle_torch.pooling import check_strategy, pool
 from angle_torch.settings import ANGLE_CONFIG_FILE, AngleSettings, read_settings
 
@@ -36,6 +37,7 @@ class AngleModel(nn.Module):
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else 0)
         self._tok: TextTokenizer | None = None
+        self.adapter: dict[str, Any] | None = None  # the merged LoRA adapter's report
 
     @classmethod
     def from_pretrained(
@@ -51,8 +53,14 @@ class AngleModel(nn.Module):
         attn_implementation: str | None = None,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        billm_start: int | None = None,
+        load_kwargs: dict[str, Any] | None = None,
     ) -> AngleModel:
-        """Load a local directory or hub id; settings saved beside it apply unless overridden."""
+        """Load a local directory or hub id; settings saved beside it apply unless overridden.
+
+        `billm_start`: BiLLM/BeLLM, decoder layers ≥ this attend bidirectionally (−1: off;
+        default: as saved in angle_config.json). `load_kwargs`: more for
+        `AutoModel.from_pretrained` (k-bit training: quantization_config, device_map)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         name = str(path_or_id)
@@ -63,18 +71,35 @@ class AngleModel(nn.Module):
             lora = name
         kw = {"revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(base or name, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+        has_tokenizer = any((Path(name) / f).is_file()
+                            for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(name if base is None or has_tokenizer
+                                                  else base, **kw)
         sources = [base, name] if base else [name]
         settings = read_settings(sources, config, tokenizer, revision, pooling is not None)
         _override(settings, pooling, max_length, padding_side, prompt)
         _check_padding(settings, config)
+        if billm_start is not None:
+            settings.billm_start = None if billm_start == -1 else billm_start
+        if settings.billm_start is not None:
+            if not settings.is_decoder:
+                raise ValueError(f"BiLLM applies to decoder LLMs; {config.model_type!r} is "
+                                 "an encoder (already bidirectional)")
+            check_start(settings.billm_start, config.num_hidden_layers)
         config.use_cache = False
+        extra = dict(load_kwargs or {})
         with _quiet_transformers(settings.is_decoder):  # the dropped LM head is expected
             backbone = AutoModel.from_pretrained(base or name, config=config, dtype=dtype,
-                                                 attn_implementation=attn_implementation, **kw)
+                                                 attn_implementation=attn_implementation,
+                                                 **kw, **extra)
+        report = None
         if lora is not None:
-            backbone = merge_lora(backbone, lora)
-        return cls(backbone.eval(), tokenizer, settings, name)
+            backbone, report = merge_lora(backbone, lora)
+        if settings.billm_start is not None:
+            apply_billm(backbone, settings.billm_start)
+        model = cls(backbone.eval(), tokenizer, settings, name)
+        model.adapter = report.to_dict() if report else None
+        return model
 
     @property
     def embedding_dim(self) -> int:
@@ -122,13 +147,19 @@ class AngleModel(nn.Module):
         # longest first, so each chunk pads little; results go back to input order
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         chunks = range(0, len(ids), batch_size)
-        if show_progress:
+        bar = None
+        if show_progress:  # in padded tokens, so the ETA holds though long batches come first
             from tqdm.auto import tqdm
-            chunks = tqdm(chunks, desc="torch encode", unit="batch")
+            total = sum(len(ids[order[i]]) * len(order[i:i + batch_size]) for i in chunks)
+            bar = tqdm(total=total, desc="torch reference", unit="tok", unit_scale=True)
         emb = torch.empty(len(ids), self.embedding_dim)
         for i in chunks:
             rows = order[i:i + batch_size]
             emb[rows] = self(*self.pad([ids[r] for r in rows], device)).float().cpu()
+            if bar is not None:
+                bar.update(len(ids[rows[0]]) * len(rows))
+        if bar is not None:
+            bar.close()
         if normalize:
             emb = torch.nn.functional.normalize(emb, dim=-1)
         arr = emb.numpy()
@@ -144,7 +175,10 @@ class AngleModel(nn.Module):
         """A normal HF directory + angle_config.json that angle-export reads unprompted."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out)
+        if is_peft_model(self.backbone):  # the adapter only, in angle_emb's layout
+            save_adapter(self.backbone, out, causal_lm=self.settings.is_decoder)
+        else:
+            self.backbone.save_pretrained(out)
         self.hf_tokenizer.padding_side = self.settings.padding_side
         self.hf_tokenizer.save_pretrained(out)
         cfg = self.settings.to_angle_config(self.name)

@@ -7,12 +7,14 @@ sentence-transformers files (1_Pooling, sentence_bert_config.json) > defaults.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from angle_torch.pooling import check_strategy
 
 ANGLE_CONFIG_FILE = "angle_config.json"
+log = logging.getLogger("angle_rt.settings")
 
 # model_type values of decoder-only LLMs (loaded without their LM head)
 DECODER_MODEL_TYPES = frozenset({
@@ -39,16 +41,20 @@ class AngleSettings:
     normalize: bool = False  # an ST Normalize module; the exporter's default
     default_prompt: str | None = None
     prompts: dict[str, str] = field(default_factory=dict)
+    billm_start: int | None = None  # BiLLM: layers ≥ this attend bidirectionally
 
     def to_angle_config(self, model_name: str) -> dict[str, Any]:
         """angle_emb-compatible angle_config.json content, plus our extra keys."""
         d = asdict(self)
+        start = d.pop("billm_start")
         return {
             "model_name_or_path": model_name,
             "pooling_strategy": d.pop("pooling"),
             "max_length": d.pop("max_length"),
             "tokenizer_padding_side": d.pop("padding_side"),
             "is_llm": d.pop("is_decoder"),
+            "apply_billm": start is not None,
+            "billm_start_index": start,
             **d,
         }
 
@@ -113,6 +119,16 @@ def _apply_angle_config(s: AngleSettings, cfg: dict[str, Any]) -> None:
         s.padding_side = cfg["tokenizer_padding_side"]
     if cfg.get("is_llm") is not None:
         s.is_decoder = bool(cfg["is_llm"])
+    if cfg.get("apply_billm"):
+        # angle_emb keeps the start layer in billm's environment variable, not in the file
+        start = cfg.get("billm_start_index")
+        if start is None:
+            from angle_torch.billm import BILLM_ENV, env_start
+
+            start = env_start()
+            log.warning("angle_config.json asks for BiLLM without a start layer: using %s=%d "
+                        "(pass billm_start / --billm-start to choose)", BILLM_ENV, start)
+        s.billm_start = None if int(start) == -1 else int(start)
     s.normalize = bool(cfg.get("normalize", s.normalize))
     s.default_prompt = cfg.get("default_prompt", s.default_prompt)
     s.prompts.update(cfg.get("prompts") or {})

@@ -9,8 +9,9 @@ import shutil
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 import angle_rt
@@ -23,9 +24,14 @@ from angle_rt.manifest import (
     TensorSpec,
     sha256_file,
 )
-from angle_torch.model import AngleModel
+
+if TYPE_CHECKING:
+    from angle_torch.model import AngleModel
 
 EXTERNAL_DATA_SUFFIX = ".data"
+# protobuf cannot serialize a message over 2 GiB; graphs whose tensors pass this keep them
+# in one external `<file>.data` beside the graph (margin left for the graph itself)
+MAX_INLINE_BYTES = 1_800_000_000
 
 
 @contextlib.contextmanager
@@ -57,9 +63,15 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
 
 
 def onnx_artifact(bundle: Path, file: str, precision: str) -> Artifact:
-    """Checksums for an ONNX file and the external-data files it references."""
-    extra = [{"file": name, "sha256": sha256_file(bundle / name)}
-             for name in external_data_files(bundle / file)]
+    """Checksums for an ONNX file and the external-data files it references (checked to be
+    loadable from the graph's folder, as ONNX Runtime and TensorRT's parse_from_file read
+    them)."""
+    check_external_data(bundle / file)
+    names = external_data_files(bundle / file)
+    mode = (bundle / file).stat().st_mode & 0o777
+    for name in names:  # onnx writes data files 0600: readable as the graph is (umask)
+        (bundle / name).chmod(mode)
+    extra = [{"file": name, "sha256": sha256_file(bundle / name)} for name in names]
     path = bundle / file
     return Artifact(file=file, format="onnx", precision=precision, sha256=sha256_file(path),
                     size_bytes=path.stat().st_size, external_data=tuple(extra))
@@ -75,16 +87,82 @@ def external_data_files(path: Path) -> list[str]:
     return sorted(names)
 
 
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the graph's initializers take (whether loaded or external)."""
+    total = 0
+    for t in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        total += int(np.prod(t.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
+def needs_external(nbytes: int) -> bool:
+    """Whether tensors of `nbytes` must leave the protobuf (see MAX_INLINE_BYTES)."""
+    return nbytes > MAX_INLINE_BYTES
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool | None = None) -> Path:
+    """Write `model` to `path`; its tensors go to one `<name>.data` file beside it when they
+    pass MAX_INLINE_BYTES (or `external` says so). A stale data file is removed first (onnx
+    appends to an existing one). Saved externally, `model`'s tensors become references to
+    that file (onnx changes the proto): load it again to save it elsewhere."""
+    path = Path(path)
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    data.unlink(missing_ok=True)
+    if external is None:
+        external = needs_external(tensor_bytes(model))
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def check_model_file(path: Path) -> None:
+    """onnx's checker by path, which reads graphs of any size (not an in-memory copy)."""
+    onnx.checker.check_model(str(path))
+
+
+def check_external_data(path: Path) -> None:
+    """Every external tensor of the graph at `path` lies in a file beside it (a plain name,
+    no directories), which exists and is long enough: what a loader that resolves locations
+    against the graph's folder (ONNX Runtime, TensorRT's parse_from_file) needs."""
+    model = onnx.load(str(path), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or Path(loc).name != loc:
+            raise ValueError(f"{path.name}: tensor {t.name} is stored at {loc!r}, not in a "
+                             "file beside the graph")
+        if loc not in sizes:
+            target = path.parent / loc
+            if not target.is_file():
+                raise ValueError(f"{path.name}: external data file {loc} is missing")
+            sizes[loc] = target.stat().st_size
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > sizes[loc]:
+            raise ValueError(f"{path.name}: tensor {t.name} ends at byte {end} of {loc}, "
+                             f"which has {sizes[loc]}")
+
+
 def consolidate_external_data(path: Path) -> None:
-    """Rewrite a graph whose tensors were spread over many files into one `.data` file."""
+    """Rewrite a graph whose tensors were spread over many files (torch.onnx's way past
+    2 GB) into one `.data` file; an inline graph whose tensors pass MAX_INLINE_BYTES moves
+    them there too."""
     if not external_data_files(path):
+        model = onnx.load(str(path), load_external_data=False)
+        if needs_external(tensor_bytes(model)):
+            save_onnx(onnx.load(str(path)), path, external=True)
         return
     model = onnx.load(str(path), load_external_data=True)
     stale = external_data_files(path)
     for name in stale:
         (path.parent / name).unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + EXTERNAL_DATA_SUFFIX, size_threshold=1024)
+    save_onnx(model, path, external=True)
 
 
 def source_info(model: AngleModel) -> dict[str, Any]:
@@ -93,6 +171,15 @@ def source_info(model: AngleModel) -> dict[str, Any]:
     info: dict[str, Any] = {"model": model.name,
                             "revision": getattr(cfg, "_commit_hash", None),
                             "architectures": list(getattr(cfg, "architectures", None) or [])}
+    if model.adapter:
+        info["lora"] = model.adapter
+    start = model.settings.billm_start
+    if start is not None:  # the bidirectional mask is in the graph; recorded for people
+        n = int(cfg.num_hidden_layers)
+        info["billm"] = {"start_layer": start, "num_layers": n,
+                         "bidirectional_layers": list(range(start, n)),
+                         "semantics": "angle_emb BiLLM_START_INDEX: layers ≥ start attend "
+                                      "bidirectionally (pads masked)"}
     local = Path(model.name)
     if local.is_dir():
         weights = sorted(p for p in local.iterdir()

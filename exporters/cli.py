@@ -51,13 +51,27 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalize inside the graph (default: as the model was trained)")
     p.add_argument("--padding-side", choices=("right", "left"))
-    p.add_argument("--lora", help="peft LoRA adapter directory, merged before export")
+    p.add_argument("--lora", help="peft LoRA adapter directory (any task type, e.g. "
+                                  "angle_emb's CAUSAL_LM LLM adapters), merged before export")
+    p.add_argument("--billm-start", type=int, help="BiLLM/BeLLM: decoder layers ≥ K attend "
+                   "bidirectionally (angle_emb's BiLLM_START_INDEX; -1 off; default: as "
+                   "saved in angle_config.json)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17, the first with one "
                                              "LayerNormalization op)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--verify-data", help=".txt (one text per line) or .jsonl texts for the "
                                          "parity gate (default: the built-in set)")
+    p.add_argument("--verify-size", type=int, help="texts the parity gate checks (default: "
+                   "all ~1,384 below 1B parameters; above, a 256-text sample stratified by "
+                   "length that keeps every worst-case input)")
+    d = p.add_argument_group("depth and width variants (ESE / Matryoshka models)")
+    d.add_argument("--layers", type=_int_list, default=(), help="comma list of depths: "
+                   "also export the backbone cut after each (model.L<k>*.onnx, every "
+                   "precision, each gated); pick one with Encoder(path, layers=k)")
+    d.add_argument("--dims", type=_int_list, default=(), help="comma list of widths at "
+                   "which every artifact's STS-B dev Spearman is recorded (with --layers: "
+                   "always, at the full width)")
     g = p.add_argument_group("precision (each adds an artifact beside the fp32 model.onnx)")
     g.add_argument("--fp16", action="store_true", help="mixed-precision FP16 graph "
                    "(FP32 norms, softmax, mask add, reductions, pooling)")
@@ -82,6 +96,14 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--engine", choices=("auto", "yes", "no"), default="auto",
                    help="build TensorRT engines after the ONNX artifacts: auto = where "
                         "TensorRT and a GPU are present")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
 
 
 def add_build_engine_args(p: argparse.ArgumentParser) -> None:
@@ -175,14 +197,17 @@ def export_main(args: argparse.Namespace) -> int:
         return export(args.model, out, pooling=args.pooling, max_length=args.max_length,
                       prompt=args.prompt, normalize=args.normalize,
                       padding_side=args.padding_side, lora=args.lora,
+                      billm_start=args.billm_start,
                       revision=args.revision, opset=opset, force=args.force,
                       verify=args.verify, verify_data=args.verify_data,
+                      verify_size=args.verify_size,
                       sts_data=args.sts_data, trust_remote_code=args.trust_remote_code,
                       progress=not args.quiet, fp16=args.fp16, bf16=args.bf16,
                       int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
                       calib_size=args.calib_size, int8_method=args.int8_method,
                       fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
-                      int8_exclude=tuple(args.int8_exclude))
+                      int8_exclude=tuple(args.int8_exclude), layers=args.layers,
+                      dims=args.dims)
 
     bundle, code = _guarded(run, "parity gate failed, nothing written")
     if code:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("angle_rt.export")
 MAX_SPEARMAN_DROP = 1.0  # INT8: STS-B dev Spearman×100 within this of fp32
+# --verify-size default: every text below this many parameters, else a stratified sample
+LARGE_MODEL_PARAMS = 1_000_000_000
+DEFAULT_SAMPLE = 256
+MIN_STS_PAIRS = 400  # a sampled gate's INT8 Spearman check: at least this many pairs
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,38 @@ class Gate:
     """Reference vectors computed once; `check(artifact)` passes it or raises ParityError.
 
     `angle` is the torch reference model; `sts` the STS pairs of the INT8 Spearman check
-    (None: cosine gates only)."""
+    (None: cosine gates only). `verify_size`: how many texts to check (None: all of them
+    below LARGE_MODEL_PARAMS parameters, DEFAULT_SAMPLE above); a sample is stratified by
+    token length and always keeps every worst-case input."""
 
     def __init__(self, angle: AngleModel, bundle: Path, normalize: bool,
                  verify_data: str | Path | None, sts: StsPairs | None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, verify_size: int | None = None) -> None:
         self.angle, self.bundle = angle, bundle
         self.normalize, self.progress = normalize, progress
+        if verify_size is not None and verify_size < 1:
+            raise ValueError(f"verify_size must be ≥ 1, got {verify_size}")
         stress = _long_enough(angle, stress_texts(angle.settings.max_length))
-        self.texts = _long_enough(angle, verification_texts(verify_data)) + stress
+        texts = _long_enough(angle, verification_texts(verify_data))
+        self.n_params = sum(p.numel() for p in angle.parameters())
+        self.n_available = len(texts) + len(stress)
+        self.verify_size = verify_size
+        if verify_size is None and self.n_params >= LARGE_MODEL_PARAMS:
+            verify_size = DEFAULT_SAMPLE
+        if verify_size is not None and verify_size < self.n_available:
+            lengths = [len(r) for r in angle.tokenizer.encode(texts,
+                                                              angle.prompt_template(None))]
+            rows = stratified_sample(lengths, max(verify_size - len(stress), 0))
+            texts = [texts[i] for i in rows]
+        self.texts = texts + stress  # the worst-case inputs last (see rank)
         self.n_stress = len(stress)
         self.source = str(verify_data) if verify_data else "built-in"
-        log.info("parity gate: %d texts, torch fp32 vs each artifact", len(self.texts))
+        log.info("parity gate: %d of %d texts (model: %.2fB parameters), torch fp32 vs each "
+                 "artifact", len(self.texts), self.n_available, self.n_params / 1e9)
         self.ref = angle.encode(self.texts, normalize=normalize, show_progress=progress)
         self.sts = sts
+        if sts is not None and len(self.texts) < self.n_available:  # sampled: STS too
+            self.sts = sample_pairs(sts, max(MIN_STS_PAIRS, len(self.texts)))
         self._sts_ref: float | None = None
         self.results: dict[str, dict[str, Any]] = {}
         self.worst: list[int] = []
@@ -82,8 +104,13 @@ class Gate:
         return info
 
     def summary(self) -> dict[str, Any]:
+        sampled = len(self.texts) < self.n_available
         return {"reference": "torch fp32 (angle_torch.model.AngleModel, CPU)",
                 "texts": self.source, "n_texts": len(self.texts),
+                "n_texts_available": self.n_available, "verify_size": self.verify_size,
+                "sampling": "stratified by token length, every worst-case input kept"
+                            if sampled else "all",
+                "model_parameters": self.n_params,
                 "max_tokens": max(len(r) for r in self.angle.tokenizer.encode(
                     self.texts, self.angle.prompt_template(None))),
                 "results": self.results}
@@ -135,7 +162,7 @@ class Gate:
         got = enc.encode(self.sts.sentences)
         score = sts_spearman(got[:n], got[n:], self.sts.scores)
         return {"stsb_dev": score, "stsb_dev_fp32": self._sts_ref,
-                "stsb_dev_drop": self._sts_ref - score}
+                "stsb_dev_drop": self._sts_ref - score, "stsb_dev_pairs": n}
 
 
 def advice(precision: str, ranked: list[Candidate]) -> str:
@@ -147,6 +174,33 @@ def advice(precision: str, ranked: list[Candidate]) -> str:
     lines += [f"  {flag} '{c.exclude}'   ({c.name}: min cos {c.min_cosine:.5f} on the "
               "worst sentences)" for c in ranked[:4]]
     return "\n".join(lines)
+
+
+def sample_pairs(sts: StsPairs, n: int) -> StsPairs:
+    """`n` of the pairs (all if fewer), spread over the gold scores like the whole set."""
+    if n >= len(sts.text1):
+        return sts
+    rows = stratified_sample([float(x) for x in sts.scores], n)
+    return StsPairs([sts.text1[i] for i in rows], [sts.text2[i] for i in rows],
+                    sts.scores[rows])
+
+
+def stratified_sample(lengths: list[float], n: int) -> list[int]:
+    """`n` row indices spread evenly over the rows sorted by length (shortest and longest
+    included), in input order: every length range keeps its share.
+
+    >>> stratified_sample([5, 1, 9, 3, 7], 3)
+    [0, 1, 2]
+    """
+    if n >= len(lengths):
+        return list(range(len(lengths)))
+    if n <= 0:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if n == 1:
+        return [order[-1]]
+    picks = {order[int(j * (len(order) - 1) / (n - 1) + 0.5)] for j in range(n)}
+    return sorted(picks)
 
 
 def _long_enough(angle: AngleModel, texts: list[str]) -> list[str]:

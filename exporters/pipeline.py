@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -14,13 +15,16 @@ import onnx
 from angle_rt.manifest import (
     INPUT_NAMES,
     MANIFEST_FILE,
-    ONNX_FILES,
     TOKENIZER_FILE,
+    Artifact,
+    Manifest,
+    artifact_file,
     sha256_file,
     write_manifest,
 )
 from angle_torch.model import AngleModel
 from exporters.bundle import build_manifest, consolidate_external_data, onnx_artifact, staged_dir
+from exporters.depth import cut_model, score_variants
 from exporters.gates import Gate, sts_pairs
 from exporters.onnx_export import DEFAULT_OPSET, export_onnx
 from exporters.precision import FP16_CANDIDATE_OPS, convert_float16
@@ -71,14 +75,18 @@ def export(
     normalize: bool | None = None,
     padding_side: str | None = None,
     lora: str | Path | None = None,
+    billm_start: int | None = None,
     revision: str | None = None,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     verify: bool = True,
     verify_data: str | Path | None = None,
+    verify_size: int | None = None,
     sts_data: str | Path | None = None,
     trust_remote_code: bool = False,
     progress: bool = False,
+    layers: tuple[int, ...] = (),
+    dims: tuple[int, ...] = (),
     **precision: Any,
 ) -> Path:
     """Export `model` (hub id or local directory) to a bundle at `output_dir`.
@@ -87,50 +95,85 @@ def export(
     Normalize) apply unless given here. `precision` takes PrecisionPlan's fields
     (fp16=True, int8=True, calib=..., ...). With `verify`, every artifact is encoded by
     angle_rt and compared with torch fp32 on ≥ 1,000 real sentences (plus worst-case
-    inputs); a failed gate raises ParityError and nothing is written.
+    inputs; `verify_size` texts of them, stratified by length, where given, and by default
+    for models over 1B parameters); a failed gate raises ParityError and nothing is written.
+    `layers` adds depth variants (the backbone cut after k layers, same precisions, each
+    gated against the torch model cut the same way); with `layers` or `dims`, every artifact
+    also records its STS-B dev Spearman at each width in `dims` and its sentences/s.
     """
     plan = PrecisionPlan(**precision)
+    if verify_size is not None and verify_size < 1:
+        raise ValueError(f"verify_size must be ≥ 1, got {verify_size}")
     if plan.int8_method not in METHODS:
         raise ValueError(f"int8_method must be one of {METHODS}, got {plan.int8_method!r}")
     angle = AngleModel.from_pretrained(
         model, pooling=pooling, max_length=max_length, padding_side=padding_side,
         prompt=prompt, lora=lora, revision=revision, attn_implementation="eager",
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, billm_start=billm_start)
     normalize = angle.settings.normalize if normalize is None else normalize
     with staged_dir(Path(output_dir), force) as tmp:
-        log.info("tracing %s to ONNX (opset %d)", angle.name, opset)
-        export_onnx(angle, tmp / "model.onnx", normalize=normalize, opset=opset)
-        consolidate_external_data(tmp / "model.onnx")
         angle.tokenizer.backend.save(str(tmp / TOKENIZER_FILE))
-        builder = ArtifactBuilder(angle, tmp, plan)
-        artifacts = [onnx_artifact(tmp, "model.onnx", "fp32")]
-        for precision in plan.wanted():
-            log.info("building %s", ONNX_FILES[precision])
-            builder.build(precision, builder.default_exclude(precision))
-            artifacts.append(onnx_artifact(tmp, ONNX_FILES[precision], precision))
+        builders = {k: ArtifactBuilder(m, tmp, plan, layers=k)
+                    for k, m in [(None, angle), *((k, cut_model(angle, k)) for k in layers)]}
+        artifacts = [a for b in builders.values() for a in _trace_and_build(b, normalize, opset)]
         manifest = build_manifest(angle, artifacts, sha256_file(tmp / TOKENIZER_FILE),
                                   normalize, parity={})
         write_manifest(tmp, manifest)
         if verify:
             sts = sts_pairs(sts_data) if plan.int8 or plan.int8_dynamic else None
-            gate = Gate(angle, tmp, normalize, verify_data, sts, progress)
-            manifest = verified(manifest, gate, builder, onnx_artifact)
+            gates = {k: Gate(b.angle, tmp, normalize, verify_data, sts, progress, verify_size)
+                     for k, b in builders.items()}
+            manifest = _verified_by_depth(manifest, gates, builders)
+            write_manifest(tmp, manifest)
+        if layers or dims:
+            manifest = score_variants(manifest, tmp, sts_pairs(sts_data), dims)
             write_manifest(tmp, manifest)
     return Path(output_dir)
 
 
-class ArtifactBuilder:
-    """Builds precision artifacts from the fp32 graph; INT8 calibration is computed once."""
+def _trace_and_build(builder: ArtifactBuilder, normalize: bool, opset: int) -> list[Artifact]:
+    """The fp32 graph of `builder`'s model (full or cut), then each precision from it."""
+    log.info("tracing %s to ONNX (opset %d)", builder.src.name, opset)
+    export_onnx(builder.angle, builder.src, normalize=normalize, opset=opset)
+    consolidate_external_data(builder.src)
+    arts = [builder.artifact_of(builder.bundle, builder.src.name, "fp32")]
+    for precision in builder.plan.wanted():
+        path = builder.build(precision, builder.default_exclude(precision))
+        log.info("built %s", path.name)
+        arts.append(builder.artifact_of(builder.bundle, path.name, precision))
+    return arts
 
-    def __init__(self, angle: AngleModel, bundle: Path, plan: PrecisionPlan) -> None:
-        self.angle, self.bundle, self.plan = angle, bundle, plan
-        self.src = bundle / "model.onnx"
+
+def _verified_by_depth(manifest: Manifest, gates: dict[int | None, Gate],
+                       builders: dict[int | None, ArtifactBuilder]) -> Manifest:
+    """Each depth's artifacts through its own gate (the torch model cut the same way); the
+    full model's gate summary is the bundle's parity, the others go under parity.depths."""
+    arts: list[Artifact] = []
+    parity: dict[str, Any] = {}
+    for k, builder in builders.items():
+        done = verified(manifest.at_depth(k), gates[k], builder, builder.artifact_of)
+        arts += done.artifacts
+        if k is None:
+            parity = {**done.parity, **parity}
+        else:
+            parity.setdefault("depths", {})[str(k)] = done.parity
+    return dataclasses.replace(manifest, artifacts=tuple(arts), parity=parity)
+
+
+class ArtifactBuilder:
+    """Builds precision artifacts from the fp32 graph of a model (full, or cut after
+    `layers` layers); INT8 calibration is computed once."""
+
+    def __init__(self, angle: AngleModel, bundle: Path, plan: PrecisionPlan,
+                 layers: int | None = None) -> None:
+        self.angle, self.bundle, self.plan, self.layers = angle, bundle, plan, layers
+        self.src = bundle / artifact_file("fp32", layers)
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._calibration: Calibration | None = None
 
     def build(self, precision: str, exclude: tuple[str, ...] = (),
               folder: Path | None = None) -> Path:
-        dst = (folder or self.bundle) / ONNX_FILES[precision]
+        dst = (folder or self.bundle) / artifact_file(precision, self.layers)
         if precision in ("fp16", "bf16"):
             convert_float16(self.src, dst, precision, exclude)
         elif precision == "int8":
@@ -144,6 +187,10 @@ class ArtifactBuilder:
             for name in (MANIFEST_FILE, TOKENIZER_FILE):
                 (folder / name).symlink_to((self.bundle / name).resolve())
         return dst
+
+    def artifact_of(self, bundle: Path, file: str, precision: str) -> Artifact:
+        """The manifest entry of one of this builder's files (checksums, depth)."""
+        return dataclasses.replace(onnx_artifact(bundle, file, precision), layers=self.layers)
 
     def default_exclude(self, precision: str) -> tuple[str, ...]:
         if precision in ("fp16", "bf16"):

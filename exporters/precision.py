@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from exporters.bundle import check_model_file, external_data_files, save_onnx
 from exporters.graph import GraphIndex
 
 log = logging.getLogger("angle_rt.export")
@@ -69,12 +70,21 @@ def _casts_to_fp32(node: onnx.NodeProto) -> bool:
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of float32 tensors, from shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    """Names of float32 tensors, from type inference on the graph without its weights
+    (initializers become typed inputs), so that graphs over 2 GB are never serialized."""
+    src = model.graph
+    inputs = {i.name for i in src.input}
+    typed = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in src.initializer if t.name not in inputs]
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph(list(src.node), src.name, [*src.input, *typed],
+                               list(src.output), value_info=list(src.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(skeleton)
     g = inferred.graph
     infos = [*g.value_info, *g.input, *g.output]
     names = {v.name for v in infos if v.type.tensor_type.elem_type == _FLOAT}
-    return names | {t.name for t in g.initializer if t.data_type == _FLOAT}
+    return names | {t.name for t in src.initializer if t.data_type == _FLOAT}
 
 
 def _rms_norm_chains(idx: GraphIndex, depth: int = 8) -> set[str]:
@@ -114,12 +124,13 @@ def convert_float16(src: Path, dst: Path, dtype: str = "fp16",
     FP32 islands (see fp32_islands), FP32 inputs and outputs."""
     if dtype not in LOW_TYPES:
         raise ValueError(f"dtype must be one of {sorted(LOW_TYPES)}, got {dtype!r}")
+    external = True if external_data_files(src) else None  # a model over 2 GB: like fp32
     model = onnx.load(str(src))
     keep = fp32_islands(model, exclude_ops)
     log.info("%s: %d of %d nodes stay fp32", dtype, len(keep), len(model.graph.node))
     to_low_precision(model, keep, LOW_TYPES[dtype])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
+    save_onnx(model, dst, external)
+    check_model_file(dst)
     return dst
 
 

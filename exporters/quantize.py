@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from exporters.bundle import (
+    EXTERNAL_DATA_SUFFIX,
+    external_data_files,
+    needs_external,
+    save_onnx,
+    tensor_bytes,
+)
 from exporters.graph import GraphIndex
 
 log = logging.getLogger("angle_rt.export")
@@ -77,13 +85,21 @@ def calibrate(src: Path, layers: list[LinearLayer],
     import onnxruntime as ort
 
     tensors = sorted({layer.activation for layer in layers})
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)
     model.graph.output.extend(
         helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    if external_data_files(src):  # weights stay in their file: the graph goes beside it
+        graph = src.with_name(f".calibrate-{secrets.token_hex(4)}.onnx")
+        onnx.save_model(model, str(graph))
+        try:
+            sess = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        finally:
+            graph.unlink()
+    else:
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     chunks: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     maxima = dict.fromkeys(tensors, 0.0)
@@ -194,7 +210,8 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]],
                                            calib.maxima[layer.activation], method)
               for layer in layers}
     insert_qdq(model, layers, scales)
-    onnx.save(model, str(dst))
+    # external data like the source's (a model over 2 GB), or when the result passes 2 GB
+    save_onnx(model, dst, True if external_data_files(src) else None)
     log.info("int8: %d linear layers quantized (%s calibration)", len(layers), method)
     return dst
 
@@ -205,15 +222,20 @@ def quantize_dynamic_int8(src: Path, dst: Path, exclude: Iterable[str] = ()) -> 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     patterns = [re.compile(p) for p in exclude]
-    skip = [layer.node for layer in linear_layers(onnx.load(str(src), load_external_data=False))
+    graph = onnx.load(str(src), load_external_data=False)
+    skip = [layer.node for layer in linear_layers(graph)
             if any(p.search(layer.node) for p in patterns)]
+    # external data like the source's (a model over 2 GB), or when even int8 is too large
+    large = bool(external_data_files(src)) or needs_external(tensor_bytes(graph) // 4)
+    dst.with_name(dst.name + EXTERNAL_DATA_SUFFIX).unlink(missing_ok=True)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # it advises shape "pre-processing" on every call
     try:
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
                          per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=skip,
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True},
+                         use_external_data_format=large)
     finally:
         root.setLevel(level)
     return dst

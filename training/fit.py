@@ -65,7 +65,11 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup, then linear decay to 0
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 needs CUDA)
-    gradient_checkpointing: bool = False
+    dtype: str = "fp32"  # weights as loaded: fp32 | bf16 | fp16 (fp16 with LoRA only)
+    load_kbit: int | None = None  # 4 | 8: base weights through bitsandbytes (LoRA only)
+    # default: on for decoder LLMs (activation memory), off for encoders
+    gradient_checkpointing: bool | None = None
+    billm_start: int | None = None  # BiLLM/BeLLM: decoder layers ≥ this bidirectional
     seed: int = 42
     device: str | None = None  # default: cuda when available, else cpu
     eval_steps: int = 0  # also evaluate every N steps (always after each epoch)
@@ -143,13 +147,30 @@ def fit(cfg: TrainConfig) -> FitResult:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 on CPU")
+    load: dict[str, Any] = {}
+    if cfg.load_kbit:
+        load = {"quantization_config": kbit_config(cfg.load_kbit, device),
+                "device_map": {"": str(device)}}
     model = AngleModel.from_pretrained(cfg.model, pooling=cfg.pooling,
-                                       max_length=cfg.max_length, padding_side=cfg.padding_side)
+                                       max_length=cfg.max_length, padding_side=cfg.padding_side,
+                                       dtype=DTYPES[cfg.dtype], billm_start=cfg.billm_start,
+                                       load_kwargs=load)
+    checkpointing = (model.settings.is_decoder if cfg.gradient_checkpointing is None
+                     else cfg.gradient_checkpointing)
+    if cfg.load_kbit:
+        from peft import prepare_model_for_kbit_training
+
+        model.backbone = prepare_model_for_kbit_training(
+            model.backbone, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    _save_prompts(cfg, model)
     if cfg.lora or cfg.lora_path:
         model.backbone = add_lora(model.backbone, cfg)
-    if cfg.gradient_checkpointing:
+    if checkpointing:
         _enable_checkpointing(model)
-    model.to(device).train()
+    if not cfg.load_kbit:  # a quantized model was placed by device_map
+        model.to(device)
+    model.train()
     records = load_records(cfg.train_data, cfg.column_rename, cfg.train_split)
     if not records:
         raise ValueError(f"{cfg.train_data} has no rows")
@@ -157,9 +178,10 @@ def fit(cfg: TrainConfig) -> FitResult:
     log.info("train data: %d rows, format %s", len(records), fmt)
     valid = _valid_pairs(cfg)
     teacher = _teacher(cfg, model, device)
+    prompts = [model.prompt_template(p) if p else None
+               for p in (cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt)]
     collate = AngleCollator(model.tokenizer, fmt, model.pad_token_id, model.settings.padding_side,
-                            cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt,
-                            cfg.filter_duplicate, cfg.seed)
+                            *prompts, cfg.filter_duplicate, cfg.seed)
     return _Trainer(cfg, model, teacher, collate, records, valid, device).run()
 
 
@@ -374,7 +396,12 @@ class _Trainer:
     def _finish(self) -> FitResult:
         self._save_model(self.out)
         if self.cfg.merge and (self.cfg.lora or self.cfg.lora_path):
-            merged_copy(self.model).save_pretrained(self.out / "merged")
+            if self.cfg.load_kbit:  # never merge into quantized weights: the fp32 base + adapter
+                merged = AngleModel.from_pretrained(self.out)
+                merged.name = self.cfg.model
+            else:
+                merged = merged_copy(self.model)
+            merged.save_pretrained(self.out / "merged")
         best = self.best if self.history else None
         if best is not None:
             log.info("best valid Spearman %.2f → %s", best, self.out / BEST)
@@ -397,9 +424,66 @@ def _chars(record: dict[str, Any]) -> int:
     return sum(len(v) if isinstance(v, str) else 0 for v in record.values())
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def kbit_config(bits: int, device: torch.device) -> Any:
+    """angle_emb's BitsAndBytesConfig (nf4, double quantization, fp32 compute; 8-bit with
+    threshold 6), after checking that bitsandbytes is installed and quantizes on `device`
+    (ValueError naming what is missing otherwise)."""
+    if bits not in (4, 8):
+        raise ValueError(f"--load-kbit takes 4 or 8, got {bits}")
+    need = ("--load-kbit needs bitsandbytes ≥ 0.49 (pip install 'bitsandbytes>=0.49') with a "
+            "backend for this device: a CUDA GPU, or its CPU backend on Linux x86-64")
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as exc:  # ImportError, or a build that fails to load its library
+        raise ValueError(f"{need}; importing it failed: {exc}") from None
+    try:
+        probe = torch.randn(64, 64, device=device)
+        if bits == 4:
+            packed, state = bnbf.quantize_4bit(probe, quant_type="nf4")
+            bnbf.dequantize_4bit(packed, state)
+        else:
+            bnbf.int8_vectorwise_quant(probe.half())
+    except Exception as exc:
+        raise ValueError(f"{need}; bitsandbytes {getattr(bnbf, '__version__', '')} cannot "
+                         f"quantize on {device} here: {type(exc).__name__}: {exc}") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
+                              llm_int8_threshold=6.0, llm_int8_has_fp16_weight=False,
+                              bnb_4bit_compute_dtype=torch.float32,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4")
+
+
+def _save_prompts(cfg: TrainConfig, model: AngleModel) -> None:
+    """The prompts the model is trained with become its saved prompts, so evaluation and
+    `angle-export` apply them unprompted: one prompt for every text (format A's
+    text_prompt, or query = doc) is the default; otherwise `query` and `document` names."""
+    s = model.settings
+    text, query, doc = (model.prompt_template(p) if p else None
+                        for p in (cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt))
+    if text or (query and query == doc):
+        s.default_prompt = text or query
+    else:
+        s.prompts.update({k: v for k, v in (("query", query), ("document", doc)) if v})
+
+
 def _check(cfg: TrainConfig) -> None:
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
+    lora = cfg.lora or cfg.lora_path
+    if cfg.dtype == "fp16" and not lora:
+        raise ValueError("--dtype fp16 trains only with --lora: AdamW on fp16 weights loses "
+                         "small updates; use --dtype bf16 or fp32 for full fine-tuning")
+    if cfg.load_kbit is not None and not lora:
+        raise ValueError("--load-kbit quantizes the base weights, which cannot be trained: "
+                         "add --lora (QLoRA)")
+    if cfg.load_kbit is not None and cfg.load_kbit not in (4, 8):
+        raise ValueError(f"--load-kbit takes 4 or 8, got {cfg.load_kbit}")
     if cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise ValueError("batch_size and gradient_accumulation_steps must be ≥ 1")
     if cfg.epochs < 1 and cfg.max_steps <= 0:
@@ -501,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         required = f.default is dataclasses.MISSING
-        if kind == "bool":
+        if kind.split(" ")[0] == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             conv = {"int": int, "float": float}.get(kind.split(" ")[0], str)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from torch import nn
 
+from angle_torch.lora import load_adapter
 from angle_torch.model import AngleModel
+
+log = logging.getLogger("angle_rt.fit")
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -20,10 +24,13 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 def add_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
     """Wrap `backbone` with a trainable adapter: a saved one (cfg.lora_path) or a new one."""
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model
 
-    if cfg.lora_path:  # is_trainable: angle_emb #21 ("does not require grad")
-        return PeftModel.from_pretrained(backbone, str(cfg.lora_path), is_trainable=True)
+    if cfg.lora_path:  # trainable: angle_emb #21 ("does not require grad")
+        model, report = load_adapter(backbone, cfg.lora_path, trainable=True)
+        log.info("continuing adapter %s (%d tensors, saved as %s)", cfg.lora_path,
+                 report.matched_tensors, report.task_type)
+        return model
     targets = ([t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
                if cfg.lora_target_modules else linear_module_names(backbone))
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

@@ -1,0 +1,341 @@
+"""The file job: read chunks → check rows → encode → quantize → stage → record progress.
+
+Resume: after each chunk, the writer makes its rows durable, then ``state.json`` records
+rows read, rows written and parts staged (written to a temporary file and renamed). A run
+killed at any point leaves the state of the last recorded chunk; a rerun with the same
+arguments cuts staged data back to it and goes on from the next input row, so the output
+holds each id once, in input order, identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from angle_rt.embed import writers as w
+from angle_rt.embed.errors import InputError, OutputExistsError
+from angle_rt.embed.readers import Chunk, Reader, bad_reason, open_input
+from angle_rt.encoder import Encoder
+from angle_rt.manifest import MANIFEST_FILE, sha256_file
+from angle_rt.quantization import (
+    calibration_ranges,
+    check_precision,
+    needs_ranges,
+    quantize_embeddings,
+    quantized_dtype,
+    quantized_width,
+)
+
+RECORD_VERSION = 1
+ON_BAD_ROW = ("error", "skip")
+DEFAULT_CHUNK_SIZE = 4096
+
+
+@dataclass
+class EmbedResult:
+    """What a job did: rows written and skipped, where, and how fast."""
+
+    output: Path
+    rows: int
+    skipped: int
+    dim: int
+    output_dtype: str
+    seconds: float
+    resumed_from: int = 0  # input rows already done when this run started
+    complete_before: bool = False  # OUTPUT was already complete: nothing to do
+    side_files: list[Path] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """Rows read per second by this run."""
+        done = self.rows + self.skipped - self.resumed_from
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Job:
+    reader: Reader
+    writer: w.Writer
+    encoder: Encoder
+    encode_kwargs: dict[str, Any]
+    output_dtype: str
+    on_bad_row: str
+    chunk_size: int
+    meta: dict[str, Any]
+    state: dict[str, Any]
+
+
+def embed_file(
+    bundle: str | Path | Encoder,
+    input: str | Path,
+    output: str | Path,
+    *,
+    text_column: str = "text",
+    id_column: str | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    normalize: bool = False,
+    dimensions: int | None = None,
+    precision: str | None = None,
+    output_dtype: str = "float32",
+    on_bad_row: str = "error",
+    overwrite: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    batch_size: int = 32,
+    intra_op_threads: int | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> EmbedResult:
+    """Embed the texts of INPUT (.parquet / directory of Parquet, .jsonl, .csv, .txt) into
+    OUTPUT (.parquet, .npy, or a directory of Parquet parts), resuming an interrupted run.
+
+    `bundle` is a bundle path (opened with `precision`, `backend`, `intra_op_threads`) or an
+    open Encoder. Ids are `id_column`'s values, or row numbers. `output_dtype` quantizes as
+    `angle_rt.quantization.quantize_embeddings` (int8/uint8 ranges from the first chunk).
+    A bad row (null or non-str text, null id) raises InputError naming it, or with
+    ``on_bad_row="skip"`` is left out and listed in ``OUTPUT.skipped.jsonl``.
+    """
+    check_precision(output_dtype)
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2:
+        raise ValueError(f"chunk_size must be an int ≥ 2, got {chunk_size!r}")
+    if id_column == w.EMBEDDING:
+        raise ValueError(f"--id-column {w.EMBEDDING!r} would clash with the output's "
+                         "vector column; rename it")
+    reader = open_input(input, text_column, id_column)
+    writer = w.open_writer(output, id_column or "id", getattr(reader, "id_type", None))
+    own = not isinstance(bundle, Encoder)
+    enc = Encoder(bundle, precision=precision, backend=backend,
+                  intra_op_threads=intra_op_threads) if own else bundle
+    try:
+        kwargs = {"batch_size": batch_size, "prompt": prompt, "prompt_name": prompt_name,
+                  "normalize_embeddings": normalize, "truncate_dim": dimensions}
+        enc.encode([""], **kwargs)  # refuse bad prompt / dimensions before touching OUTPUT
+        fp = fingerprint(enc, reader, kwargs, output_dtype, on_bad_row, chunk_size,
+                         id_column)
+        return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row, chunk_size,
+                    overwrite, progress)
+    finally:
+        if own:
+            enc.close()
+
+
+def fingerprint(enc: Encoder, reader: Reader, kwargs: dict[str, Any], output_dtype: str,
+                on_bad_row: str, chunk_size: int, id_column: str | None) -> dict[str, Any]:
+    """Everything that decides the output's bytes: a rerun must match it to resume."""
+    return {
+        "bundle": {"manifest_sha256": sha256_file(enc.bundle / MANIFEST_FILE),
+                   "artifact": enc.artifact.file, "backend": enc.session.name,
+                   "max_batch_tokens": enc.max_batch_tokens},
+        "input": reader.fingerprint(),
+        "text_column": reader.text_column if reader.kind != "txt" else None,
+        "id_column": id_column,
+        "template": enc.template(kwargs["prompt"], kwargs["prompt_name"]),
+        "normalize": bool(kwargs["normalize_embeddings"]),
+        "dimensions": kwargs["truncate_dim"],
+        "batch_size": kwargs["batch_size"],
+        "output_dtype": output_dtype,
+        "on_bad_row": on_bad_row,
+        "chunk_size": chunk_size,
+    }
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprints."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _run(reader: Reader, writer: w.Writer, enc: Encoder, kwargs: dict[str, Any],
+         fp: dict[str, Any], output_dtype: str, on_bad_row: str, chunk_size: int,
+         overwrite: bool, progress: bool) -> EmbedResult:
+    t0 = time.perf_counter()
+    state = _prepare(writer, fp, overwrite)
+    dim = kwargs["truncate_dim"] or enc.dim
+    meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
+            "dtype": quantized_dtype(output_dtype).str, "dim": dim,
+            "width": quantized_width(dim, output_dtype), "id_column": writer.id_name,
+            "model": enc.manifest.source.get("model"),
+            "ranges": None}
+    if state is None:  # complete already
+        done = writer.final_meta() or {}
+        _finish_side_files(writer)
+        return EmbedResult(writer.output, done.get("rows", 0), done.get("skipped", 0), dim,
+                           output_dtype, time.perf_counter() - t0, complete_before=True,
+                           side_files=[p for p in writer.side_files() if p.exists()])
+    meta["ranges"] = state["ranges"]  # calibrated already when resuming
+    job = _Job(reader, writer, enc, kwargs, output_dtype, on_bad_row, chunk_size, meta, state)
+    resumed = state["rows_read"]
+    _loop(job, progress)
+    meta.update(ranges=state["ranges"], rows=state["rows_written"], skipped=state["skipped"])
+    writer.finalize(meta)
+    _finish_side_files(writer)
+    return EmbedResult(writer.output, state["rows_written"], state["skipped"], dim,
+                       output_dtype, time.perf_counter() - t0, resumed_from=resumed,
+                       side_files=[p for p in writer.side_files() if p.exists()])
+
+
+def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The state to continue from (fresh or resumed), or None if OUTPUT is already this
+    job's complete output. Refuses another job's OUTPUT or staging without `overwrite`."""
+    staged = _load_state(writer.staging)
+    if staged is not None and staged.get("fingerprint") == fp:
+        writer.resume(staged["rows_written"], staged["parts"], staged["writer"])
+        _cut_skipped(writer.staging, staged["skipped_bytes"])
+        return staged
+    try:
+        done = writer.final_meta()
+    except OutputExistsError:  # not written by this job runner
+        if not overwrite:
+            raise
+        done = None
+    if done is not None and done.get("fingerprint") == fp:
+        return None
+    if not overwrite:
+        if staged is not None or (writer.staging.exists() and any(writer.staging.iterdir())):
+            diff = differences(staged.get("fingerprint", {}), fp) if staged else ["unknown"]
+            raise OutputExistsError(
+                f"{writer.staging} holds an interrupted run with other arguments (differs "
+                f"in: {', '.join(diff)}); rerun with those arguments to resume it, or pass "
+                "--overwrite to discard it")
+        if done is not None:
+            diff = differences(done.get("fingerprint", {}), fp)
+            raise OutputExistsError(
+                f"{writer.output} was written with other arguments (differs in: "
+                f"{', '.join(diff)}); pass --overwrite to replace it")
+    w.remove(writer.staging)
+    writer.remove_final()
+    writer.staging.mkdir(parents=True)
+    if fp["on_bad_row"] == "skip":  # the list exists (maybe empty) whenever rows may be skipped
+        (writer.staging / w.SKIPPED).touch()
+    state = {"fingerprint": fp, "rows_read": 0, "rows_written": 0, "parts": 0, "skipped": 0,
+             "skipped_bytes": 0, "ranges": None, "writer": {}}
+    _save_state(writer.staging, state)
+    return state
+
+
+def _loop(job: _Job, progress: bool) -> None:
+    state, enc = job.state, job.encoder
+    bar = _bar(progress, job.reader, state["rows_read"])
+    try:
+        for chunk in job.reader.chunks(job.chunk_size, state["rows_read"]):
+            ids, texts, skipped = _check_rows(chunk, job.on_bad_row)
+            if ids:
+                vectors = enc.encode(texts, **job.encode_kwargs)
+                if needs_ranges(job.output_dtype) and state["ranges"] is None:
+                    state["ranges"] = job.meta["ranges"] = _calibrate(vectors, chunk)
+                out = quantize_embeddings(vectors, job.output_dtype, ranges=_ranges(state))
+                state["writer"] = job.writer.write(ids, out, job.meta) or state["writer"]
+                state["parts"] += 1
+            if skipped:
+                state["skipped_bytes"] = _append_skipped(job.writer.staging, skipped)
+            state["rows_read"] = chunk.start + len(chunk.texts)
+            state["rows_written"] += len(ids)
+            state["skipped"] += len(skipped)
+            _save_state(job.writer.staging, state)
+            bar.update(len(chunk.texts))
+    finally:
+        bar.close()
+
+
+def _check_rows(chunk: Chunk, on_bad_row: str) -> tuple[list[Any], list[str], list[dict]]:
+    """(ids, texts) of the good rows, and a record per bad row; InputError on the first bad
+    row unless skipping."""
+    ids, texts, skipped = [], [], []
+    for k, (rid, text) in enumerate(zip(chunk.ids, chunk.texts, strict=True)):
+        why = "null id" if rid is None else bad_reason(text)
+        if why is None:
+            ids.append(rid)
+            texts.append(text)
+            continue
+        row = chunk.start + k
+        if on_bad_row == "error":
+            raise InputError(f"row {row} (id {rid!r}): {why}; fix the input or pass "
+                             "--on-bad-row skip to leave such rows out (listed in "
+                             "OUTPUT.skipped.jsonl)")
+        skipped.append({"row": row, "id": rid, "reason": why})
+    return ids, texts, skipped
+
+
+def _ranges(state: dict[str, Any]) -> np.ndarray | None:
+    return None if state["ranges"] is None else np.asarray(state["ranges"], dtype=np.float32)
+
+
+def _calibrate(vectors: np.ndarray, chunk: Chunk) -> list[list[float]]:
+    if len(vectors) < 2:
+        raise InputError(f"int8/uint8 output calibrates its ranges on the first chunk with "
+                         f"rows to embed, which (from row {chunk.start}) has only one; use "
+                         "a larger --chunk-size")
+    return calibration_ranges(vectors).tolist()
+
+
+def _append_skipped(staging: Path, records: list[dict]) -> int:
+    path = staging / w.SKIPPED
+    with open(path, "ab") as fh:
+        fh.write("".join(json.dumps(r, default=str) + "\n" for r in records).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+        return fh.tell()
+
+
+def _cut_skipped(staging: Path, size: int) -> None:
+    path = staging / w.SKIPPED
+    if path.exists():
+        with open(path, "rb+") as fh:
+            fh.truncate(size)
+
+
+def _finish_side_files(writer: w.Writer) -> None:
+    """Move the skipped-rows list beside OUTPUT, then drop the staging directory."""
+    w.move_if_present(writer.staging / w.SKIPPED,
+                      writer.output.with_name(writer.output.name + ".skipped.jsonl"))
+    w.remove(writer.staging)
+
+
+def _load_state(staging: Path) -> dict[str, Any] | None:
+    path = staging / w.STATE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def _save_state(staging: Path, state: dict[str, Any]) -> None:
+    w.atomic_write(staging / w.STATE, json.dumps(state).encode())
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, reader: Reader, initial: int) -> Any:
+    """A tqdm bar over rows (sent/s, ETA) when asked for and tqdm is installed."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print("angle-rt embed: install tqdm for a progress bar", file=sys.stderr)
+        return _NoBar()
+    return tqdm(total=reader.count_rows(), initial=initial, desc="embed", unit="sent",
+                unit_scale=True, smoothing=0.1, dynamic_ncols=True)

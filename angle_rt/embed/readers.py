@@ -1,0 +1,324 @@
+"""Input readers: Parquet (a file or a directory of files), JSONL, CSV, TXT → chunks of rows.
+
+Each reader streams: memory is bounded by the chunk size, never the file. A row's id is the
+`id_column` value, or its row number (0-based, counting every row of the input, bad ones
+included). `chunks(size, skip)` starts at row `skip`, which is how a job resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from angle_rt.embed import _deps
+from angle_rt.embed.errors import InputError
+
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv", ".txt": "txt"}
+_PIECE = 1024  # rows a reader hands over at a time, before rechunking
+
+
+@dataclass
+class Chunk:
+    """Consecutive input rows: `start` is the row number of the first."""
+
+    start: int
+    ids: list[Any]
+    texts: list[Any]  # str, or whatever the input held (None, numbers, bytes …)
+
+
+class Reader:
+    """Base: subclasses yield (ids or None, texts) pieces from row `skip` on."""
+
+    kind = ""
+
+    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+        self.path, self.text_column, self.id_column = path, text_column, id_column
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def count_rows(self) -> int | None:
+        """Rows in the input (for the progress bar; an estimate for CSV)."""
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this input: its path and each file's size and mtime."""
+        root = self.path.resolve()
+        files = []
+        for f in self.files():
+            st = f.stat()
+            name = "." if f == self.path else str(f.relative_to(self.path))
+            files.append([name, st.st_size, st.st_mtime_ns])
+        return {"path": str(root), "format": self.kind, "files": files}
+
+    def chunks(self, size: int, skip: int = 0) -> Iterator[Chunk]:
+        """Chunks of `size` rows (the last may be shorter), from row `skip` on."""
+        start, ids, texts = skip, [], []
+        for piece_ids, piece_texts in self._pieces(skip):
+            if piece_ids is None:
+                first = start + len(texts)
+                piece_ids = list(range(first, first + len(piece_texts)))
+            ids.extend(piece_ids)
+            texts.extend(piece_texts)
+            while len(texts) >= size:
+                yield Chunk(start, ids[:size], texts[:size])
+                start += size
+                ids, texts = ids[size:], texts[size:]
+        if texts:
+            yield Chunk(start, ids, texts)
+
+    def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
+        raise NotImplementedError
+
+    def _missing(self, present: list[str], where: str) -> None:
+        """InputError if the text or id column is not among `present`."""
+        for flag, col in (("--text-column", self.text_column), ("--id-column", self.id_column)):
+            if col is not None and col not in present:
+                shown = ", ".join(map(repr, present[:50])) or "none"
+                raise InputError(f"{where} has no column {col!r} ({flag}); its columns: {shown}")
+
+
+class ParquetReader(Reader):
+    """A Parquet file, or a directory of them read in sorted path order as one table."""
+
+    kind = "parquet"
+
+    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+        super().__init__(path, text_column, id_column)
+        pa, pq = _deps.pyarrow(), _deps.parquet()
+        self._files = (sorted(p for p in path.rglob("*.parquet") if p.is_file()
+                              and not p.name.startswith((".", "_")))
+                       if path.is_dir() else [path])
+        if not self._files:
+            raise InputError(f"{path} holds no .parquet files")
+        self._meta = []
+        for f in self._files:
+            try:
+                pf = pq.ParquetFile(f)
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"{f} is not a readable Parquet file ({exc})") from exc
+            schema = pf.schema_arrow
+            self._missing(schema.names, str(f))
+            kind = schema.field(text_column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                    or pa.types.is_string_view(kind)):
+                raise InputError(f"{f}: column {text_column!r} is {kind}, not a string column "
+                                 "(--text-column must name the text)")
+            self._meta.append([pf.metadata.row_group(i).num_rows
+                               for i in range(pf.metadata.num_row_groups)])
+            pf.close()
+        self.id_type = (pq.read_schema(self._files[0]).field(id_column).type
+                        if id_column else None)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def count_rows(self) -> int:
+        return sum(sum(groups) for groups in self._meta)
+
+    def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
+        pq = _deps.parquet()
+        cols = [self.text_column] + ([self.id_column] if self.id_column else [])
+        for f, groups in zip(self._files, self._meta, strict=True):
+            todo = []
+            for i, n in enumerate(groups):
+                if skip >= n:
+                    skip -= n
+                else:
+                    todo.append(i)
+            if not todo:
+                continue
+            with pq.ParquetFile(f) as pf:
+                for batch in pf.iter_batches(batch_size=_PIECE, row_groups=todo, columns=cols):
+                    if skip:
+                        cut = min(skip, batch.num_rows)
+                        batch, skip = batch.slice(cut), skip - cut
+                    if batch.num_rows:
+                        texts = batch.column(0).to_pylist()
+                        yield (batch.column(1).to_pylist() if self.id_column else None), texts
+
+
+class JsonlReader(Reader):
+    """JSON Lines: one object per line; blank lines are not rows."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+        super().__init__(path, text_column, id_column)
+        for lineno, line in self._lines():
+            first = self._parse(line, lineno)
+            self._missing(list(first), f"{path} (first record, line {lineno})")
+            break
+        self.id_type = None
+
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        with open(self.path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    yield lineno, line
+
+    def _parse(self, line: bytes, lineno: int) -> dict[str, Any]:
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise InputError(f"{self.path}:{lineno} is not valid JSON ({exc})") from exc
+        if not isinstance(rec, dict):
+            raise InputError(f"{self.path}:{lineno} is a JSON {type(rec).__name__}, not an "
+                             "object with a text field")
+        return rec
+
+    def count_rows(self) -> int:
+        return sum(1 for _ in self._lines())
+
+    def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
+        ids: list[Any] = []
+        texts: list[Any] = []
+        for row, (lineno, line) in enumerate(self._lines()):
+            if row < skip:
+                continue
+            rec = self._parse(line, lineno)
+            texts.append(rec.get(self.text_column))
+            if self.id_column:
+                ids.append(rec.get(self.id_column))
+            if len(texts) == _PIECE:
+                yield (ids if self.id_column else None), texts
+                ids, texts = [], []
+        if texts:
+            yield (ids if self.id_column else None), texts
+
+
+class CsvReader(Reader):
+    """CSV with a header row; every value is a str (ids too); a short row's text is null."""
+
+    kind = "csv"
+
+    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+        super().__init__(path, text_column, id_column)
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents exceed the 128 KB default
+        with self._open() as fh:
+            header = next(csv.reader(fh), None)
+        if header is None:
+            raise InputError(f"{path} is empty: a CSV needs a header row naming its columns")
+        self._missing(header, str(path))
+        self._text_at = header.index(text_column)
+        self._id_at = header.index(id_column) if id_column else None
+        self.id_type = None
+
+    def _open(self) -> TextIO:
+        return open(self.path, encoding="utf-8", newline="")
+
+    def count_rows(self) -> int:
+        with open(self.path, "rb") as fh:
+            return max(0, sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20),
+                                                                    b"")) - 1)
+
+    def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
+        ids: list[Any] = []
+        texts: list[Any] = []
+        with self._open() as fh:
+            rows = csv.reader(fh)
+            next(rows)
+            try:
+                for row_no, row in enumerate(rows):
+                    if row_no < skip:
+                        continue
+                    texts.append(row[self._text_at] if self._text_at < len(row) else None)
+                    if self._id_at is not None:
+                        ids.append(row[self._id_at] if self._id_at < len(row) else None)
+                    if len(texts) == _PIECE:
+                        yield (ids if self._id_at is not None else None), texts
+                        ids, texts = [], []
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise InputError(f"{self.path}: unreadable CSV near line {rows.line_num} "
+                                 f"({exc})") from exc
+        if texts:
+            yield (ids if self._id_at is not None else None), texts
+
+
+class TxtReader(Reader):
+    """One text per line (a final newline does not start another); ids are line numbers
+    from 0. A line that is not valid UTF-8 is a bad row."""
+
+    kind = "txt"
+
+    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+        if id_column:
+            raise InputError(f"{path} is plain text (one text per line): it has no columns, "
+                             "so --id-column does not apply; ids are line numbers from 0")
+        super().__init__(path, text_column, None)
+        self.id_type = None
+
+    def count_rows(self) -> int:
+        n, last = 0, b"\n"
+        with open(self.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                n, last = n + block.count(b"\n"), block[-1:]
+        return n + (last != b"\n")
+
+    def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
+        texts: list[Any] = []
+        with open(self.path, "rb") as fh:
+            for row, line in enumerate(fh):
+                if row < skip:
+                    continue
+                line = line[:-1] if line.endswith(b"\n") else line
+                line = line[:-1] if line.endswith(b"\r") else line
+                try:
+                    texts.append(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    texts.append(line)  # bytes: reported as a bad row
+                if len(texts) == _PIECE:
+                    yield None, texts
+                    texts = []
+        if texts:
+            yield None, texts
+
+
+_READERS: dict[str, type[Reader]] = {"parquet": ParquetReader, "jsonl": JsonlReader,
+                                      "csv": CsvReader, "txt": TxtReader}
+
+
+def input_format(path: Path) -> str:
+    """'parquet', 'jsonl', 'csv' or 'txt' from the suffix (a directory: Parquet files)."""
+    if path.is_dir():
+        return "parquet"
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(f"{path}: unknown input format {path.suffix!r}; give a "
+                         f"{', '.join(FORMATS)} file or a directory of Parquet files")
+    return kind
+
+
+def open_input(path: str | Path, text_column: str = "text",
+               id_column: str | None = None) -> Reader:
+    """The reader for `path`, its columns checked (a missing one names those present)."""
+    path = Path(path)
+    return _READERS[input_format(path)](path, text_column, id_column)
+
+
+def bad_reason(text: Any) -> str | None:
+    """Why `text` cannot be embedded, or None if it can.
+
+    >>> bad_reason("ok"), bad_reason(None), bad_reason(3), bad_reason("\\ud800")
+    (None, 'null text', 'text is int, not str', 'text is not valid Unicode (lone surrogate)')
+    """
+    if isinstance(text, str):
+        if text.isascii():
+            return None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text is not valid Unicode (lone surrogate)"
+        return None
+    if text is None:
+        return "null text"
+    if isinstance(text, bytes):
+        return "text is not valid UTF-8"
+    return f"text is {type(text).__name__}, not str"

@@ -1,0 +1,316 @@
+"""Output writers. Everything is staged in ``OUTPUT.partial/`` and moved into place when the
+job completes, so OUTPUT is either absent or complete.
+
+- ``.parquet``: one file; id column + ``embedding`` (a fixed-size list), one row group per
+  chunk; the job record (arguments' fingerprint, dtype, int8 ranges) in the schema metadata
+  under ``angle_rt.embed``. Chunks are staged as part files and joined at the end.
+- a directory (OUTPUT without a suffix): the staged part files themselves, plus
+  ``_angle_rt_embed.json``; for corpora too large to rewrite into one file.
+- ``.npy``: an (n, width) array, its ids in ``OUTPUT.ids.jsonl`` (one JSON value a line) and
+  the job record in ``OUTPUT.json``.
+
+A writer's `write` makes a chunk durable (written, fsynced, renamed) before the job records it
+in ``state.json``; `resume` cuts staged data back to what the state records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from angle_rt.embed import _deps
+from angle_rt.embed.errors import InputError, OutputExistsError
+
+META_KEY = "angle_rt.embed"
+DIR_META = "_angle_rt_embed.json"
+STATE = "state.json"
+SKIPPED = "skipped.jsonl"
+EMBEDDING = "embedding"
+_NPY_HEADER = 128
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` durably: a temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_if_present(src: Path, dst: Path) -> None:
+    if src.exists():
+        os.replace(src, dst)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class Writer:
+    """Base: staging directory, side files, job-record lookup."""
+
+    def __init__(self, output: Path, id_name: str, id_type: Any = None) -> None:
+        self.output = output
+        self.staging = output.with_name(output.name + ".partial")
+        self.id_name, self.id_type = id_name, id_type
+
+    def side_files(self) -> list[Path]:
+        """Files beside OUTPUT that belong to it (removed and replaced with it)."""
+        return [self.output.with_name(self.output.name + ".skipped.jsonl")]
+
+    def final_meta(self) -> dict[str, Any] | None:
+        """The job record of a complete OUTPUT, None if there is none; OutputExistsError
+        if OUTPUT exists but was not written by this job runner."""
+        raise NotImplementedError
+
+    def remove_final(self) -> None:
+        for p in [self.output, *self.side_files()]:
+            remove(p)
+
+    def resume(self, rows: int, parts: int, extra: dict[str, Any]) -> None:
+        """Cut staged data back to `rows` rows in `parts` parts."""
+
+    def write(self, ids: list[Any], vectors: np.ndarray, meta: dict[str, Any]) -> dict:
+        """Stage one chunk durably; returns the writer's state to record."""
+        raise NotImplementedError
+
+    def finalize(self, meta: dict[str, Any]) -> None:
+        """Move the staged output into place (idempotent: a rerun may repeat it)."""
+        raise NotImplementedError
+
+    def _foreign(self, why: str) -> OutputExistsError:
+        return OutputExistsError(f"{self.output} exists but {why}: it was not written by "
+                                 "`angle-rt embed`; pass --overwrite to replace it")
+
+
+class _ParquetParts(Writer):
+    """Chunks staged as part-NNNNNN.parquet files (one row group each)."""
+
+    def _part(self, i: int) -> Path:
+        return self.staging / f"part-{i:06d}.parquet"
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.staging.glob("part-*.parquet"))
+
+    def resume(self, rows: int, parts: int, extra: dict[str, Any]) -> None:
+        have = self._parts()
+        if [p.name for p in have[:parts]] != [self._part(i).name for i in range(parts)]:
+            raise OutputExistsError(f"{self.staging} is missing part files its state lists; "
+                                    "pass --overwrite to start again")
+        for p in have[parts:]:
+            p.unlink()
+        for p in self.staging.glob("*.tmp"):
+            p.unlink()
+        if parts and self.id_type is None:
+            self.id_type = _deps.parquet().read_schema(self._part(0)).field(self.id_name).type
+
+    def write(self, ids: list[Any], vectors: np.ndarray, meta: dict[str, Any]) -> dict:
+        pq = _deps.parquet()
+        table = self._table(ids, vectors, meta)
+        i = len(self._parts())
+        tmp = self._part(i).with_suffix(".tmp")
+        pq.write_table(table, tmp, **self._options())
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._part(i))
+        fsync_dir(self.staging)
+        return {}
+
+    def _table(self, ids: list[Any], vectors: np.ndarray, meta: dict[str, Any]) -> Any:
+        pa = _deps.pyarrow()
+        try:
+            id_arr = pa.array(ids, type=self.id_type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise InputError(f"ids of one chunk do not share a type ({exc}); "
+                             f"{self.id_name!r} must hold one type") from exc
+        self.id_type = id_arr.type
+        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+        emb = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        return pa.table({self.id_name: id_arr, EMBEDDING: emb}).replace_schema_metadata(
+            {META_KEY: json.dumps(meta, sort_keys=True)})
+
+    def _options(self) -> dict[str, Any]:
+        # vectors neither compress nor have useful statistics or dictionaries
+        return {"compression": {self.id_name: "snappy", EMBEDDING: "none"},
+                "use_dictionary": [self.id_name], "write_statistics": [self.id_name]}
+
+    def _empty(self, meta: dict[str, Any]) -> Any:
+        """A table of no rows with the output's schema (a job that embedded nothing)."""
+        pa = _deps.pyarrow()
+        kind = pa.from_numpy_dtype(np.dtype(meta["dtype"]))
+        schema = pa.schema([(self.id_name, self.id_type or pa.int64()),
+                            (EMBEDDING, pa.list_(kind, meta["width"]))])
+        return schema.empty_table().replace_schema_metadata(
+            {META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+class ParquetFileWriter(_ParquetParts):
+    """OUTPUT.parquet: the staged parts joined into one file, a row group per part."""
+
+    def final_meta(self) -> dict[str, Any] | None:
+        if not self.output.exists():
+            return None
+        pq = _deps.parquet()
+        try:
+            meta = pq.read_schema(self.output).metadata or {}
+        except Exception:  # anything unreadable is not ours
+            raise self._foreign("is not a readable Parquet file") from None
+        if META_KEY.encode() not in meta:
+            raise self._foreign(f"has no {META_KEY!r} metadata")
+        return json.loads(meta[META_KEY.encode()])
+
+    def finalize(self, meta: dict[str, Any]) -> None:
+        pq = _deps.parquet()
+        parts = self._parts()
+        tmp = self.staging / "output.parquet.tmp"
+        record = {META_KEY: json.dumps(meta, sort_keys=True)}
+        schema = (pq.read_schema(parts[0]) if parts else self._empty(meta).schema)
+        schema = schema.with_metadata(record)
+        with pq.ParquetWriter(tmp, schema, **self._options()) as out:
+            for part in parts:
+                table = pq.read_table(part).replace_schema_metadata(record)
+                out.write_table(table, row_group_size=max(1, table.num_rows))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.output)
+        fsync_dir(self.output.parent)
+
+
+class ParquetDirWriter(_ParquetParts):
+    """OUTPUT/: the part files themselves and _angle_rt_embed.json."""
+
+    def remove_final(self) -> None:
+        remove_output_dir(self.output)
+        for p in self.side_files():
+            remove(p)
+
+    def final_meta(self) -> dict[str, Any] | None:
+        if not self.output.exists() or (self.output.is_dir()
+                                        and not any(self.output.iterdir())):
+            return None
+        record = self.output / DIR_META
+        if not self.output.is_dir() or not record.is_file():
+            raise self._foreign(f"has no {DIR_META}")
+        remove(self.output / STATE)  # left by a run killed just after its final rename
+        return json.loads(record.read_text(encoding="utf-8"))
+
+    def finalize(self, meta: dict[str, Any]) -> None:
+        if not self._parts():  # an empty result is still a readable dataset
+            _deps.parquet().write_table(self._empty(meta), self._part(0), **self._options())
+        atomic_write(self.staging / DIR_META, json.dumps(meta, indent=1).encode())
+        os.replace(self.staging, self.output)
+        fsync_dir(self.output.parent)
+        remove(self.output / STATE)
+
+
+class NpyWriter(Writer):
+    """OUTPUT.npy (n, width) + OUTPUT.ids.jsonl + OUTPUT.json (the job record)."""
+
+    def __init__(self, output: Path, id_name: str, id_type: Any = None) -> None:
+        super().__init__(output, id_name, id_type)
+        self._vectors = self.staging / "vectors.npy"
+        self._ids = self.staging / "ids.jsonl"
+
+    def side_files(self) -> list[Path]:
+        name = self.output.name
+        return [*super().side_files(), self.output.with_name(name + ".ids.jsonl"),
+                self.output.with_name(name + ".json")]
+
+    def final_meta(self) -> dict[str, Any] | None:
+        record = self.output.with_name(self.output.name + ".json")
+        if not self.output.exists():
+            return None
+        if not record.is_file():
+            raise self._foreign(f"has no {record.name} beside it")
+        return json.loads(record.read_text(encoding="utf-8"))
+
+    def resume(self, rows: int, parts: int, extra: dict[str, Any]) -> None:
+        if not extra:  # nothing staged yet
+            return
+        if self._vectors.exists():  # absent once a finalize (then killed) moved it
+            with open(self._vectors, "rb+") as fh:
+                fh.truncate(_NPY_HEADER + rows * extra["row_bytes"])
+        if self._ids.exists():
+            with open(self._ids, "rb+") as fh:
+                fh.truncate(extra["ids_bytes"])
+
+    def write(self, ids: list[Any], vectors: np.ndarray, meta: dict[str, Any]) -> dict:
+        if not self._vectors.exists():
+            with open(self._vectors, "wb") as fh:
+                fh.write(_npy_header((0, vectors.shape[1]), vectors.dtype))
+            self._ids.touch()
+        with open(self._vectors, "ab") as fh:
+            fh.write(np.ascontiguousarray(vectors).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        with open(self._ids, "ab") as fh:
+            fh.write("".join(json.dumps(i, default=str) + "\n" for i in ids).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+            ids_bytes = fh.tell()
+        return {"row_bytes": vectors.shape[1] * vectors.dtype.itemsize, "ids_bytes": ids_bytes}
+
+    def finalize(self, meta: dict[str, Any]) -> None:
+        if not self._vectors.exists() and not self.output.exists():
+            with open(self._vectors, "wb") as fh:
+                fh.write(_npy_header((0, meta["width"]), np.dtype(meta["dtype"])))
+            self._ids.touch()
+        if self._vectors.exists():
+            with open(self._vectors, "rb+") as fh:
+                fh.write(_npy_header((meta["rows"], meta["width"]),
+                                     np.dtype(meta["dtype"])))
+                os.fsync(fh.fileno())
+        move_if_present(self._ids, self.output.with_name(self.output.name + ".ids.jsonl"))
+        move_if_present(self._vectors, self.output)
+        atomic_write(self.output.with_name(self.output.name + ".json"),
+                     json.dumps(meta, indent=1).encode())
+
+
+def remove_output_dir(path: Path) -> None:
+    """Remove an output directory, refusing one that holds files but no job record (a
+    mistyped OUTPUT must not cost a user's folder, --overwrite or not)."""
+    if path.is_dir() and not (path / DIR_META).is_file() and any(path.iterdir()):
+        raise OutputExistsError(f"{path} is a directory not written by `angle-rt embed`; "
+                                "not replacing it even with --overwrite: remove it yourself "
+                                "or choose another OUTPUT")
+    remove(path)
+
+
+def _npy_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
+    """A version 1.0 .npy header padded to a fixed size, so it can be rewritten in place."""
+    text = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
+    text = text.ljust(_NPY_HEADER - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+def open_writer(output: str | Path, id_name: str, id_type: Any = None) -> Writer:
+    """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet)."""
+    output = Path(output)
+    suffix = output.suffix.lower()
+    if suffix == ".npy":
+        return NpyWriter(output, id_name, id_type)
+    if suffix in (".parquet", ""):
+        _deps.parquet()  # fail before any work without pyarrow
+        cls = ParquetFileWriter if suffix else ParquetDirWriter
+        return cls(output, id_name, id_type)
+    raise ValueError(f"{output}: unknown output format {suffix!r}; write a .parquet file, "
+                     "a .npy array, or a directory (a path without a suffix)")

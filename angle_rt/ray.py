@@ -1,0 +1,414 @@
+"""Ray Data: embed a Dataset's text column on a cluster (`pip install 'angle-rt[ray]'`).
+
+`embed_dataset(ds, bundle)` adds an ``embedding`` column through a class-based UDF, so each
+actor opens the bundle once (checking its checksums), runs ONNX Runtime with as many threads
+as the actor has CPUs (so actors don't oversubscribe a node's cores), and, given GPUs, the
+bundle's GPU artifact. `embed_files_on_ray` is `angle-rt embed --ray`: the file job with
+Ray Data's Parquet reader and writer.
+
+Nothing here is imported by `import angle_rt`; ray and pyarrow are imported on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from angle_rt.embed import _deps
+from angle_rt.embed import writers as w
+from angle_rt.embed.errors import InputError, OutputExistsError
+from angle_rt.embed.job import RECORD_VERSION, differences
+from angle_rt.embed.readers import bad_reason, input_format, open_input
+from angle_rt.encoder import Encoder
+from angle_rt.manifest import MANIFEST_FILE, read_manifest, sha256_file
+from angle_rt.quantization import (
+    calibration_ranges,
+    check_precision,
+    needs_ranges,
+    quantize_embeddings,
+    quantized_dtype,
+    quantized_width,
+)
+
+# Keeps a Ray started here (no address) on the loopback interface: on Linux Ray otherwise
+# listens on every interface, for workers of other machines to join.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+BUNDLE_CACHE = Path(tempfile.gettempdir()) / "angle-rt-bundles"
+ROWS_PER_FILE = 65536  # --ray output files: ≥ 100 MB of 384-d float32 vectors
+
+
+class BundleEmbedder:
+    """Ray Data UDF (`map_batches` with pyarrow batches): one Encoder per actor.
+
+    `shipped` is an ObjectRef (in a list) of the bundle's files from `ship_bundle=True`;
+    they are unpacked once per node under BUNDLE_CACHE. Subclass and override `embed` to
+    post-process vectors.
+    """
+
+    def __init__(self, bundle: str, text_column: str = "text", *,
+                 output_column: str = "embedding", threads: int = 1, use_gpu: bool = False,
+                 precision: str | None = None, output_dtype: str = "float32",
+                 ranges: list[list[float]] | None = None, on_bad_row: str = "error",
+                 skipped_dir: str | None = None, id_column: str | None = None,
+                 encode_kwargs: dict[str, Any] | None = None,
+                 shipped: list[Any] | None = None) -> None:
+        # the tokenizer's Rust thread pool reads this once, on first use
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        path = _unpack(shipped[0]) if shipped else bundle
+        self.encoder = Encoder(path, precision=precision,
+                               backend="auto" if use_gpu else "cpu", intra_op_threads=threads)
+        self.text_column, self.output_column = text_column, output_column
+        self.output_dtype, self.on_bad_row = output_dtype, on_bad_row
+        self.ranges = None if ranges is None else np.asarray(ranges, dtype=np.float32)
+        self.skipped_dir, self.id_column = skipped_dir, id_column
+        self.encode_kwargs = encode_kwargs or {}
+
+    def __call__(self, batch: Any) -> Any:
+        pa = _deps.pyarrow()
+        texts = batch.column(self.text_column).to_pylist()
+        bad = [(k, why) for k, t in enumerate(texts) if (why := bad_reason(t)) is not None]
+        if bad:
+            batch, texts = self._drop_bad(batch, texts, bad)
+        vectors = self.embed(texts)
+        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+        column = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        return batch.append_column(self.output_column, column)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), width) vectors of the output dtype."""
+        vectors = self.encoder.encode(texts, **self.encode_kwargs)
+        return quantize_embeddings(vectors, self.output_dtype, ranges=self.ranges)
+
+    def _drop_bad(self, batch: Any, texts: list[Any],
+                  bad: list[tuple[int, str]]) -> tuple[Any, list[str]]:
+        ids = (batch.column(self.id_column).to_pylist() if self.id_column
+               else [None] * len(texts))
+        if self.on_bad_row == "error":
+            k, why = bad[0]
+            where = f"id {ids[k]!r}" if self.id_column else f"row {k} of a batch"
+            raise InputError(f"{where}: {why}; fix the input or skip such rows "
+                             "(--on-bad-row skip)")
+        if self.skipped_dir:
+            name = Path(self.skipped_dir) / f"{uuid.uuid4().hex}.jsonl"
+            name.write_text("".join(json.dumps({"id": ids[k], "reason": why}, default=str)
+                                    + "\n" for k, why in bad))
+        drop = {k for k, _ in bad}
+        keep = [k for k in range(len(texts)) if k not in drop]
+        return batch.take(keep), [texts[k] for k in keep]
+
+
+def embed_dataset(
+    ds: Any,
+    bundle: str | Path,
+    text_column: str = "text",
+    *,
+    batch_size: int = 1024,
+    concurrency: int | tuple[int, int] | None = None,
+    num_cpus_per_actor: float = 1,
+    num_gpus_per_actor: float = 0,
+    precision: str | None = None,
+    output_column: str = "embedding",
+    output_dtype: str = "float32",
+    ranges: np.ndarray | None = None,
+    on_bad_row: str = "error",
+    id_column: str | None = None,
+    skipped_dir: str | Path | None = None,
+    encode_batch_size: int = 32,
+    ship_bundle: bool = False,
+    udf: type = BundleEmbedder,
+    **encode_kwargs: Any,
+) -> Any:
+    """`ds` with an `output_column` of vectors (fixed-size lists) computed from `text_column`.
+
+    `bundle` is a path every worker node can read (shared storage, or the same path on each
+    node), or, with `ship_bundle=True`, a local path sent once through the object store.
+    `concurrency` is the actor count, fixed or (min, max); by default an autoscaling pool
+    of 1 to one actor per `num_cpus_per_actor` CPUs (per `num_gpus_per_actor` GPUs when
+    > 0) of the cluster. A fixed pool that takes every CPU starves read tasks that need a
+    CPU: read with ``num_cpus=0`` (reading is I/O) or leave CPUs free.
+    `batch_size` rows go to each call (they are length-sorted and batched inside it).
+    `encode_kwargs` go to `Encoder.encode` (prompt, prompt_name, normalize_embeddings,
+    truncate_dim), with `encode_batch_size` as its batch_size. `output_dtype` int8/uint8
+    needs `ranges` ((2, dim), e.g. `calibration_ranges` of a sample). A null or non-str text
+    raises InputError (naming the `id_column` value if given), or with
+    ``on_bad_row="skip"`` the row is dropped (and listed in a file under `skipped_dir`,
+    a folder every worker can write to, if given). `udf` may be a BundleEmbedder subclass.
+    """
+    ray = _deps.need("ray", "embed_dataset")
+    check_precision(output_dtype)
+    if needs_ranges(output_dtype) and ranges is None:
+        raise ValueError(f"output_dtype={output_dtype!r} needs ranges: pass "
+                         "ranges=angle_rt.quantization.calibration_ranges(sample_vectors)")
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if Path(bundle).exists() or ship_bundle:
+        read_manifest(_bundle_dir(Path(bundle)))  # a clear error here, not in every actor
+    threads = max(1, int(num_cpus_per_actor))
+    kwargs = {
+        "output_column": output_column, "threads": threads,
+        "use_gpu": num_gpus_per_actor > 0, "precision": precision,
+        "output_dtype": output_dtype, "on_bad_row": on_bad_row,
+        "ranges": None if ranges is None else np.asarray(ranges, np.float32).tolist(),
+        "encode_kwargs": {**encode_kwargs, "batch_size": encode_batch_size},
+        "skipped_dir": None if skipped_dir is None else str(skipped_dir),
+        "id_column": id_column,
+        "shipped": [ray.put(_pack(Path(bundle)))] if ship_bundle else None,
+    }
+    return ds.map_batches(
+        udf, fn_constructor_args=(str(bundle), text_column), fn_constructor_kwargs=kwargs,
+        batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+        compute=_actor_pool(ray, concurrency, num_cpus_per_actor, num_gpus_per_actor),
+        num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None)
+
+
+def _actor_pool(ray: Any, concurrency: int | tuple[int, int] | None, cpus: float,
+                gpus: float) -> Any:
+    """A fixed pool of `concurrency` actors, an autoscaling (min, max) one, or by default
+    (1, one actor per `cpus` CPUs, or per `gpus` GPUs when > 0, of the cluster)."""
+    if concurrency is None:
+        res = ray.cluster_resources()
+        concurrency = (1, max(1, int(res.get("GPU", 0) // gpus if gpus > 0
+                                     else res.get("CPU", 1) // cpus)))
+    if isinstance(concurrency, tuple):
+        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+    return ray.data.ActorPoolStrategy(size=concurrency)
+
+
+def _bundle_dir(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _pack(bundle: Path) -> dict[str, bytes]:
+    """The bundle's files (relative path → bytes) for the object store."""
+    root = _bundle_dir(bundle)
+    read_manifest(root)
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _unpack(ref: Any) -> str:
+    """Write a shipped bundle once per node (keyed by its manifest's hash); the Encoder
+    then checks every checksum against the manifest."""
+    ray = _deps.need("ray", "embed_dataset")
+    files = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+    key = hashlib.sha256(files[MANIFEST_FILE]).hexdigest()[:16]
+    dest = BUNDLE_CACHE / key
+    if not (dest / MANIFEST_FILE).is_file():
+        BUNDLE_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=BUNDLE_CACHE))
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another actor on this node won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             progress: bool = False) -> Any:
+    """Connect to the Ray cluster at `address`, or start a local one (loopback only)."""
+    if address in (None, "local"):
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+    ray = _deps.need("ray", "--ray")
+    _deps.need("ray.data", "--ray")
+    if not progress:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return ray
+    if address in (None, "local"):
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    return ray
+
+
+def embed_files_on_ray(
+    bundle: str | Path,
+    input: str | Path,
+    output: str | Path,
+    *,
+    address: str | None = None,
+    text_column: str = "text",
+    id_column: str | None = None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    normalize: bool = False,
+    dimensions: int | None = None,
+    precision: str | None = None,
+    output_dtype: str = "float32",
+    on_bad_row: str = "error",
+    overwrite: bool = False,
+    chunk_size: int = 4096,
+    batch_size: int = 32,
+    concurrency: int | tuple[int, int] | None = None,
+    num_cpus_per_actor: float = 1,
+    num_gpus_per_actor: float = 0,
+    num_cpus: int | None = None,
+    ship_bundle: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`angle-rt embed --ray`: INPUT (Parquet, or JSONL / CSV with `id_column`) → OUTPUT, a
+    directory of Parquet files (Ray Data's layout; rows grouped by block, not in input
+    order: join by id) with ``_angle_rt_embed.json``. Staged in ``OUTPUT.partial`` and
+    renamed when complete; a rerun after a failure starts again. Returns the job record."""
+    t0 = time.perf_counter()
+    check_precision(output_dtype)
+    output = Path(output)
+    kind = input_format(Path(input))
+    reader = open_input(input, text_column, id_column)  # columns checked here, on the driver
+    if kind != "parquet" and id_column is None:
+        raise InputError(f"--ray reads {kind} input only with --id-column (row numbers need "
+                         "the Parquet reader); convert it to Parquet or name the id column")
+    encode_kwargs = {"prompt": prompt, "prompt_name": prompt_name, "truncate_dim": dimensions,
+                     "normalize_embeddings": normalize, "batch_size": batch_size}
+    with Encoder(bundle, precision=precision, backend="cpu") as enc:
+        enc.encode([""], **encode_kwargs)
+        template = enc.template(prompt, prompt_name)
+        dim = dimensions or enc.dim
+        ranges = (_calibrate(enc, reader, chunk_size, encode_kwargs)
+                  if needs_ranges(output_dtype) else None)
+        artifact, bundle_dir = enc.artifact.file, enc.bundle
+    fp = {"bundle": {"manifest_sha256": sha256_file(bundle_dir / MANIFEST_FILE),
+                     "artifact": artifact if num_gpus_per_actor == 0 else "gpu"},
+          "input": reader.fingerprint(), "text_column": text_column, "id_column": id_column,
+          "template": template, "normalize": normalize, "dimensions": dimensions,
+          "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
+          "runner": "ray"}
+    if _prepare_dir(output, fp, overwrite):
+        return json.loads((output / w.DIR_META).read_text())
+    staging = output.with_name(output.name + ".partial")
+    skipped_dir = staging / "_skipped"
+    skipped_dir.mkdir(parents=True)
+    ray = init_ray(address, num_cpus, progress)
+    id_name = id_column or "id"
+    ds = _read(ray, reader, kind, text_column, id_column)
+    ds = embed_dataset(ds, bundle, text_column, batch_size=chunk_size, concurrency=concurrency,
+                       num_cpus_per_actor=num_cpus_per_actor,
+                       num_gpus_per_actor=num_gpus_per_actor, precision=precision,
+                       output_dtype=output_dtype, ranges=ranges, on_bad_row=on_bad_row,
+                       id_column=id_name, skipped_dir=skipped_dir, encode_batch_size=batch_size,
+                       ship_bundle=ship_bundle, prompt=prompt, prompt_name=prompt_name,
+                       truncate_dim=dimensions, normalize_embeddings=normalize)
+    ds.select_columns([id_name, "embedding"]).write_parquet(
+        str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
+        ray_remote_args={"num_cpus": 0})
+    meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
+            "dtype": quantized_dtype(output_dtype).str, "dim": dim,
+            "width": quantized_width(dim, output_dtype), "id_column": id_name,
+            "ranges": None if ranges is None else ranges.tolist()}
+    return _finish(output, staging, meta, on_bad_row, t0)
+
+
+def _calibrate(enc: Encoder, reader: Any, chunk_size: int,
+               encode_kwargs: dict[str, Any]) -> np.ndarray:
+    """int8/uint8 ranges from the first chunk's good rows, as the local job calibrates."""
+    for chunk in reader.chunks(chunk_size):
+        texts = [t for t in chunk.texts if bad_reason(t) is None]
+        if len(texts) >= 2:
+            return calibration_ranges(enc.encode(texts, **encode_kwargs))
+    raise InputError("int8/uint8 output needs ≥ 2 good rows in a chunk to calibrate on")
+
+
+def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None) -> Any:
+    """The input as a Dataset of [id, text]: Ray Data's readers, or (Parquet without an id
+    column) one task per row group adding row numbers."""
+    paths = [str(p) for p in reader.files()]
+    if kind == "parquet" and id_column is None:
+        return ray.data.from_items(_row_groups(reader)).map_batches(
+            _read_row_groups, batch_size=1, fn_kwargs={"text_column": text_column},
+            batch_format="pyarrow", num_cpus=0)
+    # Reading is I/O: without num_cpus=0, actors holding every CPU starve the read tasks.
+    if kind == "parquet":
+        ds = ray.data.read_parquet(paths, num_cpus=0)
+    elif kind == "jsonl":
+        ds = ray.data.read_json(paths, lines=True, num_cpus=0)
+    else:
+        ds = ray.data.read_csv(paths, num_cpus=0)
+    return ds.select_columns([id_column, text_column])
+
+
+def _row_groups(reader: Any) -> list[dict[str, Any]]:
+    """One item per Parquet row group with its file and first row number."""
+    pq = _deps.parquet()
+    items, start = [], 0
+    for f in reader.files():
+        meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            items.append({"path": str(f), "group": g, "start": start})
+            start += meta.row_group(g).num_rows
+    return items
+
+
+def _read_row_groups(items: Any, text_column: str) -> Any:
+    pa, pq = _deps.pyarrow(), _deps.parquet()
+    tables = []
+    for path, group, start in zip(items["path"].to_pylist(), items["group"].to_pylist(),
+                                  items["start"].to_pylist(), strict=True):
+        texts = pq.ParquetFile(path).read_row_group(group, columns=[text_column]).column(0)
+        ids = pa.array(np.arange(start, start + len(texts), dtype=np.int64))
+        tables.append(pa.table({"id": ids, text_column: texts}))
+    return pa.concat_tables(tables)
+
+
+def _prepare_dir(output: Path, fp: dict[str, Any], overwrite: bool) -> bool:
+    """True if OUTPUT is this job's complete output; clears what the job may replace."""
+    staging = output.with_name(output.name + ".partial")
+    if output.exists():
+        record = output / w.DIR_META
+        done = json.loads(record.read_text()) if record.is_file() else None
+        if done is not None and done.get("fingerprint") == fp:
+            return True
+        if not overwrite:
+            why = (f"was written with other arguments (differs in: "
+                   f"{', '.join(differences(done.get('fingerprint', {}), fp))})"
+                   if done else "was not written by `angle-rt embed --ray`")
+            raise OutputExistsError(f"{output} {why}; pass --overwrite to replace it")
+        w.remove_output_dir(output)
+    w.remove(output.with_name(output.name + ".skipped.jsonl"))
+    w.remove(staging)  # a failed Ray run restarts from scratch
+    return False
+
+
+def _finish(output: Path, staging: Path, meta: dict[str, Any], on_bad_row: str,
+            t0: float) -> dict[str, Any]:
+    pq = _deps.parquet()
+    files = sorted((staging / "data").glob("*.parquet"))
+    meta["rows"] = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    skipped = _collect_skipped(staging / "_skipped")
+    meta["skipped"] = len(skipped)
+    if on_bad_row == "skip":
+        (staging / w.SKIPPED).write_text("".join(json.dumps(r, default=str) + "\n"
+                                                 for r in skipped))
+    w.atomic_write(staging / "data" / w.DIR_META, json.dumps(meta, indent=1).encode())
+    w.move_if_present(staging / w.SKIPPED,
+                      output.with_name(output.name + ".skipped.jsonl"))
+    os.replace(staging / "data", output)
+    w.remove(staging)
+    meta["seconds"] = time.perf_counter() - t0
+    return meta
+
+
+def _collect_skipped(folder: Path) -> list[dict[str, Any]]:
+    """Skipped rows the actors listed, once each (a retried task lists its rows again)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for f in sorted(folder.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            seen[json.dumps(rec["id"], default=str)] = rec
+    return sorted(seen.values(), key=lambda r: (type(r["id"]).__name__, r["id"]))
+

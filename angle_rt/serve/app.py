@@ -1,0 +1,423 @@
+"""The ASGI application: Starlette routes for the OpenAI and TEI endpoints, behind a small
+ASGI front door (request id, API key, payload limit, metrics, access log)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from angle_rt.errors import ClosedError
+from angle_rt.serve.batcher import Overloaded, Ticket
+from angle_rt.serve.config import ServeConfig
+from angle_rt.serve.metrics import Metrics
+from angle_rt.serve.models import ServedModel
+from angle_rt.serve.protocol import (
+    ApiError,
+    EmbedRequest,
+    dumps,
+    openai_body,
+    parse_json,
+    parse_openai,
+    parse_tei_embed,
+    parse_tokenize,
+)
+
+JSON = "application/json"
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/embed",
+                    "/tokenize", "/info", "/health", "/ready", "/metrics"})
+access_log = logging.getLogger("angle_rt.serve.access")
+log = logging.getLogger("angle_rt.serve")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its vectors were ready."""
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the models, settings, metrics and lifecycle flags."""
+
+    models: dict[str, ServedModel]
+    config: ServeConfig
+    metrics: Metrics
+    ready: bool = False
+    draining: bool = False
+    warmup_error: str | None = None
+    in_flight: int = 0
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="tokenize"))
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready and not self.draining else 0)
+
+    def drain(self) -> None:
+        """Shutdown began: /ready answers 503 from now on."""
+        self.draining = True
+        self.set_ready(self.ready)
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None:
+            return next(iter(self.models.values()))
+        try:
+            return self.models[name]
+        except KeyError:
+            served = ", ".join(self.models)
+            raise ApiError(404, f"The model {name!r} does not exist; this server serves: "
+                                f"{served}", param="model", code="model_not_found") from None
+
+
+@dataclass
+class Timing:
+    """One request's trip, for the timing headers and the access log."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokenization_s: float = 0.0
+    ticket: Ticket | None = None
+    tokens: int = 0
+    characters: int = 0
+
+    def headers(self, compute_type: str) -> dict[str, str]:
+        t = self.ticket
+        total = time.perf_counter() - self.start
+        return {"x-compute-type": compute_type,
+                "x-compute-tokens": str(self.tokens),
+                "x-compute-characters": str(self.characters),
+                "x-total-time": _ms(total),
+                "x-tokenization-time": _ms(self.tokenization_s),
+                "x-queue-time": _ms(t.queue_s if t else 0.0),
+                "x-inference-time": _ms(t.inference_s if t else 0.0)}
+
+
+class Api:
+    """The endpoints."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state, self.cfg = state, state.config
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    async def openai_embeddings(self, request: Request) -> Response:
+        with self._admitted():
+            req = parse_openai(await self._json(request), self.cfg.max_client_batch_size)
+            model = self.state.model(req.model)
+            model.check_dimensions(req.dimensions)
+            vecs, timing = await self._embed(request, model, req, self.cfg.truncate)
+            body = openai_body(model.finish(vecs, req.dimensions), model.name,
+                               req.encoding_format, timing.tokens)
+            return _response(body, timing.headers(model.encoder.artifact.precision))
+
+    async def tei_embed(self, request: Request) -> Response:
+        with self._admitted():
+            req = parse_tei_embed(await self._json(request), self.cfg.max_client_batch_size)
+            model = self.state.model(req.model)
+            model.check_dimensions(req.dimensions)
+            truncate = self.cfg.truncate if req.truncate is None else req.truncate
+            vecs, timing = await self._embed(request, model, req, truncate)
+            normalize = True if req.normalize is None else req.normalize
+            body = dumps(model.finish(vecs, req.dimensions, normalize))
+            return _response(body, timing.headers(model.encoder.artifact.precision))
+
+    async def tokenize(self, request: Request) -> Response:
+        with self._admitted():
+            req = parse_tokenize(await self._json(request), self.cfg.max_client_batch_size)
+            model = self.state.model(req.model)
+            truncate = True if req.truncate is None else req.truncate
+            tokens = await self._off_loop(model.tokens, req, truncate)
+            return _response(dumps(tokens))
+
+    async def _embed(self, request: Request, model: ServedModel, req: EmbedRequest,
+                     truncate: bool) -> tuple[np.ndarray, Timing]:
+        timing = Timing(characters=sum(map(len, req.texts)) if req.texts else 0)
+        rows = await self._off_loop(model.rows, req, truncate)
+        timing.tokenization_s = time.perf_counter() - timing.start
+        timing.tokens = sum(map(len, rows))
+        metrics = self.state.metrics
+        metrics.tokenization.labels(model.name).observe(timing.tokenization_s)
+        try:
+            ticket = timing.ticket = model.batcher.submit(rows)
+        except Overloaded as exc:
+            metrics.rejections.labels("queued_tokens").inc()
+            raise ApiError(429, f"Server overloaded: {exc}; retry later",
+                           code="rate_limit_exceeded",
+                           headers={"retry-after": str(exc.retry_after)}) from None
+        except ClosedError as exc:
+            raise ApiError(503, str(exc), code="shutting_down") from None
+        vecs = await self._wait(request, ticket)
+        metrics.queue.labels(model.name).observe(ticket.queue_s)
+        metrics.inputs.labels(model.name).inc(len(rows))
+        metrics.tokens.labels(model.name).inc(timing.tokens)
+        request.scope["angle_rt"] = {"model": model.name, "inputs": len(rows),
+                                     "tokens": timing.tokens}
+        return vecs, timing
+
+    async def _wait(self, request: Request, ticket: Ticket) -> np.ndarray:
+        """The ticket's vectors; if the client disconnects first, its queued inputs are
+        dropped (the ticket is cancelled)."""
+        result = asyncio.wrap_future(ticket.future)
+        watch = asyncio.ensure_future(_disconnect(request.receive))
+        try:
+            await asyncio.wait((result, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not result.done():  # the client left, or this task was cancelled
+                result.cancel()
+        if result.cancelled():
+            raise ClientGone
+        try:
+            return result.result()
+        except ClosedError as exc:
+            raise ApiError(503, str(exc), code="shutting_down") from None
+        except Exception as exc:
+            log.exception("batch failed")
+            raise ApiError(500, f"inference failed: {type(exc).__name__}: {exc}",
+                           code="inference_failed") from None
+
+    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.state.tokenizer_pool, fn, *args)
+
+    async def _json(self, request: Request) -> Any:
+        limit, chunks, size = self.cfg.payload_limit, [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone from None
+        return parse_json(b"".join(chunks))
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        state = self.state
+        if state.in_flight >= self.cfg.max_concurrent_requests:
+            state.metrics.rejections.labels("concurrent_requests").inc()
+            raise ApiError(429, f"Server overloaded: {state.in_flight} requests in flight "
+                                f"(limit {self.cfg.max_concurrent_requests}); retry later",
+                           code="rate_limit_exceeded", headers={"retry-after": "1"})
+        state.in_flight += 1
+        state.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            state.in_flight -= 1
+            state.metrics.in_flight.dec()
+
+    # -- everything else -----------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        cards = [m.card() for m in self.state.models.values()]
+        return _response(dumps({"object": "list", "data": cards}))
+
+    async def info(self, request: Request) -> Response:
+        model = self.state.model(request.query_params.get("model"))
+        return _response(dumps({**model.info(), "models": list(self.state.models)}))
+
+    async def health(self, request: Request) -> Response:
+        return _response(b'{"status":"ok"}')
+
+    async def ready(self, request: Request) -> Response:
+        s = self.state
+        if s.ready and not s.draining:
+            return _response(b'{"status":"ready"}')
+        why = ("draining" if s.draining else "warm-up failed: " + s.warmup_error
+               if s.warmup_error else "warming up")
+        return _response(dumps({"status": why}), status=503)
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def warm_up(self) -> None:
+        """One batch per model through the real path; then /ready answers 200."""
+        try:
+            for model in self.state.models.values():
+                req = EmbedRequest(["angle-rt warm-up"], None, "input")
+                rows = await self._off_loop(model.rows, req, True)
+                await asyncio.wrap_future(model.batcher.submit(rows).future)
+        except Exception as exc:
+            self.state.warmup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("warm-up failed; /ready stays 503")
+            return
+        self.state.set_ready(True)
+        log.info("ready", extra={"fields": {"models": list(self.state.models)}})
+
+
+def build_app(state: ServerState) -> ASGIApp:
+    """The ASGI app serving `state`'s models."""
+    api = Api(state)
+    post, get = ["POST"], ["GET"]
+    routes = [
+        Route("/v1/embeddings", api.openai_embeddings, methods=post),
+        Route("/embeddings", api.openai_embeddings, methods=post),
+        Route("/v1/models", api.list_models, methods=get),
+        Route("/models", api.list_models, methods=get),
+        Route("/embed", api.tei_embed, methods=post),
+        Route("/tokenize", api.tokenize, methods=post),
+        Route("/info", api.info, methods=get),
+        Route("/health", api.health, methods=get),
+        Route("/ready", api.ready, methods=get),
+        Route("/metrics", api.metrics, methods=get),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        warm = asyncio.create_task(api.warm_up())
+        try:
+            yield
+        finally:
+            state.drain()
+            warm.cancel()
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, _close_models, state)
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: _api_error, HTTPException: _http_error,
+                                        ClientGone: _client_gone, Exception: _server_error})
+    return FrontDoor(app, state)
+
+
+class FrontDoor:
+    """Pure ASGI middleware: request id, API key, payload limit (Content-Length), metrics
+    per route and code, one structured access-log line per request."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+        key = state.config.api_key
+        self._key = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        path = scope["path"]
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()),
+                                      (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            problem = self._gate(path, headers)
+            if problem is None:
+                await self.app(scope, receive, send_with_id)
+            else:
+                await _send_error(send_with_id, problem)
+        finally:
+            self._record(scope, path, status, time.perf_counter() - start, rid)
+
+    def _gate(self, path: str, headers: dict[bytes, bytes]) -> ApiError | None:
+        if self._key is not None and path not in OPEN_PATHS:
+            given = headers.get(b"authorization")
+            if given is None:
+                return ApiError(401, "Missing API key: send `Authorization: Bearer KEY`",
+                                code="invalid_api_key",
+                                headers={"www-authenticate": "Bearer"})
+            if not hmac.compare_digest(given, self._key):
+                return ApiError(401, "Incorrect API key provided", code="invalid_api_key",
+                                headers={"www-authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        limit = self.state.config.payload_limit
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _too_large(limit)
+        return None
+
+    def _record(self, scope: Scope, path: str, status: int, seconds: float, rid: str) -> None:
+        route = path if path in ROUTES else "other"
+        m = self.state.metrics
+        m.requests.labels(route, str(status)).inc()
+        m.request_seconds.labels(route).observe(seconds)
+        if self.state.config.access_log:
+            client = scope.get("client")
+            fields = {"method": scope["method"], "path": path, "status": status,
+                      "ms": round(seconds * 1000, 2), "request_id": rid,
+                      "client": f"{client[0]}:{client[1]}" if client else None,
+                      **scope.get("angle_rt", {})}
+            access_log.info("request", extra={"fields": fields})
+
+
+def _close_models(state: ServerState) -> None:
+    for model in state.models.values():
+        model.close(timeout=state.config.graceful_timeout)
+    state.tokenizer_pool.shutdown(wait=False)
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than this server's limit of {limit} "
+                         "bytes (--payload-limit)", code="payload_too_large")
+
+
+def _response(body: bytes, headers: dict[str, str] | None = None,
+              status: int = 200) -> Response:
+    return Response(body, status_code=status, headers=headers, media_type=JSON)
+
+
+def _error_response(err: ApiError) -> Response:
+    return Response(err.body(), status_code=err.status, headers=err.headers, media_type=JSON)
+
+
+async def _send_error(send: Send, err: ApiError) -> None:
+    headers = [(b"content-type", JSON.encode())]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in err.headers.items()]
+    body = err.body()
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = (f"No route {request.method} {request.url.path}" if exc.status_code == 404
+               else f"{request.method} is not allowed on {request.url.path}"
+               if exc.status_code == 405 else str(exc.detail))
+    return _error_response(ApiError(exc.status_code, message, code=code,
+                                    headers=exc.headers))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _error_response(ApiError(500, f"internal error: {type(exc).__name__}",
+                                    code="internal_error"))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"

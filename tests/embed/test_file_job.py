@@ -1,0 +1,389 @@
+"""`angle-rt embed`: every input format, output format and dtype, resume, bad rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from angle_rt.embed import InputError, OutputExistsError, embed_file
+from angle_rt.embed import job as job_mod
+from angle_rt.embed import writers as w
+from angle_rt.embed.cli import add_embed_parser, main
+from angle_rt.postprocess import cosine_rows
+from angle_rt.quantization import PRECISIONS
+from tests.embed._util import read_output
+
+ROOT = Path(__file__).resolve().parents[2]
+INPUTS = ["corpus.parquet", "parts", "corpus.jsonl", "corpus.csv", "corpus.txt"]
+
+
+def _ids(sentences: list[str], kind: str) -> list:
+    return list(range(len(sentences))) if kind == "corpus.txt" else \
+        [f"doc-{i}" for i in range(len(sentences))]
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_each_input_format_gives_encode_vectors_and_ids(tiny_bert_bundle, tiny_encoder,
+                                                        corpus_dir, sentences, tmp_path, name):
+    id_column = None if name == "corpus.txt" else "id"
+    out = tmp_path / "out.parquet"
+    r = embed_file(tiny_bert_bundle, corpus_dir / name, out, id_column=id_column,
+                   chunk_size=1000)
+    ids, vecs, meta = read_output(out, id_column or "id")
+    assert r.rows == len(sentences) and r.skipped == 0
+    assert ids == _ids(sentences, name)
+    assert cosine_rows(vecs, tiny_encoder.encode(sentences)).min() >= 0.99999
+    assert meta["rows"] == len(sentences) and meta["output_dtype"] == "float32"
+
+
+def test_output_formats_hold_the_same_rows(tiny_bert_bundle, corpus_dir, tmp_path, sentences):
+    """.parquet (one row group per chunk, fixed-size list of float32), .npy and a directory of
+    Parquet parts: the same ids and bit-identical vectors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    got = {}
+    for name in ("out.parquet", "out.npy", "out_dir"):
+        embed_file(tiny_bert_bundle, corpus_dir / "corpus.parquet", tmp_path / name,
+                   chunk_size=1000)
+        got[name] = read_output(tmp_path / name)
+        assert not (tmp_path / f"{name}.partial").exists()
+    f = pq.ParquetFile(tmp_path / "out.parquet")
+    assert f.metadata.num_row_groups == 3
+    assert f.schema_arrow.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert f.schema_arrow.field("id").type == pa.int64()
+    assert len(list((tmp_path / "out_dir").glob("part-*.parquet"))) == 3
+    ref_ids, ref_vecs, _ = got["out.parquet"]
+    assert ref_ids == list(range(len(sentences)))
+    for ids, vecs, meta in got.values():
+        assert ids == ref_ids
+        np.testing.assert_array_equal(vecs, ref_vecs)
+        assert meta["fingerprint"]["chunk_size"] == 1000
+
+
+@pytest.fixture(scope="module")
+def float_vectors(tiny_bert_bundle, corpus_dir, tmp_path_factory) -> np.ndarray:
+    out = tmp_path_factory.mktemp("f32") / "f32.parquet"
+    embed_file(tiny_bert_bundle, corpus_dir / "corpus.parquet", out, chunk_size=1000)
+    return read_output(out)[1]
+
+
+@pytest.mark.parametrize("dtype", [p for p in PRECISIONS if p != "float32"])
+def test_output_dtype_equals_reference_quantization(tiny_bert_bundle, corpus_dir, tmp_path,
+                                                    float_vectors, dtype):
+    """Each --output-dtype is sentence-transformers' quantize_embeddings of the float32
+    vectors, int8/uint8 with ranges calibrated on the first chunk (in the metadata)."""
+    from sentence_transformers.util import quantize_embeddings as st_quantize
+
+    src, ref = corpus_dir / "corpus.parquet", float_vectors
+    embed_file(tiny_bert_bundle, src, tmp_path / "q.parquet", chunk_size=1000,
+               output_dtype=dtype)
+    _, got, meta = read_output(tmp_path / "q.parquet")
+    if dtype == "float16":
+        expected = ref.astype(np.float16)
+    else:
+        expected = st_quantize(ref, dtype, calibration_embeddings=ref[:1000])
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    if dtype in ("int8", "uint8"):
+        np.testing.assert_array_equal(np.asarray(meta["ranges"], np.float32),
+                                      np.vstack([ref[:1000].min(0), ref[:1000].max(0)]))
+    else:
+        assert meta["ranges"] is None
+
+
+def test_prompt_dimensions_normalize(tiny_bert_bundle, tiny_encoder, corpus_dir, tmp_path,
+                                     sentences):
+    out = tmp_path / "out.npy"
+    embed_file(tiny_bert_bundle, corpus_dir / "corpus.txt", out, prompt="query: ",
+               dimensions=16, normalize=True, chunk_size=1000)
+    _, vecs, meta = read_output(out)
+    ref = tiny_encoder.encode(sentences, prompt="query: ", truncate_dim=16,
+                              normalize_embeddings=True)
+    assert vecs.shape == (len(sentences), 16)
+    assert cosine_rows(vecs, ref).min() >= 0.99999
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert meta["fingerprint"]["template"] == "query: " and meta["dim"] == 16
+
+
+# --- resume ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory, sentences) -> Path:
+    """2 × STS-B test (5,516 rows): long enough to kill a run mid-way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path_factory.mktemp("big") / "big.parquet"
+    texts = sentences * 2
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=2000)
+    return path
+
+
+def _kill_mid_run(cmd: list[str], staging: Path, timeout: float = 90) -> None:
+    """Start `cmd`, wait until its first chunk is recorded on disk, SIGKILL it."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = staging / w.STATE
+            if state.exists() and json.loads(state.read_text())["parts"] >= 1:
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before the kill: {proc.stderr.read()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name.replace(out.name, "OUT"): p.read_bytes()
+            for p in sorted(out.parent.glob(out.name + "*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", pytest.param(".npy", marks=pytest.mark.slow)])
+def test_resume_after_kill_gives_the_uninterrupted_file(tiny_bert_bundle, big_corpus, tmp_path,
+                                                        suffix):
+    args = ["--chunk-size", "128", "--no-progress", "-q"]
+    ref = tmp_path / "ref" / f"vectors{suffix}"
+    ref.parent.mkdir()
+    assert main([str(tiny_bert_bundle), str(big_corpus), str(ref), *args]) == 0
+    out = tmp_path / "run" / f"vectors{suffix}"
+    out.parent.mkdir()
+    cmd = [sys.executable, "-m", "angle_rt.embed", str(tiny_bert_bundle), str(big_corpus),
+           str(out), *args]
+    _kill_mid_run(cmd, out.with_name(out.name + ".partial"))
+    assert not out.exists()
+    state = json.loads((out.with_name(out.name + ".partial") / w.STATE).read_text())
+    assert 0 < state["rows_read"] < 5516
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _files(out) == _files(ref)
+    ids, _, _ = read_output(out)
+    assert ids == list(range(5516))
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_on(monkeypatch, target, name: str, call: int) -> None:
+    """Make `target.name` raise _Crash on its `call`-th call (a kill at that point)."""
+    real, n = getattr(target, name), [0]
+
+    def wrapped(*a, **k):
+        n[0] += 1
+        if n[0] == call:
+            raise _Crash(f"{name} call {call}")
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+CRASH_POINTS = [
+    ("chunk staged, state not saved", job_mod, "_save_state", 3),
+    ("state saved, next chunk half done", job_mod, "quantize_embeddings", 3),
+    ("skipped list written, state not saved", job_mod, "_append_skipped", 2),
+    ("during finalize", w, "move_if_present", 1),
+    ("after finalize, before cleanup", job_mod, "_finish_side_files", 1),
+]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
+def test_a_crash_at_any_point_resumes_to_the_same_output(tiny_bert_bundle, corpus_dir, tmp_path,
+                                                         monkeypatch, suffix):
+    src = tmp_path / "in.jsonl"
+    lines = (corpus_dir / "corpus.jsonl").read_text().splitlines()[:600]
+    lines[130] = '{"id": "bad-1", "text": null}'
+    lines[450] = '{"id": "bad-2", "text": 7}'
+    src.write_text("\n".join(lines) + "\n")
+    kw = {"id_column": "id", "chunk_size": 100, "on_bad_row": "skip", "output_dtype": "int8"}
+    ref = tmp_path / "ref" / f"out{suffix}"
+    ref.parent.mkdir()
+    embed_file(tiny_bert_bundle, src, ref, **kw)
+    for i, (what, target, name, call) in enumerate(CRASH_POINTS):
+        out = tmp_path / f"run{i}" / f"out{suffix}"
+        out.parent.mkdir()
+        with monkeypatch.context() as m:
+            _crash_on(m, target, name, call)
+            with pytest.raises(_Crash):
+                embed_file(tiny_bert_bundle, src, out, **kw)
+        r = embed_file(tiny_bert_bundle, src, out, **kw)
+        assert r.rows == 598 and r.skipped == 2, what
+        got, want = _files(out), _files(ref)
+        if suffix == "":  # a directory: compare the files inside
+            got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+            want = {p.name: p.read_bytes() for p in sorted(ref.iterdir())}
+            assert _files(out.with_name("out.skipped.jsonl")) == \
+                _files(ref.with_name("out.skipped.jsonl"))
+        assert got == want, what
+        assert not out.with_name(out.name + ".partial").exists(), what
+
+
+def test_rerun_of_a_complete_job_does_nothing(tiny_bert_bundle, corpus_dir, tmp_path):
+    out = tmp_path / "out.parquet"
+    embed_file(tiny_bert_bundle, corpus_dir / "corpus.csv", out, id_column="id")
+    before = out.read_bytes()
+    r = embed_file(tiny_bert_bundle, corpus_dir / "corpus.csv", out, id_column="id")
+    assert r.complete_before and r.rows == 2758 and out.read_bytes() == before
+
+
+# --- refusals and bad input -----------------------------------------------------------
+
+def test_output_from_other_arguments_is_refused_unless_overwrite(tiny_bert_bundle, corpus_dir,
+                                                                 tmp_path, capsys):
+    out = tmp_path / "out.parquet"
+    src = str(corpus_dir / "corpus.parquet")
+    assert main([str(tiny_bert_bundle), src, str(out), "-q"]) == 0
+    assert main([str(tiny_bert_bundle), src, str(out), "--output-dtype", "int8", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "other arguments" in err and "output_dtype" in err and "--overwrite" in err
+    assert main([str(tiny_bert_bundle), src, str(out), "--output-dtype", "int8", "-q",
+                 "--overwrite"]) == 0
+    assert read_output(out)[2]["output_dtype"] == "int8"
+    foreign = tmp_path / "foreign.npy"
+    np.save(foreign, np.zeros(3))
+    with pytest.raises(OutputExistsError, match="not written by `angle-rt embed`"):
+        embed_file(tiny_bert_bundle, src, foreign)
+    assert embed_file(tiny_bert_bundle, src, foreign, overwrite=True).rows == 2758
+    folder = tmp_path / "my_documents"  # a mistyped OUTPUT: never deleted
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="not replacing it even with --overwrite"):
+        embed_file(tiny_bert_bundle, src, folder, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "years of work"
+
+
+def test_interrupted_run_with_other_arguments_is_refused(tiny_bert_bundle, corpus_dir, tmp_path,
+                                                         monkeypatch):
+    out = tmp_path / "out.parquet"
+    src = corpus_dir / "corpus.parquet"
+    with monkeypatch.context() as m:
+        _crash_on(m, job_mod, "_save_state", 3)
+        with pytest.raises(_Crash):
+            embed_file(tiny_bert_bundle, src, out, chunk_size=500)
+    with pytest.raises(OutputExistsError, match=r"interrupted run .*chunk_size"):
+        embed_file(tiny_bert_bundle, src, out, chunk_size=1000)
+    r = embed_file(tiny_bert_bundle, src, out, chunk_size=1000, overwrite=True)
+    assert r.rows == 2758 and r.resumed_from == 0
+    assert pytest.importorskip("pyarrow.parquet").ParquetFile(out).metadata.num_row_groups == 3
+
+
+BAD_ROWS = {5: '{"id": "d5", "text": null}', 9: '{"id": "d9", "text": 42}',
+            12: '{"id": "d12"}', 20: '{"id": "d20", "text": "\\ud800 lone"}',
+            30: '{"id": null, "text": "no id"}'}
+
+
+@pytest.fixture()
+def bad_jsonl(tmp_path) -> Path:
+    lines = [json.dumps({"id": f"d{i}", "text": f"sentence number {i}"}) for i in range(40)]
+    for row, line in BAD_ROWS.items():
+        lines[row] = line
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_row_error_names_row_and_id(tiny_bert_bundle, bad_jsonl, tmp_path, capsys):
+    code = main([str(tiny_bert_bundle), str(bad_jsonl), str(tmp_path / "o.parquet"),
+                 "--id-column", "id", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "row 5 (id 'd5'): null text" in err and "--on-bad-row skip" in err
+
+
+def test_bad_rows_skipped_are_listed(tiny_bert_bundle, tiny_encoder, bad_jsonl, tmp_path):
+    out = tmp_path / "o.parquet"
+    r = embed_file(tiny_bert_bundle, bad_jsonl, out, id_column="id", on_bad_row="skip",
+                   chunk_size=16)
+    assert (r.rows, r.skipped) == (35, 5)
+    listed = [json.loads(x) for x in
+              (tmp_path / "o.parquet.skipped.jsonl").read_text().splitlines()]
+    assert [(s["row"], s["id"]) for s in listed] == [(5, "d5"), (9, "d9"), (12, "d12"),
+                                                    (20, "d20"), (30, None)]
+    assert [s["reason"] for s in listed] == [
+        "null text", "text is int, not str", "null text",
+        "text is not valid Unicode (lone surrogate)", "null id"]
+    ids, vecs, meta = read_output(out)
+    good = [i for i in range(40) if i not in BAD_ROWS]
+    assert ids == [f"d{i}" for i in good] and meta["skipped"] == 5
+    ref = tiny_encoder.encode([f"sentence number {i}" for i in good])
+    assert cosine_rows(vecs, ref).min() >= 0.99999
+
+
+@pytest.mark.parametrize(("name", "flags", "message"), [
+    ("corpus.parquet", ["--text-column", "body"], r"no column 'body' \(--text-column\); its "
+     r"columns: 'id', 'text', 'score'"),
+    ("corpus.jsonl", ["--id-column", "key"], r"no column 'key' \(--id-column\); its columns: "
+     r"'id', 'text'"),
+    ("corpus.csv", ["--text-column", "body"], r"its columns: 'id', 'text'"),
+    ("corpus.txt", ["--id-column", "id"], "no columns, so --id-column does not apply"),
+    ("corpus.parquet", ["--text-column", "score"], "'score' is int64, not a string column"),
+])
+def test_missing_or_wrong_column_names_the_columns(tiny_bert_bundle, corpus_dir, tmp_path,
+                                                   capsys, name, flags, message):
+    code = main([str(tiny_bert_bundle), str(corpus_dir / name), str(tmp_path / "o.npy"),
+                 *flags, "-q"])
+    assert code == 1
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+    with pytest.raises(InputError):
+        embed_file(tiny_bert_bundle, corpus_dir / name, tmp_path / "o.npy",
+                   **{f.lstrip("-").replace("-", "_"): v for f, v in [flags]})
+
+
+def test_bad_arguments_exit_2(tiny_bert_bundle, corpus_dir, tmp_path, capsys):
+    src = str(corpus_dir / "corpus.txt")
+    assert main([str(tiny_bert_bundle), src, str(tmp_path / "o.csv")]) == 2
+    assert "unknown output format" in capsys.readouterr().err
+    assert main([str(tiny_bert_bundle), src, str(tmp_path / "o.npy"), "--dimensions", "999"]) \
+        == 2
+    assert "truncate_dim" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), src, str(tmp_path / "o.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_subcommand_wiring(tiny_bert_bundle, corpus_dir, tmp_path):
+    """What `angle-rt` does: add_embed_parser on its subparsers, then args.func(args)."""
+    parser = argparse.ArgumentParser(prog="angle-rt")
+    add_embed_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["embed", str(tiny_bert_bundle), str(corpus_dir / "corpus.txt"),
+                              str(tmp_path / "o.npy"), "--output-dtype", "ubinary", "-q"])
+    assert args.func(args) == 0
+    _, vecs, _ = read_output(tmp_path / "o.npy")
+    assert vecs.shape == (2758, 4) and vecs.dtype == np.uint8
+
+
+def test_minilm_parquet_to_parquet_with_progress(minilm_bundle, sentences, tmp_path):
+    """The real model through the command as users run it: vectors equal Encoder.encode,
+    ids kept, a tqdm bar with sent/s on stderr (600 sentences: MiniLM is slow on 2 cores)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from angle_rt import Encoder
+
+    texts = sentences[:600]
+    src, out = tmp_path / "corpus.parquet", tmp_path / "vectors.parquet"
+    pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(600)], "text": texts}), src)
+    cmd = [sys.executable, "-m", "angle_rt.embed", str(minilm_bundle), str(src), str(out),
+           "--id-column", "id", "--chunk-size", "256", "--progress"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "sent/s" in run.stderr and "wrote 600 vectors (384-d, float32)" in run.stderr
+    ids, vecs, _ = read_output(out)
+    assert ids == [f"doc-{i}" for i in range(600)]
+    with Encoder(minilm_bundle) as enc:
+        ref = enc.encode(texts)
+    assert cosine_rows(vecs, ref).min() >= 0.99999

@@ -1,0 +1,136 @@
+"""angle_rt.ray on a local Ray (2 CPUs, loopback only): embed_dataset with 2 actors, a worker
+killed mid-job, and `angle-rt embed --ray` against the local job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from angle_rt.postprocess import cosine_rows
+from tests.embed._util import read_output
+
+ray = pytest.importorskip("ray", reason="Ray tests need angle-rt[ray]")
+# Ray Data's own deprecated settings, warned about when its DataContext is copied to workers
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+
+from angle_rt.ray import BundleEmbedder, embed_dataset  # noqa: E402
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """TimeoutError in this (main) thread after `seconds`: a stuck Ray job fails the test
+    instead of hanging the suite."""
+    def expire(signum, frame):
+        raise TimeoutError(f"Ray job still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # loopback only
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def test_embed_dataset_two_actors_survives_a_killed_worker(local_ray, tiny_bert_bundle,
+                                                           tiny_encoder, sentences, tmp_path):
+    """2,758 sentences through 2 actors; one actor process is SIGKILLed on its second batch
+    (once): Ray restarts it and retries the task, and every id comes back exactly once with
+    Encoder.encode's vector."""
+    marker = tmp_path / "killed"
+
+    class KilledOnce(BundleEmbedder):
+        calls = 0
+
+        def __call__(self, batch):
+            self.calls += 1
+            if self.calls == 2 and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(batch)
+
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(sentences)],
+                             override_num_blocks=8)
+    with deadline(120):
+        out = embed_dataset(ds, tiny_bert_bundle, "text", batch_size=256, concurrency=2,
+                            udf=KilledOnce).to_arrow_refs()
+        table = __import__("pyarrow").concat_tables(ray.get(out))
+    assert marker.exists(), "no worker was killed"
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == list(range(len(sentences)))  # each id exactly once
+    emb = table.column("embedding").combine_chunks()
+    vecs = emb.flatten().to_numpy().reshape(-1, emb.type.list_size)
+    joined = vecs[np.argsort(ids)]
+    assert cosine_rows(joined, tiny_encoder.encode(sentences)).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_cli_ray_equals_the_local_job(local_ray, tiny_bert_bundle, corpus_dir, tmp_path):
+    """`--ray` on Parquet without an id column (row numbers), int8 and --on-bad-row skip:
+    the same ids, vectors and skipped list as the local command."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from angle_rt.embed.cli import main
+
+    texts = pq.read_table(corpus_dir / "corpus.parquet").column("text").to_pylist()
+    texts[3], texts[1500] = None, None
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"text": texts[:2000]}), src / "a.parquet", row_group_size=500)
+    pq.write_table(pa.table({"text": texts[2000:]}), src / "b.parquet", row_group_size=500)
+    flags = ["--output-dtype", "int8", "--on-bad-row", "skip", "--chunk-size", "500", "-q"]
+    assert main([str(tiny_bert_bundle), str(src), str(tmp_path / "local.parquet"), *flags]) == 0
+    with deadline(180):
+        assert main([str(tiny_bert_bundle), str(src), str(tmp_path / "ray_out"), *flags,
+                     "--ray", "--ray-actors", "2"]) == 0
+    local_ids, local_vecs, local_meta = read_output(tmp_path / "local.parquet")
+    ids, vecs, meta = read_output(tmp_path / "ray_out")
+    order = np.argsort(ids)
+    assert [ids[i] for i in order] == local_ids
+    np.testing.assert_array_equal(vecs[order], local_vecs)
+    assert meta["ranges"] == local_meta["ranges"] and meta["skipped"] == 2
+    skipped = [json.loads(x)["id"] for x in
+               (tmp_path / "ray_out.skipped.jsonl").read_text().splitlines()]
+    assert skipped == [3, 1500]
+    # rerun: complete already; other arguments: refused
+    assert main([str(tiny_bert_bundle), str(src), str(tmp_path / "ray_out"), *flags,
+                 "--ray"]) == 0
+    assert main([str(tiny_bert_bundle), str(src), str(tmp_path / "ray_out"), "--ray",
+                 "-q"]) == 2
+
+
+@pytest.mark.slow
+def test_ship_bundle_and_id_column(local_ray, tiny_bert_bundle, tiny_encoder, corpus_dir,
+                                   tmp_path, sentences):
+    """JSONL with --id-column read by Ray's JSON reader; the bundle sent through the object
+    store (workers read it from a per-node cache, checksums checked)."""
+    from angle_rt.ray import embed_files_on_ray
+
+    with deadline(180):
+        meta = embed_files_on_ray(tiny_bert_bundle, corpus_dir / "corpus.jsonl",
+                                  tmp_path / "out", id_column="id", concurrency=2,
+                                  ship_bundle=True, normalize=True, chunk_size=1000)
+    assert meta["rows"] == len(sentences)
+    ids, vecs, _ = read_output(tmp_path / "out")
+    by_id = dict(zip(ids, vecs, strict=True))
+    joined = np.stack([by_id[f"doc-{i}"] for i in range(len(sentences))])
+    ref = tiny_encoder.encode(sentences, normalize_embeddings=True)
+    assert cosine_rows(joined, ref).min() >= 0.99999
+    assert Path(tmp_path / "out" / "_angle_rt_embed.json").is_file()

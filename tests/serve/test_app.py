@@ -1,0 +1,159 @@
+"""The ASGI app in-process (Starlette's TestClient) on the tiny bundle: TEI endpoints, several
+models, prompts, token ids, index pooling, readiness, routing errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from angle_rt import Encoder
+from angle_rt.serve.app import ServerState, build_app
+from angle_rt.serve.config import ModelSpec, ServeConfig
+from angle_rt.serve.metrics import Metrics
+from angle_rt.serve.server import open_models
+
+
+@contextmanager
+def app_for(bundles: dict[str, Path], **settings) -> Iterator[tuple[TestClient, ServerState]]:
+    config = ServeConfig(models=[ModelSpec(n, p) for n, p in bundles.items()],
+                         access_log=False, **settings)
+    metrics = Metrics()
+    state = ServerState(open_models(config, metrics), config, metrics)
+    with TestClient(build_app(state)) as client:
+        deadline = time.monotonic() + 30
+        while not state.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.ready, state.warmup_error
+        yield client, state
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert_bundle) -> Iterator[tuple[TestClient, ServerState]]:
+    with app_for({"tiny": tiny_bert_bundle}) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_bert_bundle) -> Iterator[Encoder]:
+    with Encoder(tiny_bert_bundle) as e:
+        yield e
+
+
+TEXTS = ["A man is playing a guitar.", "Someone plays music.", "", "多语言 text ✓"]
+
+
+def test_tei_embed_normalize_and_dimensions(tiny, enc):
+    client, _ = tiny
+    raw = client.post("/embed", json={"inputs": TEXTS, "normalize": False})
+    assert raw.status_code == 200
+    np.testing.assert_allclose(raw.json(), enc.encode(TEXTS), atol=2e-6)
+    unit = np.array(client.post("/embed", json={"inputs": TEXTS}).json())
+    np.testing.assert_allclose(unit, enc.encode(TEXTS, normalize_embeddings=True), atol=2e-6)
+    cut = np.array(client.post("/embed", json={"inputs": "one", "dimensions": 8}).json())
+    np.testing.assert_allclose(cut, enc.encode(["one"], truncate_dim=8,
+                                               normalize_embeddings=True), atol=2e-6)
+    r = client.post("/embed", json={"inputs": TEXTS})
+    for header in ("x-compute-tokens", "x-total-time", "x-tokenization-time", "x-queue-time",
+                   "x-inference-time", "x-request-id"):
+        assert header in r.headers
+
+
+def test_prompts_as_encode_applies_them(tiny, enc):
+    client, _ = tiny
+    for extra, kwargs in (({"prompt_name": "C"}, {"prompt_name": "C"}),
+                          ({"prompt": "query: "}, {"prompt": "query: "})):
+        r = client.post("/v1/embeddings", json={"input": TEXTS[:2], **extra,
+                                                "encoding_format": "float"})
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        np.testing.assert_allclose(got, enc.encode(TEXTS[:2], **kwargs), atol=2e-6)
+
+
+def test_tokenize_info_and_models(tiny, enc):
+    client, _ = tiny
+    toks = client.post("/tokenize", json={"inputs": TEXTS[:2]}).json()
+    assert [[t["id"] for t in row] for row in toks] == enc.tokenize(TEXTS[:2], None)
+    assert toks[0][0] == {"id": 101, "text": "[CLS]", "special": True, "start": None,
+                          "stop": None}
+    bare = client.post("/tokenize", json={"inputs": "hi", "add_special_tokens": False}).json()
+    assert [t["text"] for t in bare[0]] == ["hi"]
+    info = client.get("/info").json()
+    assert info["model_id"] == "tiny" and info["dim"] == enc.dim
+    assert info["max_input_length"] == 64 and info["pooling"] == "mean"
+    assert info["backend"] == "onnxruntime-cpu" and "results" in info["parity"]
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+
+
+def test_token_ids_past_max_length_are_cut_keeping_sep(tiny, enc):
+    client, _ = tiny
+    text = "the " * 100
+    ids = enc.tokenizer.backend.encode(text).ids  # untruncated: 102 ids
+    assert len(ids) > 64
+    r = client.post("/v1/embeddings", json={"input": ids, "encoding_format": "float"})
+    assert r.json()["usage"]["prompt_tokens"] == 64
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], enc.encode(text), atol=2e-6)
+
+
+def test_several_models_select_by_name(tiny_bert_bundle):
+    with app_for({"a": tiny_bert_bundle, "b": tiny_bert_bundle}) as (client, _):
+        assert client.post("/v1/embeddings", json={"input": "x", "model": "b"}).json()[
+            "model"] == "b"
+        assert client.post("/v1/embeddings", json={"input": "x"}).json()["model"] == "a"
+        r = client.post("/v1/embeddings", json={"input": "x", "model": "c"})
+        assert r.status_code == 404 and "a, b" in r.json()["error"]["message"]
+        assert client.get("/info", params={"model": "b"}).json()["model_id"] == "b"
+
+
+def test_empty_string_refused_where_pooling_cannot_take_one(tiny_bert_bundle, tmp_path):
+    """A bundle pooling at token 3 needs 4 tokens; "" has 2 ([CLS] [SEP])."""
+    bundle = tmp_path / "index-pooling"
+    shutil.copytree(tiny_bert_bundle, bundle)
+    manifest = json.loads((bundle / "angle_rt.json").read_text())
+    manifest["pooling"] = "3"
+    (bundle / "angle_rt.json").write_text(json.dumps(manifest))
+    with app_for({"idx": bundle}) as (client, _):
+        r = client.post("/v1/embeddings", json={"input": ["a full sentence", ""]})
+        err = r.json()["error"]
+        assert r.status_code == 422 and "input[1]" in err["message"] and err["param"] == "input"
+        r = client.post("/v1/embeddings", json={"input": [[101, 102]]})
+        assert r.status_code == 422 and "input[0]" in r.json()["error"]["message"]
+        assert client.post("/v1/embeddings", json={"input": "a full sentence"}).status_code \
+            == 200
+
+
+def test_ready_turns_503_while_draining_health_stays(tiny_bert_bundle):
+    with app_for({"tiny": tiny_bert_bundle}) as (client, state):
+        assert client.get("/ready").status_code == 200
+        state.drain()
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.json() == {"status": "draining"}
+        assert client.get("/health").status_code == 200
+        assert "angle_rt_ready 0.0" in client.get("/metrics").text
+
+
+def test_routing_errors_in_openai_shape(tiny):
+    client, _ = tiny
+    r = client.get("/v1/embeddings")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = client.post("/v2/nothing", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.post("/tokenize", json={"inputs": [[1, 2]]})
+    assert r.status_code == 422
+
+
+def test_metrics_list_every_documented_family(tiny):
+    from angle_rt.serve.metrics import DESCRIPTIONS
+
+    client, _ = tiny
+    client.post("/v1/embeddings", json={"input": ["m"]})
+    text = client.get("/metrics").text
+    for name in DESCRIPTIONS:
+        assert f"# HELP {name.removesuffix('_total')}" in text, name

@@ -1,0 +1,223 @@
+"""The batcher alone, on a fake session: token budget, FIFO between windows, cancellation,
+error isolation, admission, drain; then on a real Encoder against `encode`."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from angle_rt import ClosedError, Encoder
+from angle_rt.batching import plan_batches
+from angle_rt.serve.batcher import Batcher, Overloaded
+
+DIM = 4
+POISON = 666
+
+
+class FakeSession:
+    """run_batch stand-in: row → [len, first id, last id, batch number]; records batches;
+    blocks while `gate` is clear; raises on a row holding POISON."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.delay, self.running, self.most_running = delay, 0, 0
+        self._lock = threading.Lock()
+
+    def run_batch(self, rows):
+        with self._lock:
+            self.batches.append([list(r) for r in rows])
+            number = len(self.batches)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        self.entered.set()
+        try:
+            assert self.gate.wait(10), "test gate never opened"
+            time.sleep(self.delay)
+            if any(POISON in r for r in rows):
+                raise RuntimeError("poisoned batch")
+            return np.array([[len(r), r[0], r[-1], number] for r in rows], dtype=np.float32)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def make(fake: FakeSession, budget: int = 64, **kw) -> Batcher:
+    kw.setdefault("max_batch_size", 8)
+    return Batcher(fake.run_batch, lambda lengths, bs: plan_batches(lengths, bs, budget),
+                   DIM, max_batch_tokens=budget, **kw)
+
+
+def hold(fake: FakeSession, batcher: Batcher) -> None:
+    """Park the worker inside a first batch, so what is submitted next queues up."""
+    fake.gate.clear()
+    fake.entered.clear()
+    batcher.submit([[0]])
+    assert fake.entered.wait(5)
+
+
+def rows_of(lengths, start: int = 0) -> list[list[int]]:
+    return [[start + i] * n for i, n in enumerate(lengths)]
+
+
+def check(ticket, rows) -> None:
+    out = ticket.future.result(10)
+    assert out.shape == (len(rows), DIM)
+    for vec, row in zip(out, rows, strict=True):
+        assert vec[:3].tolist() == [len(row), row[0], row[-1]]
+
+
+def test_token_budget_and_batch_cap_hold_and_vectors_go_home():
+    rng = np.random.default_rng(0)
+    fake = FakeSession()
+    with make(fake, budget=64) as b:
+        hold(fake, b)
+        requests = [rows_of(rng.integers(1, 40, size=rng.integers(1, 12)).tolist(), 100 * k)
+                    for k in range(40)]
+        tickets = [b.submit(r) for r in requests]
+        assert b.queued_items == sum(map(len, requests))
+        fake.gate.set()
+        for ticket, rows in zip(tickets, requests, strict=True):
+            check(ticket, rows)
+        assert b.queued_items == 0 and b.queued_tokens == 0
+    for batch in fake.batches[1:]:
+        assert len(batch) <= 8
+        assert len(batch) == 1 or len(batch) * max(map(len, batch)) <= 64
+
+
+def test_fifo_between_windows_under_a_flood_of_long_texts():
+    """A short text queued behind long ones runs before anything queued a window after it;
+    sorting the whole queue by length would run every long text first."""
+    fake = FakeSession()
+    with make(fake, budget=64, window_batches=2) as b:  # window: 16 items
+        hold(fake, b)
+        before = [b.submit([[1] * 30]) for _ in range(40)]
+        short = b.submit([[7, 7]])
+        after = [b.submit([[2] * 30]) for _ in range(40)]
+        fake.gate.set()
+        short.future.result(10)
+        for t in before + after:
+            t.future.result(10)
+    batch_of = {}
+    for n, batch in enumerate(fake.batches):
+        for row in batch:
+            batch_of.setdefault(row[0], []).append(n)
+    short_batch = batch_of[7][0]
+    later = sorted(batch_of[2])
+    # only items of `after` that shared the short text's window (16 items) may run first
+    assert sum(n < short_batch for n in later) <= 15
+    assert short_batch < later[-1] and max(batch_of[1]) <= short_batch + 1
+
+
+def test_cancelled_requests_are_dropped_and_uncounted():
+    fake = FakeSession()
+    with make(fake) as b:
+        hold(fake, b)
+        gone = b.submit([[POISON, 5]] * 6)  # would fail the batch if it ran
+        kept = b.submit([[3, 4]])
+        assert b.queued_items == 7
+        assert gone.future.cancel()
+        assert b.queued_items == 1 and b.queued_tokens == 2
+        fake.gate.set()
+        check(kept, [[3, 4]])
+    assert not any(POISON in row for batch in fake.batches for row in batch)
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    fake = FakeSession()
+    with make(fake, max_batch_size=1) as b:
+        hold(fake, b)
+        good = [b.submit([[i, i]]) for i in range(1, 4)]
+        bad = b.submit([[9, 9], [POISON, 1], [9, 9, 9]])
+        more = [b.submit([[i]]) for i in range(4, 7)]
+        fake.gate.set()
+        with pytest.raises(RuntimeError, match="poisoned"):
+            bad.future.result(10)
+        for t in good + more:
+            t.future.result(10)
+        check(b.submit([[42]]), [[42]])  # and the worker keeps serving
+        assert b.queued_items == 0 and b.queued_tokens == 0
+
+
+def test_admission_refuses_over_the_queued_token_limit():
+    fake = FakeSession()
+    with make(fake, max_queued_tokens=10) as b:
+        hold(fake, b)
+        first = b.submit([[1] * 8])
+        with pytest.raises(Overloaded) as err:
+            b.submit([[2] * 5])
+        assert 1 <= err.value.retry_after <= 60
+        fake.gate.set()
+        first.future.result(10)
+        # an empty queue takes a request larger than the limit (a big client batch runs alone)
+        check(b.submit([[3] * 12]), [[3] * 12])
+
+
+def test_close_drains_the_queue_then_refuses():
+    fake = FakeSession()
+    b = make(fake)
+    hold(fake, b)
+    tickets = [b.submit([[i] * 3, [i]]) for i in range(1, 20)]
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    time.sleep(0.05)
+    with pytest.raises(ClosedError):
+        b.submit([[1]])
+    fake.gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    for i, t in enumerate(tickets, 1):
+        check(t, [[i] * 3, [i]])
+
+
+def test_close_without_drain_fails_what_is_queued():
+    fake = FakeSession()
+    b = make(fake)
+    hold(fake, b)
+    queued = b.submit([[5]])
+    b.close(drain=False, timeout=0.1)
+    with pytest.raises(ClosedError, match="shut down"):
+        queued.future.result(1)
+    fake.gate.set()
+    b.close()
+
+
+def test_max_wait_collects_a_batch_and_two_workers_overlap():
+    fake = FakeSession(delay=0.05)
+    with make(fake, max_wait_ms=200, max_batch_size=4, workers=2) as b:
+        tickets = [b.submit([[i]]) for i in range(1, 5)]  # within the wait: one batch
+        for t in tickets:
+            t.future.result(10)
+        assert [len(x) for x in fake.batches] == [4]
+        tickets = [b.submit([[i]] * 4) for i in range(1, 9)]
+        for t in tickets:
+            t.future.result(10)
+    assert fake.most_running == 2
+
+
+def test_empty_request_resolves_at_once():
+    fake = FakeSession()
+    with make(fake) as b:
+        assert b.submit([]).future.result(1).shape == (0, DIM)
+
+
+def test_concurrent_requests_on_a_real_encoder_equal_encode(tiny_bert_bundle, stsb_test):
+    texts = list(dict.fromkeys(stsb_test.sentences))[:120]
+    with Encoder(tiny_bert_bundle) as enc:
+        want = enc.encode(texts)
+        with Batcher(enc.run_batch, enc.plan, enc.dim, max_batch_size=16) as b:
+            tickets = []
+            threads = [threading.Thread(target=lambda i=i: tickets.append(
+                (i, b.submit(enc.tokenize(texts[i:i + 3], None))))) for i in range(0, 120, 3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for i, ticket in tickets:
+                np.testing.assert_allclose(ticket.future.result(30), want[i:i + 3],
+                                           atol=2e-6)

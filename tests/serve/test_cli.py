@@ -1,0 +1,71 @@
+"""`angle-rt` without the [serve] extra, import isolation, argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from angle_rt.serve.config import ModelSpec, parse_models, parse_size
+from tests.serve.conftest import REPO
+
+BLOCK = r"""
+import sys
+BLOCKED = tuple(sys.argv[1].split(","))
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+"""
+WEB = ("starlette", "uvicorn", "orjson", "prometheus_client", "fastapi", "httpx")
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def test_serve_without_the_extra_exits_2_naming_it(tiny_bert_bundle):
+    code = BLOCK + "from angle_rt.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = _run(code, ",".join(WEB), "serve", str(tiny_bert_bundle))
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'angle-rt[serve]'" in out.stderr and "starlette" in out.stderr
+    helped = _run(code, ",".join(WEB), "serve", "--help")
+    assert helped.returncode == 0 and "--max-batch-tokens" in helped.stdout
+
+
+def test_runtime_and_batcher_import_no_web_stack_or_torch():
+    code = BLOCK + (
+        "import angle_rt, angle_rt.serve.batcher, angle_rt.serve.config\n"
+        "assert 'angle_rt.serve.app' not in sys.modules\n"
+        "print('ok')")
+    out = _run(code, ",".join((*WEB, "torch", "transformers")))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    out = _run("import sys, angle_rt; assert 'angle_rt.serve' not in sys.modules")
+    assert out.returncode == 0, out.stderr
+
+
+def test_bad_bundle_and_duplicate_names_exit_2(tmp_path, tiny_bert_bundle):
+    cli = [sys.executable, "-m", "angle_rt.cli", "serve", "--port", "0"]
+    out = subprocess.run([*cli, str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = subprocess.run([*cli, f"a={tiny_bert_bundle}", f"a={tiny_bert_bundle}"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "NAME=BUNDLE" in out.stderr
+
+
+def test_model_names_and_sizes(tmp_path):
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "minilm" / "model.onnx").write_bytes(b"")
+    specs = parse_models([str(tmp_path / "minilm"), f"big={tmp_path}/x"], None)
+    assert [s.name for s in specs] == ["minilm", "big"]
+    assert specs[1] == ModelSpec("big", tmp_path / "x")
+    assert parse_models([str(tmp_path / "minilm" / "model.onnx")])[0].name == "minilm"
+    with pytest.raises(ValueError, match="two bundles"):
+        parse_models([str(tmp_path / "minilm"), str(tmp_path / "minilm" / "model.onnx")])
+    assert parse_models([str(tmp_path / "minilm")], "served")[0].name == "served"
+    assert (parse_size("2MB"), parse_size("64KiB"), parse_size("10")) == (2_000_000, 65536, 10)
