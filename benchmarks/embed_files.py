@@ -13,7 +13,10 @@ then weighs on every setting alike):
 - embed:  `python -m angle_rt.embed BUNDLE corpus.parquet out.parquet`, wall time (process
   start, model load, reading, writing, resume bookkeeping, the final Parquet join);
 - ray:    the same with `--ray --ray-cpus 2 --ray-actors 2` (2 single-thread actors on a local
-  Ray), wall time including Ray's start.
+  Ray), wall time including Ray's start;
+- same_process (opt-in: --settings ...,same_process): one process, one Encoder, timing
+  `encode(list)` then `embed_file` twice: the job's own overhead without the process-to-process
+  variance of separate runs.
 
 Peak RSS: VmHWM of the process (exact, rusage) and the sampled sum over its process tree
 (Ray's raylet, GCS and actors included; shared pages count once per process). Memory mode
@@ -148,11 +151,36 @@ print(json.dumps({"encode_seconds": time.perf_counter() - t, "rows": len(vectors
 """
 
 
+SAME_PROCESS = r"""
+import json, os, sys, time
+import pyarrow.parquet as pq
+from angle_rt import Encoder
+from angle_rt.embed import embed_file
+bundle, corpus, out = sys.argv[1:4]
+texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
+enc = Encoder(bundle)
+enc.encode(texts[:64])
+got = {}
+for name in ("encode", "embed_file", "encode", "embed_file")[: 2 * int(sys.argv[4])]:
+    t, c = time.perf_counter(), time.process_time()
+    if name == "encode":
+        enc.encode(texts)
+    else:
+        embed_file(enc, corpus, out, overwrite=True)
+        os.remove(out)
+    got.setdefault(name, []).append([time.perf_counter() - t, time.process_time() - c])
+print(json.dumps(got))
+"""
+
+
 def settings(bundle: str, corpus: Path, work: Path) -> dict[str, list[str]]:
     py, embed = sys.executable, [sys.executable, "-m", "angle_rt.embed", bundle, str(corpus)]
     quiet = ["--no-progress", "-q", "--overwrite"]
     return {
         "encode": [py, "-c", ENCODE, bundle, str(corpus)],
+        # one process, one Encoder: encode(list) then embed_file, twice (no process noise)
+        "same_process": [py, "-c", SAME_PROCESS, bundle, str(corpus),
+                         str(work / "same.parquet"), "2"],
         "embed": [*embed, str(work / "out.parquet"), *quiet],
         "ray": [*embed, str(work / "out_ray"), *quiet, "--ray", "--ray-cpus", "2",
                 "--ray-actors", "2", "--ray-cpus-per-actor", "1"],
@@ -169,6 +197,21 @@ def throughput(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, 
         for name in order:
             res = run_measured(cmds[name])
             res.pop("trace")
+            if name == "same_process":
+                inner = json.loads(res["stdout"])
+                res["passes"] = inner
+                enc_s = [x[0] for x in inner["encode"]]
+                job_s = [x[0] for x in inner["embed_file"]]
+                res["seconds"] = sum(enc_s) + sum(job_s)
+                res["embed_file_overhead"] = round(sum(job_s) / sum(enc_s) - 1, 4)
+                res["embed_file_cpu_overhead"] = round(
+                    sum(x[1] for x in inner["embed_file"])
+                    / sum(x[1] for x in inner["encode"]) - 1, 4)
+                res["sent_per_s"] = round(2 * len(enc_s) * args.n / res["seconds"], 1)
+                got[name] = res
+                print(f"round {r + 1} same process: encode {enc_s}, embed_file {job_s} s: "
+                      f"overhead {res['embed_file_overhead']}", file=sys.stderr, flush=True)
+                continue
             if name == "encode":  # the encode call alone, not reading or loading
                 inner = json.loads(res["stdout"])
                 res["process_seconds"], res["process_cpu_seconds"] = (res["seconds"],
@@ -193,6 +236,9 @@ def throughput(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, 
                                             - 1, 4)
             entry["embed_cpu_overhead"] = round(got["embed"]["tree_cpu_seconds"]
                                                 / got["encode"]["tree_cpu_seconds"] - 1, 4)
+        if "same_process" in got:
+            entry["same_process_overhead"] = got["same_process"]["embed_file_overhead"]
+            entry["same_process_cpu_overhead"] = got["same_process"]["embed_file_cpu_overhead"]
         if "embed" in got and "ray" in got:  # throughput of --ray over the local command
             entry["ray_over_local"] = round(got["embed"]["seconds"] / got["ray"]["seconds"], 4)
             entry["ray_over_local_cpu"] = round(got["embed"]["tree_cpu_seconds"]

@@ -134,13 +134,21 @@ class ParquetReader(Reader):
             if not todo:
                 continue
             with pq.ParquetFile(f) as pf:
-                for batch in pf.iter_batches(batch_size=_PIECE, row_groups=todo, columns=cols):
+                for batch in self._batches(pf, todo, cols):
                     if skip:
                         cut = min(skip, batch.num_rows)
                         batch, skip = batch.slice(cut), skip - cut
                     if batch.num_rows:
                         texts = batch.column(0).to_pylist()
                         yield (batch.column(1).to_pylist() if self.id_column else None), texts
+
+
+    @staticmethod
+    def _batches(pf: Any, groups: list[int], cols: list[str]) -> Iterator[Any]:
+        # One iter_batches per row group: over many groups at once, pyarrow (26) keeps
+        # ~30 bytes a row allocated until the iterator ends (31 MB at 1M rows).
+        for g in groups:
+            yield from pf.iter_batches(batch_size=_PIECE, row_groups=[g], columns=cols)
 
 
 class JsonlReader(Reader):
