@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import random
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -97,6 +98,22 @@ def runtime(bundle: Path, npy: Path) -> None:
     loaded = sorted({m.split(".")[0] for m in sys.modules} & set(NOT_IN_RUNTIME))
     if loaded:
         fail(f"loaded {loaded}")
+    embed_txt(bundle, got)
+
+
+def embed_txt(bundle: Path, vectors: np.ndarray) -> None:
+    """`angle-rt embed` on .txt → .npy needs no extra: the console script, then the rows."""
+    rows = [i for i, t in enumerate(TEXTS) if t]
+    Path("texts.txt").write_text("".join(TEXTS[i] + "\n" for i in rows), encoding="utf-8")
+    cli = Path(sys.executable).parent / "angle-rt"
+    run = subprocess.run([str(cli), "embed", str(bundle), "texts.txt", "vectors.npy"],
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        fail(f"angle-rt embed exited {run.returncode}: {run.stderr}")
+    got = np.load("vectors.npy")
+    if got.shape != (len(rows), vectors.shape[1]) or np.abs(got - vectors[rows]).max() > 1e-5:
+        fail(f"angle-rt embed gave {got.shape}, not the encode vectors of {len(rows)} lines")
+    print(f"angle-rt embed texts.txt vectors.npy: {got.shape}, equal to encode")
 
 
 def int8(bundle: Path) -> None:

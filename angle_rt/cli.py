@@ -1,8 +1,8 @@
-"""`angle-rt`: the runtime's command line (subcommands: serve).
+"""`angle-rt`: the runtime's command line (subcommands: serve, embed).
 
 A thin argparse shim: each subcommand declares its flags with an `add_*_args(parser)` and
-runs through one function of COMMANDS, so later subcommands slot in beside `serve`. Exit
-status: 0 ok, 2 bad arguments, bundle or environment (a missing extra included).
+runs through one function of COMMANDS. Exit status: 0 ok, 1 bad input data (embed: a
+missing column, a bad row), 2 bad arguments, bundle or environment (a missing extra included).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from angle_rt import __version__
+from angle_rt.embed.cli import add_embed_parser, run_embed
 from angle_rt.errors import AngleRTError
 from angle_rt.serve.config import add_serve_args, config_from_args
 
@@ -19,8 +20,10 @@ from angle_rt.serve.config import add_serve_args, config_from_args
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="angle-rt",
-        description="The angle_rt runtime: serve exported bundles over HTTP.",
-        epilog="Exit status: 0 ok, 2 bad arguments, bundle or environment.")
+        description="The angle_rt runtime: serve exported bundles over HTTP, embed files of "
+                    "texts.",
+        epilog="Exit status: 0 ok, 1 bad input data, 2 bad arguments, bundle or "
+               "environment.")
     p.add_argument("--version", action="version", version=f"angle-rt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_args(sub.add_parser(
@@ -31,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: angle-rt serve build/minilm --port 8080; then "
                "openai.OpenAI(base_url='http://127.0.0.1:8080/v1', api_key='-')"
                ".embeddings.create(model='minilm', input=['a sentence'])."))
+    add_embed_parser(sub)
     return p
 
 
@@ -53,7 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": run_serve}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": run_serve,
+                                                           "embed": run_embed}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -433,7 +433,7 @@ def kbit_config(bits: int, device: torch.device) -> Any:
     (ValueError naming what is missing otherwise)."""
     if bits not in (4, 8):
         raise ValueError(f"--load-kbit takes 4 or 8, got {bits}")
-    need = ("--load-kbit needs bitsandbytes ≥ 0.49 (pip install 'bitsandbytes>=0.49') with a "
+    need = ("--load-kbit needs bitsandbytes ≥ 0.49 (pip install 'angle-rt[kbit]') with a "
             "backend for this device: a CUDA GPU, or its CPU backend on Linux x86-64")
     try:
         import bitsandbytes.functional as bnbf
