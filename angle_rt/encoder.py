@@ -37,6 +37,9 @@ class Encoder:
     "cuda", "cpu", or a loader taking the artifact path and returning a Session.
     `max_batch_tokens` bounds padded tokens per batch. `layers` picks a depth variant of an
     ESE bundle (the backbone cut after that many layers; `variants()` lists them).
+    `ort_config` adds ONNX Runtime session config entries, e.g.
+    ``{"session.intra_op.allow_spinning": "0"}`` (what `angle-rt serve` uses: idle threads
+    sleep instead of spinning, leaving the cores to the event loop).
 
     `close()` (or leaving a ``with Encoder(...) as enc:`` block) waits for running encodes,
     then releases the session (ONNX Runtime session; TensorRT contexts, device and pinned
@@ -53,6 +56,7 @@ class Encoder:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         verify_checksums: bool = True,
         layers: int | None = None,
+        ort_config: Mapping[str, str] | None = None,
     ) -> None:
         self.bundle, file = _locate(Path(path))
         self.manifest: Manifest = read_manifest(self.bundle)
@@ -71,7 +75,8 @@ class Encoder:
         self._state = threading.Condition()
         self._running, self._closed = 0, False
         self.session = open_session(self.bundle / self.artifact.file, device,
-                                    self.manifest.embedding_dim, intra_op_threads)
+                                    self.manifest.embedding_dim, intra_op_threads,
+                                    ort_config)
         self.max_batch_tokens = max_batch_tokens
         self.prompts = {**PROMPTS, **self.manifest.prompts}
         self._min_tokens = min_tokens(self.manifest.pooling)

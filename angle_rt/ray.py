@@ -57,15 +57,16 @@ class BundleEmbedder:
 
     def __init__(self, bundle: str, text_column: str = "text", *,
                  output_column: str = "embedding", threads: int = 1, use_gpu: bool = False,
-                 precision: str | None = None, output_dtype: str = "float32",
-                 ranges: list[list[float]] | None = None, on_bad_row: str = "error",
+                 precision: str | None = None, layers: int | None = None,
+                 output_dtype: str = "float32", ranges: list[list[float]] | None = None,
+                 on_bad_row: str = "error",
                  skipped_dir: str | None = None, id_column: str | None = None,
                  encode_kwargs: dict[str, Any] | None = None,
                  shipped: list[Any] | None = None) -> None:
         # the tokenizer's Rust thread pool reads this once, on first use
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         path = _unpack(shipped[0]) if shipped else bundle
-        self.encoder = Encoder(path, precision=precision,
+        self.encoder = Encoder(path, precision=precision, layers=layers,
                                backend="auto" if use_gpu else "cpu", intra_op_threads=threads)
         self.text_column, self.output_column = text_column, output_column
         self.output_dtype, self.on_bad_row = output_dtype, on_bad_row
@@ -117,6 +118,7 @@ def embed_dataset(
     num_cpus_per_actor: float = 1,
     num_gpus_per_actor: float = 0,
     precision: str | None = None,
+    layers: int | None = None,
     output_column: str = "embedding",
     output_dtype: str = "float32",
     ranges: np.ndarray | None = None,
@@ -137,7 +139,8 @@ def embed_dataset(
     > 0) of the cluster. A fixed pool that takes every CPU starves read tasks that need a
     CPU: read with ``num_cpus=0`` (reading is I/O) or leave CPUs free.
     `batch_size` rows go to each call (they are length-sorted and batched inside it).
-    `encode_kwargs` go to `Encoder.encode` (prompt, prompt_name, normalize_embeddings,
+    `precision` and `layers` (an ESE bundle's depth variant) pick the artifact, as in
+    `Encoder`. `encode_kwargs` go to `Encoder.encode` (prompt, prompt_name, normalize_embeddings,
     truncate_dim), with `encode_batch_size` as its batch_size. `output_dtype` int8/uint8
     needs `ranges` ((2, dim), e.g. `calibration_ranges` of a sample). A null or non-str text
     raises InputError (naming the `id_column` value if given), or with
@@ -156,7 +159,7 @@ def embed_dataset(
     threads = max(1, int(num_cpus_per_actor))
     kwargs = {
         "output_column": output_column, "threads": threads,
-        "use_gpu": num_gpus_per_actor > 0, "precision": precision,
+        "use_gpu": num_gpus_per_actor > 0, "precision": precision, "layers": layers,
         "output_dtype": output_dtype, "on_bad_row": on_bad_row,
         "ranges": None if ranges is None else np.asarray(ranges, np.float32).tolist(),
         "encode_kwargs": {**encode_kwargs, "batch_size": encode_batch_size},
@@ -250,6 +253,7 @@ def embed_files_on_ray(
     normalize: bool = False,
     dimensions: int | None = None,
     precision: str | None = None,
+    layers: int | None = None,
     output_dtype: str = "float32",
     on_bad_row: str = "error",
     overwrite: bool = False,
@@ -276,7 +280,7 @@ def embed_files_on_ray(
                          "the Parquet reader); convert it to Parquet or name the id column")
     encode_kwargs = {"prompt": prompt, "prompt_name": prompt_name, "truncate_dim": dimensions,
                      "normalize_embeddings": normalize, "batch_size": batch_size}
-    with Encoder(bundle, precision=precision, backend="cpu") as enc:
+    with Encoder(bundle, precision=precision, backend="cpu", layers=layers) as enc:
         enc.encode([""], **encode_kwargs)
         template = enc.template(prompt, prompt_name)
         dim = dimensions or enc.dim
@@ -284,7 +288,8 @@ def embed_files_on_ray(
                   if needs_ranges(output_dtype) else None)
         artifact, bundle_dir = enc.artifact.file, enc.bundle
     fp = {"bundle": {"manifest_sha256": sha256_file(bundle_dir / MANIFEST_FILE),
-                     "artifact": artifact if num_gpus_per_actor == 0 else "gpu"},
+                     "artifact": artifact if num_gpus_per_actor == 0 else "gpu",
+                     "layers": layers},
           "input": reader.fingerprint(), "text_column": text_column, "id_column": id_column,
           "template": template, "normalize": normalize, "dimensions": dimensions,
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
@@ -300,7 +305,8 @@ def embed_files_on_ray(
     ds = embed_dataset(ds, bundle, text_column, batch_size=chunk_size, concurrency=concurrency,
                        num_cpus_per_actor=num_cpus_per_actor,
                        num_gpus_per_actor=num_gpus_per_actor, precision=precision,
-                       output_dtype=output_dtype, ranges=ranges, on_bad_row=on_bad_row,
+                       layers=layers, output_dtype=output_dtype, ranges=ranges,
+                       on_bad_row=on_bad_row,
                        id_column=id_name, skipped_dir=skipped_dir, encode_batch_size=batch_size,
                        ship_bundle=ship_bundle, prompt=prompt, prompt_name=prompt_name,
                        truncate_dim=dimensions, normalize_embeddings=normalize)

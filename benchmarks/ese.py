@@ -97,7 +97,18 @@ def main() -> None:
     p.add_argument("--compression", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nli", type=int, default=0, help="also train ESE on this many NLI rows")
+    p.add_argument("--chart-from", metavar="JSON", help="only draw the chart (PNG beside it) "
+                   "from an earlier run's results")
     args = p.parse_args()
+    if args.chart_from:
+        src = Path(args.chart_from)
+        rows = json.loads(src.read_text())["rows"]
+        for r in rows:  # JSON object keys are strings
+            r["spearman"] = {int(d): v for d, v in r["spearman"].items()}
+        dims = sorted({d for r in rows for d in r["spearman"]})
+        chart(rows, src.with_suffix(".png"), dims)
+        print(f"wrote {src.with_suffix('.png')}")
+        return
     data = find_shared_data()
     if data is None:
         raise SystemExit("needs the shared STS-B data (ANGLE_RT_DATA)")

@@ -98,6 +98,15 @@ def tiny_bert_bundle(tiny_bert_dir: Path, tmp_path_factory) -> Path:
                   pooling="mean", max_length=64)
 
 
+@pytest.fixture(scope="session")
+def tiny_depth_bundle(tiny_bert_dir: Path, tmp_path_factory) -> Path:
+    """The tiny BERT with a depth-1 variant (model.L1.onnx) beside the full model."""
+    from exporters import export
+
+    return export(tiny_bert_dir, tmp_path_factory.mktemp("bundles") / "tiny-depth",
+                  pooling="mean", max_length=64, layers=(1,))
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where cuda-python sees a CUDA device, `trt` tests only where
     TensorRT is usable too; elsewhere they are skipped with the reason."""

@@ -24,8 +24,12 @@ FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.M)
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*|-[A-Za-z])(?![\w-])")
-# A command's program: the angle-export script, or `python -m training.fit` / `.evaluate`.
-PROGRAM = re.compile(r"(?:^|[\s/])(angle-export|-m\s+training\.(?:fit|evaluate))(?=\s|$)")
+# A command's program: the angle-export / angle-rt scripts, or `python -m training.fit` /
+# `.evaluate`.
+PROGRAM = re.compile(
+    r"(?:^|[\s/])(angle-export|angle-rt|-m\s+training\.(?:fit|evaluate))(?=\s|$)")
+# pages whose `option` tables document angle-rt's subcommands
+OPTION_PAGES = {"serving.md": "angle-rt", "scale-out.md": "angle-rt"}
 
 
 def page_id(path: Path) -> str:
@@ -86,8 +90,9 @@ def commands(page: Path) -> Iterator[tuple[str, str]]:
 
 
 def flag_tables(page: Path) -> Iterator[tuple[str, str]]:
-    """(program, first cell) for each row of a table whose header starts with `flag`; the
-    program is training.fit under a heading that names it, else angle-export."""
+    """(program, first cell) for each row of a table whose header starts with `flag`
+    (training.fit under a heading that names it, else angle-export) or, on the angle-rt
+    pages, with `option`."""
     program, header = "angle-export", False
     for line in FENCE.sub("", page.read_text(encoding="utf-8")).splitlines():
         if HEADING.match(line):
@@ -96,7 +101,9 @@ def flag_tables(page: Path) -> Iterator[tuple[str, str]]:
             header = False
             continue
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))]
-        if not header and cells[0].lower() == "flag":
+        if not header and cells[0].lower() == "option" and page.name in OPTION_PAGES:
+            program, header = OPTION_PAGES[page.name], True
+        elif not header and cells[0].lower() == "flag":
             header = True
         elif header and not set(cells[0]) <= set("-: "):
             yield program, cells[0]
@@ -176,6 +183,16 @@ def test_angle_export_flags_exist(flags: dict[str, set[tuple[str, str]]]) -> Non
     assert not unknown, f"angle-export has no such flags: {unknown}"
 
 
+def test_angle_rt_flags_exist(flags: dict[str, set[tuple[str, str]]]) -> None:
+    from angle_rt.cli import build_parser
+
+    known = option_strings(build_parser())
+    found = flags.get("angle-rt", set())
+    assert {"--api-key", "--text-column", "--ray"} <= {f for f, _ in found}
+    unknown = sorted(f"{flag} ({page})" for flag, page in found if flag not in known)
+    assert not unknown, f"angle-rt has no such flags: {unknown}"
+
+
 def test_training_fit_flags_exist(flags: dict[str, set[tuple[str, str]]]) -> None:
     from training.fit import build_parser
 
@@ -209,14 +226,16 @@ def _parses(parser: argparse.ArgumentParser, args: list[str]) -> str | None:
 
 
 def test_documented_commands_parse_as_written() -> None:
-    """Each documented angle-export / training.fit command line (shell variables and
+    """Each documented angle-export / angle-rt / training.fit command line (shell variables and
     placeholders filled in) is accepted by the real parser: right flags, choices, arity."""
     import shlex
 
+    from angle_rt.cli import build_parser as rt_parser
     from exporters import cli
     from training.fit import build_parser as fit_parser
 
-    parsers = {"angle-export": cli.build_parser(), "training.fit": fit_parser()}
+    parsers = {"angle-export": cli.build_parser(), "training.fit": fit_parser(),
+               "angle-rt": rt_parser()}
     bad = []
     for page in PAGES:
         for program, text in commands(page):

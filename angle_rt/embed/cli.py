@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep the first N dimensions (Matryoshka), before normalizing")
     model.add_argument("--precision", default=None, help="artifact to run (fp32, fp16, int8, "
                        "int8-dynamic, ...; default: the best for the device)")
+    model.add_argument("--layers", type=int, default=None, metavar="K",
+                       help="the depth-K variant of an ESE bundle (angle-export --layers)")
     model.add_argument("--output-dtype", choices=PRECISIONS, default="float32",
                        help="quantize the vectors (int8/uint8 ranges from the first chunk, "
                        "stored in the output's metadata; binary: sign bits packed)")
@@ -115,7 +117,8 @@ def _run_local(args: argparse.Namespace, progress: bool) -> str:
     r = embed_file(args.bundle, args.input, args.output, text_column=args.text_column,
                    id_column=args.id_column, prompt=args.prompt, prompt_name=args.prompt_name,
                    normalize=args.normalize, dimensions=args.dimensions,
-                   precision=args.precision, output_dtype=args.output_dtype,
+                   precision=args.precision, layers=args.layers,
+                   output_dtype=args.output_dtype,
                    on_bad_row=args.on_bad_row, overwrite=args.overwrite,
                    chunk_size=args.chunk_size, batch_size=args.batch_size,
                    intra_op_threads=args.threads, backend=args.backend, progress=progress)
@@ -135,7 +138,8 @@ def _run_ray(args: argparse.Namespace, progress: bool) -> str:
         args.bundle, args.input, args.output, address=args.ray, text_column=args.text_column,
         id_column=args.id_column, prompt=args.prompt, prompt_name=args.prompt_name,
         normalize=args.normalize, dimensions=args.dimensions, precision=args.precision,
-        output_dtype=args.output_dtype, on_bad_row=args.on_bad_row, overwrite=args.overwrite,
+        layers=args.layers, output_dtype=args.output_dtype, on_bad_row=args.on_bad_row,
+        overwrite=args.overwrite,
         chunk_size=args.chunk_size, batch_size=args.batch_size,
         concurrency=parse_actors(args.ray_actors), num_cpus_per_actor=args.ray_cpus_per_actor,
         num_gpus_per_actor=args.ray_gpus_per_actor, num_cpus=args.ray_cpus,

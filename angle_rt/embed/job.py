@@ -84,6 +84,7 @@ def embed_file(
     normalize: bool = False,
     dimensions: int | None = None,
     precision: str | None = None,
+    layers: int | None = None,
     output_dtype: str = "float32",
     on_bad_row: str = "error",
     overwrite: bool = False,
@@ -96,8 +97,9 @@ def embed_file(
     """Embed the texts of INPUT (.parquet / directory of Parquet, .jsonl, .csv, .txt) into
     OUTPUT (.parquet, .npy, or a directory of Parquet parts), resuming an interrupted run.
 
-    `bundle` is a bundle path (opened with `precision`, `backend`, `intra_op_threads`) or an
-    open Encoder. Ids are `id_column`'s values, or row numbers. `output_dtype` quantizes as
+    `bundle` is a bundle path (opened with `precision`, `backend`, `intra_op_threads` and
+    `layers`, an ESE bundle's depth variant) or an open Encoder. Ids are `id_column`'s
+    values, or row numbers. `output_dtype` quantizes as
     `angle_rt.quantization.quantize_embeddings` (int8/uint8 ranges from the first chunk).
     A bad row (null or non-str text, null id) raises InputError naming it, or with
     ``on_bad_row="skip"`` is left out and listed in ``OUTPUT.skipped.jsonl``.
@@ -114,7 +116,7 @@ def embed_file(
     writer = w.open_writer(output, id_column or "id", getattr(reader, "id_type", None))
     own = not isinstance(bundle, Encoder)
     enc = Encoder(bundle, precision=precision, backend=backend,
-                  intra_op_threads=intra_op_threads) if own else bundle
+                  intra_op_threads=intra_op_threads, layers=layers) if own else bundle
     try:
         kwargs = {"batch_size": batch_size, "prompt": prompt, "prompt_name": prompt_name,
                   "normalize_embeddings": normalize, "truncate_dim": dimensions}

@@ -20,10 +20,12 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9,
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One served bundle: the name clients pass as `model`, and its path."""
+    """One served bundle: the name clients pass as `model`, its path, and the depth variant
+    of an ESE bundle to serve (None: the full model, or `--layers`)."""
 
     name: str
     path: Path
+    layers: int | None = None
 
 
 @dataclass
@@ -35,7 +37,9 @@ class ServeConfig:
     port: int = 8080
     precision: str | None = None
     backend: str = "auto"
-    threads: int | None = None  # ONNX Runtime intra-op threads (default: physical cores - 1)
+    threads: int | None = None  # ONNX Runtime intra-op threads (default: see default_threads)
+    spin: bool = False  # ONNX Runtime's idle intra-op threads spin-wait (off: they sleep)
+    layers: int | None = None  # depth variant for bundles without their own @K
     api_key: str | None = field(default=None, repr=False)
     payload_limit: int = 2_000_000  # bytes of one request body (TEI's default)
     truncate: bool = True  # cut texts at max_length; False: 422
@@ -69,25 +73,42 @@ def parse_size(text: str) -> int:
 
 
 def parse_models(bundles: list[str], first_name: str | None = None) -> list[ModelSpec]:
-    """``PATH`` or ``NAME=PATH`` per bundle; an unnamed bundle is called `first_name` (for the
-    first) or its directory's name. Names must differ."""
+    """``PATH`` or ``NAME=PATH`` per bundle, each optionally ``@K`` for the depth-K variant of
+    an ESE bundle; an unnamed bundle is called `first_name` (for the first) or its
+    directory's name (plus ``@K``). Names must differ."""
     specs = []
     for i, arg in enumerate(bundles):
         name, sep, path = arg.partition("=")
         if not sep or "/" in name or not name:
             name, path = "", arg
+        path, layers = _split_layers(path)
         path_obj = Path(path).expanduser()
         if not name:
             resolved = path_obj.resolve()
             bundle_dir = resolved.parent if resolved.is_file() else resolved
             name = first_name if i == 0 and first_name else bundle_dir.name
-        specs.append(ModelSpec(name, path_obj))
+            name += f"@{layers}" if layers and not (i == 0 and first_name) else ""
+        specs.append(ModelSpec(name, path_obj, layers))
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"two bundles are served as {', '.join(dupes)}; name them: "
                          "NAME=BUNDLE")
     return specs
+
+
+def _split_layers(path: str) -> tuple[str, int | None]:
+    """``build/ese@3`` → (``build/ese``, 3), unless a file or directory has that very name.
+
+    >>> _split_layers("build/ese@3"), _split_layers("build/minilm")
+    (('build/ese', 3), ('build/minilm', None))
+    """
+    m = re.fullmatch(r"(.+)@(\d+)", path)
+    if m is None or Path(path).expanduser().exists():
+        return path, None
+    if int(m.group(2)) < 1:
+        raise ValueError(f"{path}: the depth after @ must be ≥ 1")
+    return m.group(1), int(m.group(2))
 
 
 def _positive(kind: type) -> object:
@@ -105,7 +126,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     pos_int, pos_float = _positive(int), _positive(float)
     p.add_argument("bundles", nargs="+", metavar="BUNDLE",
                    help="bundle directory (or artifact); more as NAME=BUNDLE, selected by the "
-                        "request's `model`")
+                        "request's `model`; BUNDLE@K serves an ESE bundle's depth-K variant")
     net = p.add_argument_group("network")
     net.add_argument("--host", metavar="ADDR", default="127.0.0.1",
                      help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the server)")
@@ -124,9 +145,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="artifact to serve (default: the best for the device, as "
                             "Encoder picks it)")
     model.add_argument("--backend", choices=BACKENDS, default="auto")
+    model.add_argument("--layers", metavar="K", type=pos_int,
+                       help="serve the depth-K variant of ESE bundles (angle-export --layers) "
+                            "that have no @K of their own")
     model.add_argument("--threads", metavar="N", type=pos_int,
-                       help="ONNX Runtime intra-op threads (default: physical cores - 1, "
-                            "min 1)")
+                       help="ONNX Runtime intra-op threads (default: the physical cores; "
+                            "with --spin one fewer, min 1)")
+    model.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
+                       help="let ONNX Runtime's idle threads spin-wait (default: off, they "
+                            "sleep and leave the cores to the event loop)")
     model.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=True,
                        help="cut texts past max_length (default); --no-truncate answers 422 "
                             "naming the input")
@@ -162,7 +189,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         models=parse_models(args.bundles, args.served_model_name),
         host=args.host, port=args.port, precision=args.precision, backend=args.backend,
-        threads=args.threads, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        threads=args.threads, spin=args.spin, layers=args.layers,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         payload_limit=args.payload_limit,
         truncate=args.truncate, max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,

@@ -166,6 +166,8 @@ class ServedModel:
             "normalized": self.normalized,
             "precision": enc.artifact.precision,
             "artifact": enc.artifact.file,
+            "layers": enc.artifact.layers,  # an ESE depth variant; None: the full model
+            "artifact_parity": enc.artifact.parity,
             "backend": enc.session.name,
             "default_prompt": m.default_prompt,
             "prompts": sorted(enc.prompts),

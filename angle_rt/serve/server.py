@@ -55,6 +55,10 @@ def serve(config: ServeConfig) -> int:
     return 0 if server.started else 1
 
 
+# idle intra-op threads sleep: between batches the cores go to the event loop and tokenizing
+NO_SPIN = {"session.intra_op.allow_spinning": "0"}
+
+
 def open_models(config: ServeConfig, metrics: Metrics) -> dict[str, ServedModel]:
     """An Encoder and a batcher per bundle (each closed again if a later one fails)."""
     models: dict[str, ServedModel] = {}
@@ -62,14 +66,17 @@ def open_models(config: ServeConfig, metrics: Metrics) -> dict[str, ServedModel]
         for spec in config.models:
             start = time.perf_counter()
             enc = Encoder(spec.path, precision=config.precision, backend=config.backend,
-                          intra_op_threads=config.threads or default_threads(),
-                          max_batch_tokens=config.max_batch_tokens)
+                          intra_op_threads=config.threads or default_threads(config.spin),
+                          max_batch_tokens=config.max_batch_tokens,
+                          layers=spec.layers or config.layers,
+                          ort_config=None if config.spin else NO_SPIN)
             model = ServedModel(spec.name, enc, config, metrics.on_batch(spec.name))
             metrics.watch(spec.name, model.batcher)
             models[spec.name] = model
             log.info("loaded", extra={"fields": {
                 "model": spec.name, "bundle": str(enc.bundle), "artifact": enc.artifact.file,
                 "backend": enc.session.name, "dim": enc.dim, "max_length": enc.max_length,
+                "layers": enc.artifact.layers,
                 "workers": model.workers, "seconds": round(time.perf_counter() - start, 2)}})
     except BaseException:
         for model in models.values():
@@ -78,11 +85,12 @@ def open_models(config: ServeConfig, metrics: Metrics) -> dict[str, ServedModel]
     return models
 
 
-def default_threads() -> int:
-    """ONNX Runtime threads when --threads is not given: the physical cores but one, which
-    stays with the event loop and tokenization (ORT's spin-waiting threads otherwise compete
-    with it for every core: measured on 2 cores, 1 thread served 1.5× what 2 did)."""
-    return max(1, physical_cores() - 1)
+def default_threads(spin: bool = False) -> int:
+    """ONNX Runtime threads when --threads is not given: the physical cores; with --spin the
+    cores but one, which stays with the event loop and tokenization (spin-waiting threads
+    compete with it for every core: on 2 cores, 2 spinning threads served half of what 1
+    did)."""
+    return max(1, physical_cores() - (1 if spin else 0))
 
 
 class DrainingServer(uvicorn.Server):

@@ -4,7 +4,7 @@ ONNX Runtime CPU, with a warning at each fallback that was not asked for."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from angle_rt._imports import lazy_import
@@ -56,15 +56,17 @@ def select(manifest: Manifest, file: str | None, precision: str | None,
 
 
 def open_session(path: str | Path, device: Backend, dim: int,
-                 intra_op_threads: int | None = None) -> Session:
-    """Open `path` on the device `select` chose (or with a loader of your own)."""
+                 intra_op_threads: int | None = None,
+                 ort_config: Mapping[str, str] | None = None) -> Session:
+    """Open `path` on the device `select` chose (or with a loader of your own);
+    `ort_config`: ONNX Runtime session config entries (ignored by TensorRT)."""
     if callable(device):
         return device(Path(path))
     if device == "tensorrt":
         from angle_rt.session.trt import TrtSession
 
         return TrtSession(path, dim)
-    return OrtSession(path, device=device, intra_op_threads=intra_op_threads)
+    return OrtSession(path, device=device, intra_op_threads=intra_op_threads, config=ort_config)
 
 
 def _onnx_device(backend: str) -> str:

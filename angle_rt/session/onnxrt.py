@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,11 @@ class OrtSession(Session):
         device: str = "cpu",
         intra_op_threads: int | None = None,
         options: dict[str, object] | None = None,
+        config: Mapping[str, str] | None = None,
     ) -> None:
-        """`options` sets further ort.SessionOptions attributes (e.g. enable_profiling)."""
+        """`options` sets further ort.SessionOptions attributes (e.g. enable_profiling);
+        `config` adds session config entries (e.g. ``{"session.intra_op.allow_spinning":
+        "0"}``: idle intra-op threads sleep instead of spinning, which a server wants)."""
         ort = lazy_import("onnxruntime")
         providers = _providers(ort, device)
         opts = ort.SessionOptions()
@@ -35,6 +39,8 @@ class OrtSession(Session):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in (options or {}).items():
             setattr(opts, key, value)
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, str(value))
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from angle_rt import Encoder
 from angle_rt.embed import InputError, OutputExistsError, embed_file
 from angle_rt.embed import job as job_mod
 from angle_rt.embed import writers as w
@@ -364,6 +365,19 @@ def test_subcommand_wiring(tiny_bert_bundle, corpus_dir, tmp_path):
     assert args.func(args) == 0
     _, vecs, _ = read_output(tmp_path / "o.npy")
     assert vecs.shape == (2758, 4) and vecs.dtype == np.uint8
+
+
+def test_layers_picks_the_depth_variant(tiny_depth_bundle, corpus_dir, tmp_path, sentences):
+    """`--layers K` embeds with an ESE bundle's depth-K artifact; the fingerprint differs."""
+    src = corpus_dir / "corpus.jsonl"
+    out = tmp_path / "cut.npy"
+    assert main([str(tiny_depth_bundle), str(src), str(out), "--layers", "1", "-q",
+                 "--no-progress"]) == 0
+    texts = [json.loads(line)["text"] for line in src.read_text().splitlines()]
+    with Encoder(tiny_depth_bundle, layers=1) as cut:
+        np.testing.assert_allclose(np.load(out), cut.encode(texts), atol=1e-5)
+    with pytest.raises(OutputExistsError, match="artifact"):
+        embed_file(tiny_depth_bundle, src, out)
 
 
 def test_minilm_parquet_to_parquet_with_progress(minilm_bundle, sentences, tmp_path):

@@ -138,3 +138,17 @@ def test_concurrent_encodes_equal_serial(enc):
     assert not errors
     for i, ref in enumerate(serial):
         assert np.allclose(results[i], ref, atol=2e-6)
+
+
+def test_ort_config_reaches_the_session_and_keeps_vectors(tiny_bert_bundle):
+    """`ort_config` entries land in ONNX Runtime's session options (what `angle-rt serve`
+    uses to stop idle threads spinning) and change no vector."""
+    texts = builtin_sentences()[:20]
+    key = "session.intra_op.allow_spinning"
+    with Encoder(tiny_bert_bundle, intra_op_threads=2) as plain, \
+            Encoder(tiny_bert_bundle, intra_op_threads=2, ort_config={key: "0"}) as calm:
+        opts = calm.session.inference_session.get_session_options()
+        assert opts.get_session_config_entry(key) == "0"
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            plain.session.inference_session.get_session_options().get_session_config_entry(key)
+        np.testing.assert_array_equal(calm.encode(texts), plain.encode(texts))

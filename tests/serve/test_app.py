@@ -112,6 +112,28 @@ def test_several_models_select_by_name(tiny_bert_bundle):
         assert client.get("/info", params={"model": "b"}).json()["model_id"] == "b"
 
 
+def test_depth_variants_served_by_name(tiny_depth_bundle):
+    """`BUNDLE@K` (or --layers) serves an ESE bundle's depth variant: the vectors of
+    `Encoder(layers=K)`, named apart from the full model; a missing depth fails the start."""
+    from angle_rt.serve.config import parse_models
+
+    specs = parse_models([str(tiny_depth_bundle), f"{tiny_depth_bundle}@1"])
+    assert [(s.name, s.layers) for s in specs] == [("tiny-depth", None), ("tiny-depth@1", 1)]
+    config = ServeConfig(models=specs, access_log=False)
+    metrics = Metrics()
+    state = ServerState(open_models(config, metrics), config, metrics)
+    with TestClient(build_app(state)) as client, \
+            Encoder(tiny_depth_bundle, layers=1) as cut, Encoder(tiny_depth_bundle) as full:
+        for name, ref in (("tiny-depth@1", cut), ("tiny-depth", full)):
+            got = client.post("/embed", json={"inputs": TEXTS[:2], "model": name,
+                                              "normalize": False}).json()
+            np.testing.assert_allclose(np.array(got), ref.encode(TEXTS[:2]), atol=1e-5)
+        info = client.get("/info", params={"model": "tiny-depth@1"}).json()
+        assert info["layers"] == 1 and info["artifact"] == "model.L1.onnx"
+    with pytest.raises(Exception, match="depth"):
+        open_models(ServeConfig(models=[specs[0]], layers=3), Metrics())
+
+
 def test_empty_string_refused_where_pooling_cannot_take_one(tiny_bert_bundle, tmp_path):
     """A bundle pooling at token 3 needs 4 tokens; "" has 2 ([CLS] [SEP])."""
     bundle = tmp_path / "index-pooling"

@@ -69,3 +69,33 @@ def test_model_names_and_sizes(tmp_path):
         parse_models([str(tmp_path / "minilm"), str(tmp_path / "minilm" / "model.onnx")])
     assert parse_models([str(tmp_path / "minilm")], "served")[0].name == "served"
     assert (parse_size("2MB"), parse_size("64KiB"), parse_size("10")) == (2_000_000, 65536, 10)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_onnx_runtime_threads_and_spinning(tiny_bert_bundle, spin):
+    """Default: every physical core, idle threads sleep; --spin: one core fewer, spinning."""
+    pytest.importorskip("prometheus_client")
+    from angle_rt._system import physical_cores
+    from angle_rt.serve.config import ServeConfig, config_from_args
+    from angle_rt.serve.metrics import Metrics
+    from angle_rt.serve.server import open_models
+
+    key = "session.intra_op.allow_spinning"
+    args = ["serve", str(tiny_bert_bundle)] + (["--spin"] if spin else [])
+    from angle_rt.cli import build_parser
+
+    config = config_from_args(build_parser().parse_args(args))
+    assert isinstance(config, ServeConfig) and config.spin is spin
+    models = open_models(config, Metrics())
+    try:
+        opts = next(iter(models.values())).encoder.session.inference_session \
+            .get_session_options()
+        assert opts.intra_op_num_threads == max(1, physical_cores() - spin)
+        if spin:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                opts.get_session_config_entry(key)
+        else:
+            assert opts.get_session_config_entry(key) == "0"
+    finally:
+        for model in models.values():
+            model.close()
