@@ -34,18 +34,23 @@ def plan_batches(
     max_tokens: int,
     pad_multiple: int = 1,
     max_width: int | None = None,
+    batch_cost: int = 0,
 ) -> list[np.ndarray]:
     """Group item indices into batches, longest first.
 
     Each batch holds at most `max_batch` items and, once padded to its longest item
     (rounded up to `pad_multiple`), at most `max_tokens` tokens; an item longer than the
     budget still gets a batch of its own. Concatenating the batches gives a permutation
-    of range(len(lengths)).
+    of range(len(lengths)). `batch_cost` > 0 is what one more run costs, in padded tokens:
+    a batch is then split where the padding saved exceeds it (a few long rows no longer
+    pad many short ones: what mixed-length server batches need; sorted input is unchanged).
 
     >>> [b.tolist() for b in plan_batches([3, 9, 4, 9], max_batch=2, max_tokens=100)]
     [[1, 3], [2, 0]]
     >>> [b.tolist() for b in plan_batches([3, 9, 4, 9], max_batch=8, max_tokens=20)]
     [[1, 3], [2, 0]]
+    >>> [b.tolist() for b in plan_batches([3, 40, 4, 5], 8, 1000, batch_cost=16)]
+    [[1], [3, 2, 0]]
     """
     if max_batch < 1 or max_tokens < 1:
         raise ValueError(f"max_batch ({max_batch}) and max_tokens ({max_tokens}) must be ≥ 1")
@@ -55,9 +60,36 @@ def plan_batches(
     while start < n:
         longest = padded_width(int(lens[order[start]]), pad_multiple, max_width)
         size = max(1, min(max_batch, max_tokens // max(longest, 1), n - start))
-        batches.append(order[start:start + size])
+        batch = order[start:start + size]
+        if batch_cost > 0 and size > 1:
+            widths = [padded_width(int(x), pad_multiple, max_width) for x in lens[batch]]
+            batches.extend(batch[a:b] for a, b in _cheapest_split(widths, batch_cost))
+        else:
+            batches.append(batch)
         start += size
     return batches
+
+
+def _cheapest_split(widths: Sequence[int], batch_cost: int) -> list[tuple[int, int]]:
+    """Cut points of a longest-first batch minimizing Σ (rows × width + batch_cost).
+
+    >>> _cheapest_split([40, 5, 4, 3], 16), _cheapest_split([9, 9, 8], 16)
+    ([(0, 1), (1, 4)], [(0, 3)])
+    """
+    m = len(widths)
+    w = np.asarray(widths, dtype=np.int64)
+    best = np.zeros(m + 1, dtype=np.int64)
+    cut = np.zeros(m + 1, dtype=np.int64)
+    for end in range(1, m + 1):  # a sub-batch [a, end) pads to widths[a], its longest
+        a = np.arange(end)
+        cost = best[:end] + (end - a) * w[:end] + batch_cost
+        cut[end] = int(np.argmin(cost))
+        best[end] = cost[cut[end]]
+    spans, end = [], m
+    while end > 0:
+        spans.append((int(cut[end]), end))
+        end = int(cut[end])
+    return spans[::-1]
 
 
 def pad_batch(

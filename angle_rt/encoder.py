@@ -178,7 +178,8 @@ class Encoder:
         """Index batches for token rows of these lengths under the Encoder's token budget,
         padded as the backend wants (what `encode` runs)."""
         return plan_batches(lengths, batch_size, self.max_batch_tokens,
-                            self.session.pad_multiple, self.pad_width_cap)
+                            self.session.pad_multiple, self.pad_width_cap,
+                            getattr(self.session, "batch_cost", 0))
 
     def run_batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Vectors (len(rows), dim) for one batch of token id rows: padded, then run by the

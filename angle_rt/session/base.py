@@ -16,6 +16,9 @@ class Session(ABC):
     pad_multiple: int = 1
     #: widest batch the backend takes (a TensorRT engine's largest profile); None: any
     max_width: int | None = None
+    #: what one more run costs, in padded tokens: the planner splits a batch of mixed
+    #: lengths where that saves more padding (0: never split)
+    batch_cost: int = 0
     #: a short name for messages and benchmarks, e.g. "onnxruntime-cpu"
     name: str = "session"
 

@@ -98,6 +98,7 @@ class TrtSession(Session):
 
     name = "tensorrt"
     pad_multiple = 8
+    batch_cost = 512  # as onnxrt.GPU_BATCH_COST: an estimate, not a GPU measurement
 
     def __init__(self, path: str | Path, dim: int, workers: int = 2) -> None:
         trt = lazy_import("tensorrt")

@@ -41,3 +41,29 @@ def test_pad_batch_keeps_rows(rows, side, multiple):
         assert mask[i].sum() == len(row)
         real = np.flatnonzero(mask[i])
         assert (real[0] == 0) if side == "right" else (real[-1] == ids.shape[1] - 1)
+
+
+def _cost(batches, lengths, batch_cost):
+    return sum(len(b) * max(lengths[i] for i in b) + batch_cost for b in batches)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=80),
+       max_batch=st.integers(1, 40), batch_cost=st.integers(1, 128))
+def test_split_plan_is_a_permutation_and_never_costs_more(lengths, max_batch, batch_cost):
+    """With a per-run cost the planner splits mixed-length batches: still a permutation
+    within the caps, longest first, and never more padded tokens + runs than without."""
+    plain = plan_batches(lengths, max_batch, 4096)
+    split = plan_batches(lengths, max_batch, 4096, batch_cost=batch_cost)
+    flat = np.concatenate(split)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= max_batch for b in split)
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    assert _cost(split, lengths, batch_cost) <= _cost(plain, lengths, batch_cost)
+
+
+def test_split_plan_separates_outliers_and_keeps_uniform_batches():
+    mixed = [12, 60, 9, 14, 11, 10, 13, 8]  # one long row among short ones
+    assert [len(b) for b in plan_batches(mixed, 32, 16384, batch_cost=32)] == [1, 7]
+    uniform = [15] * 20 + [14] * 12  # sorted input of near-equal lengths: one batch
+    assert [len(b) for b in plan_batches(uniform, 32, 16384, batch_cost=32)] == [32]
