@@ -16,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-README_LIMIT = 8500  # bytes; the user guide target is ~8 KB
+# bytes: issue 13's ~8 KB guide, plus what issues 14-15 put here (the serve and embed
+# commands, flags, metrics and benchmark tables); the rest lives in docs/
+README_LIMIT = 14000
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 
