@@ -135,12 +135,41 @@ class ServedModel:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def tokens(self, req: EmbedRequest, truncate: bool) -> list[list[dict[str, Any]]]:
-        """TEI's `/tokenize` answer: the ids the model gets, with their token strings."""
+        """TEI's `/tokenize` answer: the ids the model gets, with their token strings and,
+        for text inputs, each token's character span in the text (None for special and
+        prompt tokens, and for token-id inputs)."""
+        rows = self.rows(req, truncate)
+        spans = self._spans(req, rows) if req.texts is not None else [[None] * len(r)
+                                                                       for r in rows]
         out = []
-        for row in self.rows(req, truncate):
+        for row, row_spans in zip(rows, spans, strict=True):
             out.append([{"id": t, "text": self._backend.id_to_token(t),
-                         "special": t in self.special_ids, "start": None, "stop": None}
-                        for t in row if req.add_special_tokens or t not in self.special_ids])
+                         "special": t in self.special_ids,
+                         "start": span[0] if span else None, "stop": span[1] if span else None}
+                        for t, span in zip(row, row_spans, strict=True)
+                        if req.add_special_tokens or t not in self.special_ids])
+        return out
+
+    def _spans(self, req: EmbedRequest, rows: list[list[int]]) -> list[list[Any]]:
+        """(start, stop) in each text per token of its row: the row is a subsequence of the
+        untruncated encoding of the prompted text (truncation only drops tokens), matched in
+        order; offsets are shifted from the prompted text back to the input text."""
+        head, tail = split_prompt(self.encoder.template(req.prompt, req.prompt_name) or "")
+        out = []
+        for text, row in zip(req.texts or [], rows, strict=True):
+            text = text[: self.max_length * CHARS_PER_TOKEN_CAP]  # what the rows were cut from
+            enc = self._backend.encode(head + text + tail)
+            marks = iter(zip(enc.ids, enc.offsets, enc.special_tokens_mask, strict=True))
+            spans: list[Any] = []
+            for t in row:
+                for tid, (s, e), special in marks:
+                    if tid == t:
+                        inside = not special and len(head) <= s < len(head) + len(text)
+                        spans.append((s - len(head), e - len(head)) if inside else None)
+                        break
+                else:
+                    spans.append(None)
+            out.append(spans)
         return out
 
     # -- description ------------------------------------------------------------------

@@ -84,6 +84,15 @@ def test_tokenize_info_and_models(tiny, enc):
                           "stop": None}
     bare = client.post("/tokenize", json={"inputs": "hi", "add_special_tokens": False}).json()
     assert [t["text"] for t in bare[0]] == ["hi"]
+    for text, row in zip(TEXTS[:2], toks, strict=True):  # spans point into the input text
+        pieces = [text[t["start"]:t["stop"]].lower() for t in row if not t["special"]]
+        assert pieces == [t["text"].removeprefix("##") for t in row if not t["special"]]
+    long = "word " * 200  # truncated: the spans still index the kept tokens
+    cut = client.post("/tokenize", json={"inputs": long, "prompt": "Q: {text}"}).json()[0]
+    assert len(cut) == 64 and cut[-1]["text"] == "[SEP]"
+    text_tokens = [t for t in cut if t["start"] is not None]
+    assert text_tokens and all(long[t["start"]:t["stop"]] == "word" for t in text_tokens)
+    assert [t["start"] for t in text_tokens] == list(range(0, 5 * len(text_tokens), 5))
     info = client.get("/info").json()
     assert info["model_id"] == "tiny" and info["dim"] == enc.dim
     assert info["max_input_length"] == 64 and info["pooling"] == "mean"
