@@ -12,6 +12,7 @@ from angle_rt.errors import (
 )
 from angle_rt.manifest import FORMAT_VERSION, Manifest, read_manifest
 from angle_rt.prompts import PROMPTS
+from angle_rt.quantization import calibration_ranges, quantize_embeddings
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,7 @@ __all__ = [
     "Manifest",
     "ParityError",
     "__version__",
+    "calibration_ranges",
+    "quantize_embeddings",
     "read_manifest",
 ]

@@ -9,6 +9,9 @@ onto 256 buckets; binary/ubinary keep the sign bit (``x > 0``) of each dimension
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
@@ -96,3 +99,24 @@ def quantize_embeddings(
     if precision == "uint8":
         return buckets.astype(np.uint8)
     return (buckets - 128).astype(np.int8)
+
+
+def read_ranges(path: str | Path) -> np.ndarray:
+    """int8/uint8 ranges saved for reuse: a (2, dim) `.npy` (e.g. `calibration_ranges` of a
+    sample), or a JSON job record of `angle-rt embed` (`vectors.npy.json`,
+    `_angle_rt_embed.json`) with its `"ranges"`. ValueError says what is wrong."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            ranges = np.load(path, allow_pickle=False)
+        else:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict) or record.get("ranges") is None:
+                raise ValueError("it holds no \"ranges\" (was the job int8 or uint8?)")
+            ranges = np.asarray(record["ranges"], dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read int8/uint8 ranges from {path}: {exc}") from None
+    if ranges.ndim != 2 or ranges.shape[0] != 2 or ranges.dtype.kind != "f":
+        raise ValueError(f"{path}: ranges must be a float (2, dim) array, got "
+                         f"{ranges.dtype} {ranges.shape}")
+    return ranges.astype(np.float32)

@@ -119,9 +119,10 @@ class Api:
             req = parse_openai(await self._json(request), self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
+            dtype = model.check_output_dtype(req.output_dtype, req.dimensions)
             vecs, timing = await self._embed(request, model, req, self.cfg.truncate)
-            body = openai_body(model.finish(vecs, req.dimensions), model.name,
-                               req.encoding_format, timing.tokens)
+            body = openai_body(model.finish(vecs, req.dimensions, output_dtype=dtype),
+                               model.name, req.encoding_format, timing.tokens)
             return _response(body, timing.headers(model.encoder.artifact.precision))
 
     async def tei_embed(self, request: Request) -> Response:
@@ -129,10 +130,11 @@ class Api:
             req = parse_tei_embed(await self._json(request), self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
+            dtype = model.check_output_dtype(req.output_dtype, req.dimensions)
             truncate = self.cfg.truncate if req.truncate is None else req.truncate
             vecs, timing = await self._embed(request, model, req, truncate)
             normalize = True if req.normalize is None else req.normalize
-            body = dumps(model.finish(vecs, req.dimensions, normalize))
+            body = dumps(model.finish(vecs, req.dimensions, normalize, dtype))
             return _response(body, timing.headers(model.encoder.artifact.precision))
 
     async def tokenize(self, request: Request) -> Response:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from angle_rt.encoder import DEFAULT_MAX_BATCH_TOKENS
+from angle_rt.quantization import PRECISIONS, needs_ranges, read_ranges
 
 API_KEY_ENV = "ANGLE_RT_API_KEY"
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
@@ -40,6 +41,8 @@ class ServeConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads (default: see default_threads)
     spin: bool = False  # ONNX Runtime's idle intra-op threads spin-wait (off: they sleep)
     layers: int | None = None  # depth variant for bundles without their own @K
+    output_dtype: str = "float32"  # vectors' dtype when a request names none
+    output_ranges: Path | None = None  # int8/uint8 calibration ranges (.npy or job record)
     api_key: str | None = field(default=None, repr=False)
     payload_limit: int = 2_000_000  # bytes of one request body (TEI's default)
     truncate: bool = True  # cut texts at max_length; False: 422
@@ -154,6 +157,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
                        help="let ONNX Runtime's idle threads spin-wait (default: off, they "
                             "sleep and leave the cores to the event loop)")
+    model.add_argument("--output-dtype", default="float32", choices=PRECISIONS,
+                       help="vectors' dtype when a request names no output_dtype (default: "
+                            "float32): quantize_embeddings as sentence-transformers does")
+    model.add_argument("--output-ranges", metavar="FILE", type=Path,
+                       help="int8/uint8 calibration ranges: a (2, dim) .npy from "
+                            "angle_rt.quantization.calibration_ranges, or an `angle-rt "
+                            "embed` job record (.json) holding them")
     model.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=True,
                        help="cut texts past max_length (default); --no-truncate answers 422 "
                             "naming the input")
@@ -185,11 +195,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    """A ServeConfig from `add_serve_args`' namespace (ValueError on bad bundle names)."""
+    """A ServeConfig from `add_serve_args`' namespace (ValueError on bad bundle names, or
+    output ranges missing or unreadable)."""
+    if args.output_ranges is not None:
+        read_ranges(args.output_ranges)
+    elif needs_ranges(args.output_dtype):
+        raise ValueError(f"--output-dtype {args.output_dtype} needs --output-ranges (a (2, "
+                         "dim) .npy of calibration_ranges, or an angle-rt embed job record)")
     return ServeConfig(
         models=parse_models(args.bundles, args.served_model_name),
         host=args.host, port=args.port, precision=args.precision, backend=args.backend,
         threads=args.threads, spin=args.spin, layers=args.layers,
+        output_dtype=args.output_dtype, output_ranges=args.output_ranges,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         payload_limit=args.payload_limit,
         truncate=args.truncate, max_batch_tokens=args.max_batch_tokens,

@@ -15,6 +15,7 @@ from angle_rt.encoder import Encoder
 from angle_rt.manifest import min_tokens
 from angle_rt.postprocess import l2_normalize, truncate_dims
 from angle_rt.prompts import split_prompt
+from angle_rt.quantization import needs_ranges, quantize_embeddings, read_ranges
 from angle_rt.serve.batcher import Batcher, OnBatch
 from angle_rt.serve.config import ServeConfig
 from angle_rt.serve.protocol import EmbedRequest, invalid
@@ -46,6 +47,7 @@ class ServedModel:
         self.special_ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items()
                                      if tok.special)
         self._min_tokens = min_tokens(encoder.manifest.pooling)
+        self.ranges = read_ranges(config.output_ranges) if config.output_ranges else None
 
     # -- requests ------------------------------------------------------------------------
 
@@ -124,15 +126,32 @@ class ServedModel:
             return [*row[: self.max_length - 1], row[-1]]
         return row[: self.max_length]
 
+    def check_output_dtype(self, output_dtype: str | None, dimensions: int | None) -> str:
+        """The request's output dtype (the server's by default); 422 for int8/uint8 without
+        ranges for this width."""
+        dtype = output_dtype or self.config.output_dtype
+        if needs_ranges(dtype):
+            width = dimensions or self.dim
+            if self.ranges is None:
+                raise invalid(f"output_dtype {dtype} needs calibration ranges: start the "
+                              "server with --output-ranges", "output_dtype")
+            if self.ranges.shape[1] != width:
+                raise invalid(f"the server's {dtype} ranges are for {self.ranges.shape[1]} "
+                              f"dimensions, not {width}", "output_dtype")
+        return dtype
+
     def finish(self, vecs: np.ndarray, dimensions: int | None,
-               normalize: bool | None = None) -> np.ndarray:
+               normalize: bool | None = None, output_dtype: str = "float32") -> np.ndarray:
         """Matryoshka truncation, then L2 normalization when asked for (None: when the
         bundle normalizes, so a cut vector is unit again): `Encoder.encode(truncate_dim=d,
-        normalize_embeddings=...)`."""
+        normalize_embeddings=...)`; then `quantize_embeddings` to `output_dtype`."""
         out = truncate_dims(vecs, dimensions)
         if normalize or (normalize is None and self.normalized and dimensions is not None):
             out = l2_normalize(out)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        out = np.ascontiguousarray(out, dtype=np.float32)
+        if output_dtype == "float32":
+            return out
+        return quantize_embeddings(out, output_dtype, ranges=self.ranges)
 
     def tokens(self, req: EmbedRequest, truncate: bool) -> list[list[dict[str, Any]]]:
         """TEI's `/tokenize` answer: the ids the model gets, with their token strings and,
@@ -197,6 +216,8 @@ class ServedModel:
             "artifact": enc.artifact.file,
             "layers": enc.artifact.layers,  # an ESE depth variant; None: the full model
             "artifact_parity": enc.artifact.parity,
+            "output_dtype": cfg.output_dtype,
+            "output_ranges": self.ranges is not None,
             "backend": enc.session.name,
             "default_prompt": m.default_prompt,
             "prompts": sorted(enc.prompts),

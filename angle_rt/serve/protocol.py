@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from angle_rt.quantization import PRECISIONS
+
 ENCODING_FORMATS = ("float", "base64")
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
@@ -54,6 +56,7 @@ class EmbedRequest:
     normalize: bool | None = None  # TEI; None: as the bundle
     truncate: bool | None = None  # TEI; None: the server's --truncate
     add_special_tokens: bool = True  # /tokenize
+    output_dtype: str | None = None  # quantized vectors (angle_rt.quantization); None: server's
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.ids or ())
@@ -90,7 +93,8 @@ def parse_openai(data: Any, max_inputs: int) -> EmbedRequest:
     return EmbedRequest(texts, ids, "input", model=_optional(obj, "model", str),
                         encoding_format=fmt, dimensions=_dimensions(obj.get("dimensions")),
                         prompt=_optional(obj, "prompt", str),
-                        prompt_name=_optional(obj, "prompt_name", str))
+                        prompt_name=_optional(obj, "prompt_name", str),
+                        output_dtype=_output_dtype(obj))
 
 
 def parse_tei_embed(data: Any, max_inputs: int) -> EmbedRequest:
@@ -104,7 +108,8 @@ def parse_tei_embed(data: Any, max_inputs: int) -> EmbedRequest:
                         dimensions=_dimensions(obj.get("dimensions")),
                         prompt_name=_optional(obj, "prompt_name", str),
                         normalize=_optional(obj, "normalize", bool),
-                        truncate=_optional(obj, "truncate", bool))
+                        truncate=_optional(obj, "truncate", bool),
+                        output_dtype=_output_dtype(obj))
 
 
 def parse_tokenize(data: Any, max_inputs: int) -> EmbedRequest:
@@ -151,10 +156,19 @@ def parse_inputs(value: Any, name: str, max_inputs: int
     return _not(first, f"{name}[0]", "a string, a token id or a token-id array")
 
 
+def _output_dtype(obj: dict[str, Any]) -> str | None:
+    value = _optional(obj, "output_dtype", str)
+    if value is not None and value not in PRECISIONS:
+        raise invalid(f"output_dtype must be one of {', '.join(PRECISIONS)}, got {value!r}",
+                      "output_dtype")
+    return value
+
+
 def openai_body(vecs: np.ndarray, model: str, fmt: str, tokens: int) -> bytes:
-    """The `/v1/embeddings` response; base64 is little-endian float32, as OpenAI's."""
+    """The `/v1/embeddings` response; base64 is the vectors' little-endian bytes (float32 as
+    OpenAI's; a quantized `output_dtype`'s own dtype otherwise)."""
     if fmt == "base64":
-        le = vecs.astype("<f4", copy=False)
+        le = vecs.astype(vecs.dtype.newbyteorder("<"), copy=False)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(le[i].tobytes()).decode("ascii")}
                 for i in range(len(le))]

@@ -19,6 +19,7 @@ from angle_rt.serve.app import ServerState, build_app
 from angle_rt.serve.config import ModelSpec, ServeConfig
 from angle_rt.serve.metrics import Metrics
 from angle_rt.serve.server import open_models
+from exporters.texts import builtin_sentences
 
 
 @contextmanager
@@ -188,3 +189,44 @@ def test_metrics_list_every_documented_family(tiny):
     text = client.get("/metrics").text
     for name in DESCRIPTIONS:
         assert f"# HELP {name.removesuffix('_total')}" in text, name
+
+
+def test_quantized_output_dtypes(tiny_bert_bundle, enc, tmp_path):
+    """`output_dtype` per request (server default: --output-dtype) gives
+    `quantize_embeddings` of the float vectors, as JSON numbers or base64 of their bytes;
+    int8/uint8 use the server's --output-ranges and are refused without them."""
+    import base64
+
+    from angle_rt import calibration_ranges, quantize_embeddings
+
+    ref = enc.encode(TEXTS[:2])
+    ranges = calibration_ranges(enc.encode(builtin_sentences()[:50]))
+    np.save(tmp_path / "ranges.npy", ranges)
+    with app_for({"tiny": tiny_bert_bundle}, output_dtype="ubinary",
+                 output_ranges=tmp_path / "ranges.npy") as (client, _):
+        for dtype in ("binary", "int8", "float16"):
+            want = quantize_embeddings(ref, dtype, ranges=ranges)
+            got = client.post("/v1/embeddings", json={"input": TEXTS[:2],
+                                                      "output_dtype": dtype}).json()
+            b64 = client.post("/v1/embeddings", json={"input": TEXTS[:2], "output_dtype": dtype,
+                                                      "encoding_format": "base64"}).json()
+            raw = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=want.dtype)
+                            for d in b64["data"]])
+            as_json = np.array([d["embedding"] for d in got["data"]])
+            assert raw.shape == want.shape and as_json.shape == want.shape
+            np.testing.assert_allclose(as_json, raw.astype(np.float64), rtol=1e-6)  # decimal
+            # the served floats may differ from encode's in the last bit (other batches):
+            # a bucket or a float16 rounding can move by one step, never more
+            tol = {"binary": 0, "int8": 1, "float16": 1e-3}[dtype]
+            np.testing.assert_allclose(raw.astype(np.float64), want.astype(np.float64),
+                                       atol=tol, rtol=0)
+        tei = client.post("/embed", json={"inputs": TEXTS[:2], "normalize": False}).json()
+        np.testing.assert_array_equal(np.array(tei), quantize_embeddings(ref, "ubinary"))
+        r = client.post("/v1/embeddings", json={"input": "x", "output_dtype": "int4"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "output_dtype"
+        r = client.post("/v1/embeddings", json={"input": "x", "output_dtype": "uint8",
+                                                "dimensions": 8})
+        assert r.status_code == 422 and "ranges are for" in r.json()["error"]["message"]
+    with app_for({"tiny": tiny_bert_bundle}) as (client, _):
+        r = client.post("/v1/embeddings", json={"input": "x", "output_dtype": "int8"})
+        assert r.status_code == 422 and "--output-ranges" in r.json()["error"]["message"]

@@ -99,3 +99,25 @@ def test_onnx_runtime_threads_and_spinning(tiny_bert_bundle, spin):
     finally:
         for model in models.values():
             model.close()
+
+
+def test_output_dtype_flags(tiny_bert_bundle, tmp_path):
+    """--output-dtype int8/uint8 need --output-ranges, read (and checked) at start."""
+    import numpy as np
+
+    from angle_rt.cli import build_parser
+    from angle_rt.serve.config import config_from_args
+
+    def config(*extra):
+        return config_from_args(build_parser().parse_args(["serve", str(tiny_bert_bundle),
+                                                            *extra]))
+
+    assert config("--output-dtype", "binary").output_dtype == "binary"
+    with pytest.raises(ValueError, match="needs --output-ranges"):
+        config("--output-dtype", "int8")
+    (tmp_path / "bad.json").write_text('{"ranges": null}')
+    with pytest.raises(ValueError, match="holds no"):
+        config("--output-dtype", "int8", "--output-ranges", str(tmp_path / "bad.json"))
+    np.save(tmp_path / "r.npy", np.zeros((2, 32), np.float32))
+    cfg = config("--output-dtype", "uint8", "--output-ranges", str(tmp_path / "r.npy"))
+    assert cfg.output_ranges == tmp_path / "r.npy"
