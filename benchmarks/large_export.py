@@ -8,7 +8,8 @@ UAE-Large-V1's BERT-large (24 × 1,024, cls, max_length 512, Prompts.C as `query
 `decoder-1b` a ~1.1B Llama (2,048 wide, 22 layers: TinyLlama's shape), `decoder-2gb` a Llama
 just over 2 GiB in fp32 (the >2 GB external-data path). The export runs as a child process
 (`python -m exporters.cli`), so its peak RSS is that process's alone (RUSAGE_CHILDREN).
-Results: benchmarks/results/large-export-<config>-<date>.json.
+Results: benchmarks/results/large-export-<config>-<precisions>-<date>.json (one file per
+config and precision list, so runs of other precisions the same day are kept).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.configs:
             result = run(name, precisions, args.verify_size, work, args.max_length)
-            path = out_dir / f"large-export-{name}-{result['date']}.json"
+            path = out_dir / f"large-export-{name}-{'+'.join(precisions)}-{result['date']}.json"
             path.write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps({k: result.get(k) for k in ("config", "exit_code",
                                                          "export_wall_s",
