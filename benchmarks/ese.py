@@ -35,7 +35,8 @@ def _minilm() -> str:
 
 def train(name: str, out: Path, data: Path, args: argparse.Namespace, **kw) -> str:
     cfg = TrainConfig(model=_minilm(), train_data=str(data), output_dir=str(out / name),
-                      epochs=args.epochs, batch_size=32, learning_rate=2e-5, warmup_steps=50,
+                      epochs=args.epochs, batch_size=32, learning_rate=args.learning_rate,
+                      warmup_steps=50,
                       cosine_w=1.0, ibn_w=1.0, angle_w=0.02, group_by_length=True, seed=0,
                       **kw)
     start = time.perf_counter()
@@ -95,8 +96,12 @@ def main() -> None:
     p.add_argument("--layers", default="2,3,4")
     p.add_argument("--dims", default="64,128,384")
     p.add_argument("--compression", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=2e-5, help="all fine-tunes")
+    p.add_argument("--ese-layers", default="angle_emb", choices=("angle_emb", "transformer"))
+    p.add_argument("--ese-layer-weight", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nli", type=int, default=0, help="also train ESE on this many NLI rows")
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--chart-from", metavar="JSON", help="only draw the chart (PNG beside it) "
                    "from an earlier run's results")
     args = p.parse_args()
@@ -120,7 +125,8 @@ def main() -> None:
     common = dict(column_rename=STS_RENAME, valid_data=str(data / "sts" / "stsb-dev.jsonl"))
     models = {
         "ese": train("ese", out, train_file, args, ese=True,
-                     ese_compression_size=args.compression, **common),
+                     ese_compression_size=args.compression, ese_layers=args.ese_layers,
+                     ese_layer_weight=args.ese_layer_weight, **common),
         "plain": train("plain", out, train_file, args, **common),
         "base": _minilm(),
     }
@@ -129,7 +135,9 @@ def main() -> None:
         sub = out / "nli-subset.jsonl"
         sub.write_text("\n".join(src.read_text().splitlines()[:args.nli]) + "\n")
         models["ese-nli"] = train("ese-nli", out, sub, args, ese=True,
-                                  ese_compression_size=args.compression)
+                                  ese_compression_size=args.compression,
+                                  ese_layers=args.ese_layers,
+                                  ese_layer_weight=args.ese_layer_weight)
     test = load_sts(data / "sts" / "stsb-test.jsonl")
     rows = []
     for name, model in models.items():
@@ -147,9 +155,10 @@ def main() -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     result = {"date": stamp, "cpu": model_name, "command": "python benchmarks/ese.py "
               + " ".join(f"--{k} {v}" for k, v in vars(args).items()), "rows": rows}
-    dst = HERE / "results" / f"ese-{stamp}.json"
+    name = f"ese-{stamp}" + (f"-{args.tag}" if args.tag else "")
+    dst = HERE / "results" / f"{name}.json"
     dst.write_text(json.dumps(result, indent=2) + "\n")
-    chart(rows, HERE / "results" / f"ese-{stamp}.png", dims)
+    chart(rows, dst.with_suffix(".png"), dims)
     print(f"wrote {dst}")
 
 

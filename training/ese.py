@@ -55,12 +55,15 @@ class EseLoss:
     kl_temperature: float = 1.0
     pca: bool = True  # distill the k leading dims towards PCA_k (angle_emb's apply_ese_pca)
     layers: str = "angle_emb"  # which hidden states get layer terms: see the module doc
+    layer_weight: float = 1.0  # × the layer terms; 1 is angle_emb's weighting
 
     def __post_init__(self) -> None:
         if self.layers not in LAYER_CHOICES:
             raise ValueError(f"ESE layers must be one of {LAYER_CHOICES}, got {self.layers!r}")
         if self.compression < 1:
             raise ValueError(f"ESE compression size must be ≥ 1, got {self.compression}")
+        if self.layer_weight < 0:
+            raise ValueError(f"ESE layer weight must be ≥ 0, got {self.layer_weight}")
 
     def __call__(self, hidden: Sequence[torch.Tensor],
                  pool: Callable[[torch.Tensor], torch.Tensor],
@@ -75,7 +78,7 @@ class EseLoss:
         for i in indices:
             weight = 1.0 + math.log(1 + i)
             students = students + self._compressed(pool(hidden[i]).float(), loss) / weight
-        return total + students / max(n - 1, 1)
+        return total + self.layer_weight * students / max(n - 1, 1)
 
     def _compressed(self, vectors: torch.Tensor, loss: Callable) -> torch.Tensor:
         k = min(self.compression, vectors.shape[-1])

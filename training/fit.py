@@ -101,6 +101,7 @@ class TrainConfig:
     ese_compression_size: int = 128  # k, the leading dims every layer is trained to fill
     ese_kl_temperature: float = 1.0
     ese_layers: str = "angle_emb"  # angle_emb (its choice of layers) | transformer
+    ese_layer_weight: float = 1.0  # × the layer terms (1: angle_emb's weighting)
     matryoshka_dims: str | None = None  # "64,128,256": each leading slice trained as well
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
@@ -113,7 +114,7 @@ class TrainConfig:
         if not self.ese:
             return None
         return EseLoss(self.ese_compression_size, self.ese_kl_temperature,
-                       layers=self.ese_layers)
+                       layers=self.ese_layers, layer_weight=self.ese_layer_weight)
 
     def dims(self) -> list[int]:
         """--matryoshka-dims as ints ([] when unset)."""

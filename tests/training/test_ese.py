@@ -51,15 +51,18 @@ def test_pca_target_is_angle_embs_low_rank_projection():
     assert (s <= exact_s[:2] + 1e-5).all()  # a projection never overestimates them
 
 
-@pytest.mark.parametrize("layers", ["angle_emb", "transformer"])
-def test_ese_sum_without_pca_by_hand(layers):
+@pytest.mark.parametrize(("layers", "weight"), [("angle_emb", 1.0), ("transformer", 1.0),
+                                               ("transformer", 5.0)])
+def test_ese_sum_without_pca_by_hand(layers, weight):
     n, k = 4, 2
     hidden = _hidden(n)
-    got = EseLoss(compression=k, pca=False, layers=layers)(hidden, _mean_pool, _sq)
+    got = EseLoss(compression=k, pca=False, layers=layers, layer_weight=weight)(
+        hidden, _mean_pool, _sq)
     pooled = [_mean_pool(h) for h in hidden]
     expected = _sq(pooled[n]) + _sq(pooled[n][:, :k])
     indices = range(0, n - 1) if layers == "angle_emb" else range(1, n)
-    expected += sum(_sq(pooled[i][:, :k]) / (1 + math.log(1 + i)) for i in indices) / (n - 1)
+    expected += weight * sum(_sq(pooled[i][:, :k]) / (1 + math.log(1 + i))
+                             for i in indices) / (n - 1)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -99,6 +102,8 @@ def test_compression_wider_than_the_model_uses_every_dim_and_bad_settings_raise(
         EseLoss(layers="all")
     with pytest.raises(ValueError, match="compression size"):
         EseLoss(compression=0)
+    with pytest.raises(ValueError, match="layer weight"):
+        EseLoss(layer_weight=-1)
 
 
 def test_matryoshka_loss_sums_the_leading_slices():
