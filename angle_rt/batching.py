@@ -61,7 +61,8 @@ def plan_batches(
         longest = padded_width(int(lens[order[start]]), pad_multiple, max_width)
         size = max(1, min(max_batch, max_tokens // max(longest, 1), n - start))
         batch = order[start:start + size]
-        if batch_cost > 0 and size > 1:
+        shortest = padded_width(int(lens[batch[-1]]), pad_multiple, max_width)
+        if (longest - shortest) * (size - 1) > batch_cost > 0:  # else no split can pay
             widths = [padded_width(int(x), pad_multiple, max_width) for x in lens[batch]]
             batches.extend(batch[a:b] for a, b in _cheapest_split(widths, batch_cost))
         else:

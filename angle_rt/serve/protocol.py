@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from angle_rt.quantization import PRECISIONS
+from angle_rt.quantization import check_precision
 
 ENCODING_FORMATS = ("float", "base64")
 _TYPES = {401: "invalid_request_error", 404: "invalid_request_error",
@@ -158,10 +158,10 @@ def parse_inputs(value: Any, name: str, max_inputs: int
 
 def _output_dtype(obj: dict[str, Any]) -> str | None:
     value = _optional(obj, "output_dtype", str)
-    if value is not None and value not in PRECISIONS:
-        raise invalid(f"output_dtype must be one of {', '.join(PRECISIONS)}, got {value!r}",
-                      "output_dtype")
-    return value
+    try:
+        return value if value is None else check_precision(value)
+    except ValueError as exc:
+        raise invalid(f"output_dtype: {exc}", "output_dtype") from None
 
 
 def openai_body(vecs: np.ndarray, model: str, fmt: str, tokens: int) -> bytes:
