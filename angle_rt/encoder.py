@@ -210,14 +210,16 @@ class Encoder:
     def variants(self) -> list[dict[str, Any]]:
         """Every artifact of the bundle as depth × precision, with what its export measured:
         parity (min cosine), STS-B dev Spearman per dimension and sentences/s where recorded.
-        The depth is None for the full model."""
+        The depth is None for the full model; `weights` is "distilled" for a depth variant
+        trained on its own (training.depth), "shared" for a cut of the full model."""
         rows = []
         for art in self.manifest.artifacts:
             parity = art.parity or {}
             rows.append({"layers": art.layers, "precision": art.precision, "file": art.file,
                          "format": art.format, "min_cosine": parity.get("min_cosine"),
                          "stsb_dev_by_dim": parity.get("stsb_dev_by_dim", {}),
-                         "sentences_per_s": parity.get("sentences_per_s")})
+                         "sentences_per_s": parity.get("sentences_per_s"),
+                         "weights": (art.depth_source or {}).get("kind", "shared")})
         return sorted(rows, key=lambda r: (r["layers"] is None, r["layers"] or 0,
                                            r["precision"]))
 

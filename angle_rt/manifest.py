@@ -69,6 +69,9 @@ class Artifact:
     parity: dict[str, Any] | None = None
     engine: dict[str, Any] | None = None  # TensorRT version, GPU, profiles
     layers: int | None = None  # a depth variant: the backbone cut after this layer (ESE)
+    # a depth variant with weights of its own ({"kind": "distilled", "model": "layers-3",
+    # ...}: training.depth); None: the cut shares the full model's weights
+    depth_source: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ from typing import Any
 from angle_torch.pooling import check_strategy
 
 ANGLE_CONFIG_FILE = "angle_config.json"
+# a depth variant with weights of its own (training.depth) lives in MODEL/layers-<k>/, its
+# angle_config.json holding DEPTH_KEY: {"layers", "of_layers", "teacher", ...}
+DEPTH_DIR = "layers-{k}"
+DEPTH_KEY = "depth_distilled"
 log = logging.getLogger("angle_rt.settings")
 
 # model_type values of decoder-only LLMs (loaded without their LM head)

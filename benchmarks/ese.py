@@ -4,6 +4,7 @@ the untrained base cut the same way. Writes JSON and a Spearman-vs-speed chart.
 
     python benchmarks/ese.py                      # ~15-30 min on 2 cores
     python benchmarks/ese.py --epochs 1 --nli 20000   # also an ESE run on NLI triples
+    python benchmarks/ese.py --distill-layers 3   # also ESE + depth distillation (training.depth)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from angle_rt import Encoder
 from angle_torch.sts import find_shared_data, load_sts, sts_spearman
 from exporters import export
+from training.depth import depth_layers, distill_depths
 from training.fit import TrainConfig, fit
 
 HERE = Path(__file__).resolve().parent
@@ -39,10 +41,28 @@ def train(name: str, out: Path, data: Path, args: argparse.Namespace, **kw) -> s
                       warmup_steps=50,
                       cosine_w=1.0, ibn_w=1.0, angle_w=0.02, group_by_length=True, seed=0,
                       **kw)
+    if args.reuse and (out / name / "model.safetensors").is_file():
+        print(f"reusing {out / name}")
+        return cfg.output_dir
     start = time.perf_counter()
     fit(cfg)
     print(f"trained {name} in {time.perf_counter() - start:.0f} s")
     return cfg.output_dir
+
+
+def distil(model: str, out: Path, data: Path, args: argparse.Namespace, train_file: Path,
+           common: dict) -> None:
+    """training.depth's students of the ESE model, saved in its directory (layers-k/)."""
+    extra = ""
+    if args.distill_texts == "nli":
+        extra = f"{data / 'nli' / 'triples.jsonl'},{data / 'nli' / 'pairs.jsonl'}"
+    cfg = TrainConfig(model=model, train_data=str(train_file), output_dir=model,
+                      batch_size=32, warmup_steps=100, cosine_w=1.0, ibn_w=1.0, angle_w=0.02,
+                      seed=0, distill_texts=extra or None, distill_epochs=args.distill_epochs,
+                      **common)
+    start = time.perf_counter()
+    distill_depths(cfg, model, depth_layers(args.distill_layers), model)
+    print(f"distilled depths {args.distill_layers} in {time.perf_counter() - start:.0f} s")
 
 
 def measure(bundle: Path, layers: int | None, test, dims: list[int], repeats: int) -> dict:
@@ -68,7 +88,7 @@ def chart(rows: list[dict], path: Path, dims: list[int]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"ese": "o", "plain": "s", "base": "^", "ese-nli": "D"}
+    markers = {"ese": "o", "plain": "s", "base": "^", "ese-nli": "D", "ese+distilled": "*"}
     for model in sorted({r["model"] for r in rows}):
         for d in dims:
             pts = [(r["sent_per_s"], r["spearman"][d], r["layers"]) for r in rows
@@ -101,6 +121,14 @@ def main() -> None:
     p.add_argument("--ese-layer-weight", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nli", type=int, default=0, help="also train ESE on this many NLI rows")
+    p.add_argument("--distill-layers", default="", help="also distil the ESE model into "
+                   "these depths (training.depth) and measure that bundle as ese+distilled")
+    p.add_argument("--distill-texts", default="nli", help="'nli': the NLI triples' and pairs' "
+                   "texts as the extra pool; '' for the train data's texts only")
+    p.add_argument("--distill-epochs", type=int, default=4)
+    p.add_argument("--models", default="", help="comma list: measure only these of ese, "
+                   "plain, base, ese-nli, ese+distilled (default: all trained)")
+    p.add_argument("--reuse", action="store_true", help="keep models already trained in --out")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--chart-from", metavar="JSON", help="only draw the chart (PNG beside it) "
                    "from an earlier run's results")
@@ -138,12 +166,19 @@ def main() -> None:
                                   ese_compression_size=args.compression,
                                   ese_layers=args.ese_layers,
                                   ese_layer_weight=args.ese_layer_weight)
+    if args.distill_layers:
+        distil(models["ese"], out, data, args, train_file, common)
+        models["ese+distilled"] = models["ese"]
     test = load_sts(data / "sts" / "stsb-test.jsonl")
     rows = []
+    keep = set(filter(None, args.models.split(",")))
     for name, model in models.items():
+        if keep and name not in keep:
+            continue
         start = time.perf_counter()
         bundle = export(model, out / f"bundle-{name}", force=True, layers=layers,
-                        dims=tuple(dims), sts_data=data / "sts" / "stsb-dev.jsonl")
+                        dims=tuple(dims), sts_data=data / "sts" / "stsb-dev.jsonl",
+                        distilled=name == "ese+distilled")
         print(f"exported {name} with depths {layers} in {time.perf_counter() - start:.0f} s")
         for k in (*layers, None):
             row = {"model": name, **measure(bundle, k, test, dims, args.repeats)}

@@ -68,7 +68,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("depth and width variants (ESE / Matryoshka models)")
     d.add_argument("--layers", type=_int_list, default=(), help="comma list of depths: "
                    "also export the backbone cut after each (model.L<k>*.onnx, every "
-                   "precision, each gated); pick one with Encoder(path, layers=k)")
+                   "precision, each gated); pick one with Encoder(path, layers=k). A student "
+                   "distilled into MODEL/layers-k (python -m training.depth) replaces the cut")
+    d.add_argument("--plain-cuts", action="store_true", help="export the cut of the full "
+                   "model even where MODEL/layers-k holds a distilled student")
     d.add_argument("--dims", type=_int_list, default=(), help="comma list of widths at "
                    "which every artifact's STS-B dev Spearman is recorded (with --layers: "
                    "always, at the full width)")
@@ -207,7 +210,7 @@ def export_main(args: argparse.Namespace) -> int:
                       calib_size=args.calib_size, int8_method=args.int8_method,
                       fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
                       int8_exclude=tuple(args.int8_exclude), layers=args.layers,
-                      dims=args.dims)
+                      dims=args.dims, distilled=not args.plain_cuts)
 
     bundle, code = _guarded(run, "parity gate failed, nothing written")
     if code:

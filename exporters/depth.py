@@ -7,60 +7,49 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from angle_rt import Encoder
 from angle_rt.manifest import Artifact, Manifest, artifact_file
+from angle_torch.depth import cut_model
 from angle_torch.model import AngleModel
+from angle_torch.settings import ANGLE_CONFIG_FILE, DEPTH_DIR, DEPTH_KEY
 from angle_torch.sts import StsPairs, sts_spearman
 
 log = logging.getLogger("angle_rt.export")
 
 
-def layer_list(backbone: nn.Module) -> tuple[nn.Module, str]:
-    """(parent, attribute) of the backbone's list of transformer layers: `encoder.layer`
-    (BERT, RoBERTa, MPNet, …) or `layers` (Llama, Mistral, Qwen, …)."""
-    n = int(getattr(backbone.config, "num_hidden_layers", 0))
-    for parent_name, attr in (("encoder", "layer"), ("", "layers"), ("model", "layers")):
-        parent = getattr(backbone, parent_name, None) if parent_name else backbone
-        layers = getattr(parent, attr, None) if parent is not None else None
-        if isinstance(layers, nn.ModuleList) and len(layers) == n:
-            return parent, attr
-    raise ValueError(f"cannot find the {n} transformer layers of {type(backbone).__name__} "
-                     "(looked for encoder.layer and layers); layer cuts support BERT- and "
-                     "Llama-style backbones")
-
-
-def cut_model(angle: AngleModel, layers: int) -> AngleModel:
-    """A copy of `angle` whose backbone stops after `layers` layers (weights shared with
-    `angle`, which is untouched); pooling and settings as before."""
-    n = int(angle.backbone.config.num_hidden_layers)
-    if not 1 <= layers < n:
-        raise ValueError(f"--layers takes depths in 1..{n - 1} for this {n}-layer model, "
-                         f"got {layers}")
-    backbone = copy.copy(angle.backbone)  # shallow: parameters stay shared
-    backbone.config = copy.deepcopy(angle.backbone.config)
-    backbone.config.num_hidden_layers = layers
-    backbone._modules = dict(backbone._modules)
-    parent, attr = layer_list(angle.backbone)
-    if parent is angle.backbone:
-        backbone._modules[attr] = nn.ModuleList(list(getattr(parent, attr))[:layers])
-    else:
-        name = next(k for k, m in angle.backbone._modules.items() if m is parent)
-        cut_parent = copy.copy(parent)
-        cut_parent._modules = dict(parent._modules)
-        cut_parent._modules[attr] = nn.ModuleList(list(getattr(parent, attr))[:layers])
-        if hasattr(cut_parent, "config"):
-            cut_parent.config = backbone.config
-        backbone._modules[name] = cut_parent
-    return AngleModel(backbone, angle.hf_tokenizer, copy.deepcopy(angle.settings),
-                      angle.name)
+def depth_model(angle: AngleModel, model: str | Path, layers: int,
+                distilled: bool = True) -> tuple[AngleModel, dict[str, Any] | None]:
+    """The model a depth variant is exported from, and what the manifest records of it: the
+    student `training.depth` saved at MODEL/layers-k when there is one (and `distilled`),
+    with the full model's settings; otherwise the cut (weights shared with the full model)."""
+    student_dir = Path(model) / DEPTH_DIR.format(k=layers)
+    if not distilled or not (student_dir / ANGLE_CONFIG_FILE).is_file():
+        return cut_model(angle, layers), None
+    info = json.loads((student_dir / ANGLE_CONFIG_FILE).read_text()).get(DEPTH_KEY)
+    if not info:
+        return cut_model(angle, layers), None
+    student = AngleModel.from_pretrained(str(student_dir), attn_implementation="eager")
+    have = int(student.backbone.config.num_hidden_layers)
+    if have != layers or student.embedding_dim != angle.embedding_dim:
+        raise ValueError(f"{student_dir} has {have} layers of width {student.embedding_dim}; "
+                         f"depth {layers} of this model needs {layers} of width "
+                         f"{angle.embedding_dim}: re-run python -m training.depth")
+    if student.hf_tokenizer.get_vocab() != angle.hf_tokenizer.get_vocab():
+        raise ValueError(f"{student_dir} has another tokenizer than {model}")
+    student.settings = copy.deepcopy(angle.settings)  # pooling, prompts as the full model
+    student.name = angle.name
+    log.info("depth %d: the distilled student in %s (best valid Spearman %s)", layers,
+             student_dir, info.get("best_valid_spearman"))
+    return student, {"kind": "distilled", "model": student_dir.name,
+                     "best_valid_spearman": info.get("best_valid_spearman"),
+                     "teacher_layers": info.get("of_layers")}
 
 
 def with_layers(art: Artifact, layers: int | None) -> Artifact:

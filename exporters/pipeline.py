@@ -24,7 +24,7 @@ from angle_rt.manifest import (
 )
 from angle_torch.model import AngleModel
 from exporters.bundle import build_manifest, consolidate_external_data, onnx_artifact, staged_dir
-from exporters.depth import cut_model, score_variants
+from exporters.depth import depth_model, score_variants
 from exporters.gates import Gate, sts_pairs
 from exporters.onnx_export import DEFAULT_OPSET, export_onnx
 from exporters.precision import FP16_CANDIDATE_OPS, convert_float16
@@ -87,6 +87,7 @@ def export(
     progress: bool = False,
     layers: tuple[int, ...] = (),
     dims: tuple[int, ...] = (),
+    distilled: bool = True,
     **precision: Any,
 ) -> Path:
     """Export `model` (hub id or local directory) to a bundle at `output_dir`.
@@ -98,7 +99,9 @@ def export(
     inputs; `verify_size` texts of them, stratified by length, where given, and by default
     for models over 1B parameters); a failed gate raises ParityError and nothing is written.
     `layers` adds depth variants (the backbone cut after k layers, same precisions, each
-    gated against the torch model cut the same way); with `layers` or `dims`, every artifact
+    gated against the torch model cut the same way; a student that training.depth distilled
+    into MODEL/layers-k replaces the cut unless `distilled` is False, gated against itself);
+    with `layers` or `dims`, every artifact
     also records its STS-B dev Spearman at each width in `dims` and its sentences/s.
     """
     plan = PrecisionPlan(**precision)
@@ -113,8 +116,10 @@ def export(
     normalize = angle.settings.normalize if normalize is None else normalize
     with staged_dir(Path(output_dir), force) as tmp:
         angle.tokenizer.backend.save(str(tmp / TOKENIZER_FILE))
-        builders = {k: ArtifactBuilder(m, tmp, plan, layers=k)
-                    for k, m in [(None, angle), *((k, cut_model(angle, k)) for k in layers)]}
+        builders = {None: ArtifactBuilder(angle, tmp, plan)}
+        for k in layers:
+            student, source = depth_model(angle, model, k, distilled)
+            builders[k] = ArtifactBuilder(student, tmp, plan, layers=k, depth_source=source)
         artifacts = [a for b in builders.values() for a in _trace_and_build(b, normalize, opset)]
         manifest = build_manifest(angle, artifacts, sha256_file(tmp / TOKENIZER_FILE),
                                   normalize, parity={})
@@ -165,8 +170,9 @@ class ArtifactBuilder:
     `layers` layers); INT8 calibration is computed once."""
 
     def __init__(self, angle: AngleModel, bundle: Path, plan: PrecisionPlan,
-                 layers: int | None = None) -> None:
+                 layers: int | None = None, depth_source: dict[str, Any] | None = None) -> None:
         self.angle, self.bundle, self.plan, self.layers = angle, bundle, plan, layers
+        self.depth_source = depth_source
         self.src = bundle / artifact_file("fp32", layers)
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._calibration: Calibration | None = None
@@ -190,7 +196,8 @@ class ArtifactBuilder:
 
     def artifact_of(self, bundle: Path, file: str, precision: str) -> Artifact:
         """The manifest entry of one of this builder's files (checksums, depth)."""
-        return dataclasses.replace(onnx_artifact(bundle, file, precision), layers=self.layers)
+        return dataclasses.replace(onnx_artifact(bundle, file, precision), layers=self.layers,
+                                   depth_source=self.depth_source)
 
     def default_exclude(self, precision: str) -> tuple[str, ...]:
         if precision in ("fp16", "bf16"):

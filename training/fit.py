@@ -9,7 +9,6 @@ max_length, padding side), which `angle-export --model OUTPUT_DIR` reads unpromp
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -18,7 +17,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,103 +25,17 @@ import numpy as np
 import torch
 
 from angle_torch.model import AngleModel
-from angle_torch.sts import StsPairs, sts_spearman
+from angle_torch.sts import sts_spearman
+from training.config import TrainConfig, build_parser, get_lr, seed_everything, valid_pairs
 from training.data import AngleCollator, Batch, detect_format, load_records
-from training.ese import EseLoss, matryoshka_loss
+from training.depth import depth_layers, distill_depths
+from training.ese import matryoshka_loss
 from training.lora import add_lora, merged_copy
-from training.losses import AngleLoss, distillation_loss
+from training.losses import distillation_loss
 
 log = logging.getLogger("angle_rt.fit")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best-checkpoint"
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run; the CLI flags are these names with dashes."""
-
-    model: str  # hub id or local directory to start from
-    train_data: str  # .jsonl/.csv/.parquet, a save_to_disk folder, or a hub dataset
-    output_dir: str = "ckpts/angle"  # final model (+ best-checkpoint/, checkpoint.pt)
-    valid_data: str | None = None  # format-A data: Spearman, best-checkpoint selection
-    column_rename: str | None = None  # "old:new,..." for train and valid data
-    train_split: str = "train"  # split of a hub dataset or DatasetDict
-    valid_split: str = "validation"
-    pooling: str | None = None  # default: what the model was saved with
-    max_length: int | None = None  # tokens per text, prompt included
-    padding_side: str | None = None
-    text_prompt: str | None = None  # format A texts
-    query_prompt: str | None = None  # text/query of formats B and C
-    doc_prompt: str | None = None  # positive/negative of formats B and C
-    filter_duplicate: bool = True  # drop samples repeating a text already in the batch
-    group_by_length: bool = False  # batches of similar length (less padding, faster on CPU)
-    epochs: int = 1
-    max_steps: int = -1  # > 0: stop after this many optimizer steps
-    batch_size: int = 32  # samples per micro-batch (pairs or triples)
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-5  # angle_emb's default
-    weight_decay: float = 0.01
-    warmup_steps: int = 100  # linear warmup, then linear decay to 0
-    max_grad_norm: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 needs CUDA)
-    dtype: str = "fp32"  # weights as loaded: fp32 | bf16 | fp16 (fp16 with LoRA only)
-    load_kbit: int | None = None  # 4 | 8: base weights through bitsandbytes (LoRA only)
-    # default: on for decoder LLMs (activation memory), off for encoders
-    gradient_checkpointing: bool | None = None
-    billm_start: int | None = None  # BiLLM/BeLLM: decoder layers ≥ this bidirectional
-    seed: int = 42
-    device: str | None = None  # default: cuda when available, else cpu
-    eval_steps: int = 0  # also evaluate every N steps (always after each epoch)
-    save_steps: int = 0  # also write checkpoint.pt every N steps (always after each epoch)
-    logging_steps: int = 10
-    # continue exactly from output_dir/checkpoint.pt: trainable weights, AdamW state, GradScaler,
-    # step/epoch/micro-batch position (same data order, checked), best score and history, and
-    # the Python, numpy, torch CPU, CUDA and collator RNGs; see _Trainer._load_checkpoint
-    resume: bool = False
-    cosine_w: float = 0.0  # loss weights and temperatures: see training.losses.AngleLoss
-    ibn_w: float = 1.0
-    cln_w: float = 1.0
-    angle_w: float = 0.02
-    cosine_tau: float = 20.0
-    ibn_tau: float = 20.0
-    angle_tau: float = 20.0
-    lora: bool = False  # train a LoRA adapter instead of every weight
-    lora_r: int = 32
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_target_modules: str | None = None  # comma list; default every linear layer
-    lora_path: str | None = None  # continue training this saved adapter
-    merge: bool = False  # with LoRA: also write the merged full model to output_dir/merged
-    teacher: str | None = None  # distil from this model (same tokenizer required)
-    teacher_temperature: float = 1.0
-    teacher_weight: float = 1.0
-    teacher_pooling: str | None = None
-    ese: bool = False  # Espresso: shallower layers and leading dims trained too (training.ese)
-    ese_compression_size: int = 128  # k, the leading dims every layer is trained to fill
-    ese_kl_temperature: float = 1.0
-    ese_layers: str = "angle_emb"  # angle_emb (its choice of layers) | transformer
-    ese_layer_weight: float = 1.0  # × the layer terms (1: angle_emb's weighting)
-    matryoshka_dims: str | None = None  # "64,128,256": each leading slice trained as well
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
-
-    def loss(self) -> AngleLoss:
-        return AngleLoss(cosine_w=self.cosine_w, ibn_w=self.ibn_w, cln_w=self.cln_w,
-                         angle_w=self.angle_w, cosine_tau=self.cosine_tau,
-                         ibn_tau=self.ibn_tau, angle_tau=self.angle_tau)
-
-    def ese_loss(self) -> EseLoss | None:
-        if not self.ese:
-            return None
-        return EseLoss(self.ese_compression_size, self.ese_kl_temperature,
-                       layers=self.ese_layers, layer_weight=self.ese_layer_weight)
-
-    def dims(self) -> list[int]:
-        """--matryoshka-dims as ints ([] when unset)."""
-        try:
-            return [int(d) for d in (self.matryoshka_dims or "").split(",") if d.strip()]
-        except ValueError:
-            raise ValueError(f"--matryoshka-dims takes comma-separated ints, got "
-                             f"{self.matryoshka_dims!r}") from None
 
 
 @dataclass
@@ -133,18 +46,10 @@ class FitResult:
     history: list[dict[str, float]]
 
 
-def get_lr(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warmup to `base` over `warmup` steps, then linear decay to 0 at `total`."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    remaining = max(total - warmup, 1)
-    return base * max(0.0, (total - step) / remaining)
-
-
 def fit(cfg: TrainConfig) -> FitResult:
     """Train as `cfg` says; returns where the model went and the evaluation history."""
     _check(cfg)
-    _seed(cfg.seed)
+    seed_everything(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 on CPU")
@@ -177,13 +82,19 @@ def fit(cfg: TrainConfig) -> FitResult:
         raise ValueError(f"{cfg.train_data} has no rows")
     fmt = detect_format(records[0].keys())
     log.info("train data: %d rows, format %s", len(records), fmt)
-    valid = _valid_pairs(cfg)
+    valid = valid_pairs(cfg)
     teacher = _teacher(cfg, model, device)
     prompts = [model.prompt_template(p) if p else None
                for p in (cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt)]
     collate = AngleCollator(model.tokenizer, fmt, model.pad_token_id, model.settings.padding_side,
                             *prompts, cfg.filter_duplicate, cfg.seed)
-    return _Trainer(cfg, model, teacher, collate, records, valid, device).run()
+    result = _Trainer(cfg, model, teacher, collate, records, valid, device).run()
+    layers = depth_layers(cfg.distill_layers)
+    if layers:  # students of the model angle-export reads from output_dir
+        merged = cfg.lora or cfg.lora_path
+        teacher = result.output_dir / "merged" if merged else result.output_dir
+        distill_depths(cfg, teacher, layers, result.output_dir)
+    return result
 
 
 class _Trainer:
@@ -489,14 +400,12 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("batch_size and gradient_accumulation_steps must be ≥ 1")
     if cfg.epochs < 1 and cfg.max_steps <= 0:
         raise ValueError("set epochs ≥ 1 or max_steps > 0")
+    depth_layers(cfg.distill_layers)  # a bad list fails before training, not after
+    if cfg.distill_layers and (cfg.lora or cfg.lora_path) and not cfg.merge:
+        raise ValueError("--distill-layers with LoRA needs --merge: the students are full "
+                         "models distilled from the merged weights")
     if cfg.merge and not (cfg.lora or cfg.lora_path):
         raise ValueError("--merge needs --lora (or --lora-path): there is no adapter to merge")
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _rng_states(collate: AngleCollator) -> dict[str, Any]:
@@ -546,19 +455,6 @@ def _enable_checkpointing(model: AngleModel) -> None:
         backbone.enable_input_require_grads()  # LoRA: frozen embeddings still pass gradients
 
 
-def _valid_pairs(cfg: TrainConfig) -> StsPairs | None:
-    if not cfg.valid_data:
-        return None
-    rows = load_records(cfg.valid_data, cfg.column_rename, cfg.valid_split)
-    for cols in (("text1", "text2", "label"), ("sentence1", "sentence2", "score")):
-        if set(cols) <= rows[0].keys():
-            a, b, y = cols
-            return StsPairs([r[a] for r in rows], [r[b] for r in rows],
-                            np.asarray([float(r[y]) for r in rows]))
-    raise ValueError(f"--valid-data needs text1, text2, label (or sentence1, sentence2, score) "
-                     f"columns; {cfg.valid_data} has {sorted(rows[0])}")
-
-
 def _teacher(cfg: TrainConfig, student: AngleModel, device: torch.device) -> AngleModel | None:
     if not cfg.teacher:
         return None
@@ -576,27 +472,10 @@ def _teacher(cfg: TrainConfig, student: AngleModel, device: torch.device) -> Ang
     return teacher.to(device).eval()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Flags from TrainConfig: `--snake-case` names; booleans as --x / --no-x."""
-    p = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        required = f.default is dataclasses.MISSING
-        if kind.split(" ")[0] == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            conv = {"int": int, "float": float}.get(kind.split(" ")[0], str)
-            p.add_argument(flag, type=conv, required=required,
-                           default=None if required else f.default)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    parser.description = __doc__
+    args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="training.fit: %(message)s")
     try:
         result = fit(TrainConfig(**args))

@@ -215,6 +215,7 @@ class ServedModel:
             "precision": enc.artifact.precision,
             "artifact": enc.artifact.file,
             "layers": enc.artifact.layers,  # an ESE depth variant; None: the full model
+            "depth_source": enc.artifact.depth_source,  # a distilled variant's provenance
             "artifact_parity": enc.artifact.parity,
             "output_dtype": cfg.output_dtype,
             "output_ranges": self.ranges is not None,

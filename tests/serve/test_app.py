@@ -140,6 +140,7 @@ def test_depth_variants_served_by_name(tiny_depth_bundle):
             np.testing.assert_allclose(np.array(got), ref.encode(TEXTS[:2]), atol=1e-5)
         info = client.get("/info", params={"model": "tiny-depth@1"}).json()
         assert info["layers"] == 1 and info["artifact"] == "model.L1.onnx"
+        assert info["depth_source"] is None  # a cut, not a distilled student
     with pytest.raises(Exception, match="depth"):
         open_models(ServeConfig(models=[specs[0]], layers=3), Metrics())
 

@@ -1,0 +1,50 @@
+"""Layer cuts: an AngleModel whose backbone stops after k layers, sharing the full model's
+weights (ESE depth variants; the starting point of training.depth's students)."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from angle_torch.model import AngleModel
+
+
+def layer_list(backbone: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the backbone's list of transformer layers: `encoder.layer`
+    (BERT, RoBERTa, MPNet, …) or `layers` (Llama, Mistral, Qwen, …)."""
+    n = int(getattr(backbone.config, "num_hidden_layers", 0))
+    for parent_name, attr in (("encoder", "layer"), ("", "layers"), ("model", "layers")):
+        parent = getattr(backbone, parent_name, None) if parent_name else backbone
+        layers = getattr(parent, attr, None) if parent is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) == n:
+            return parent, attr
+    raise ValueError(f"cannot find the {n} transformer layers of {type(backbone).__name__} "
+                     "(looked for encoder.layer and layers); layer cuts support BERT- and "
+                     "Llama-style backbones")
+
+
+def cut_model(angle: AngleModel, layers: int) -> AngleModel:
+    """A copy of `angle` whose backbone stops after `layers` layers (weights shared with
+    `angle`, which is untouched); pooling and settings as before."""
+    n = int(angle.backbone.config.num_hidden_layers)
+    if not 1 <= layers < n:
+        raise ValueError(f"--layers takes depths in 1..{n - 1} for this {n}-layer model, "
+                         f"got {layers}")
+    backbone = copy.copy(angle.backbone)  # shallow: parameters stay shared
+    backbone.config = copy.deepcopy(angle.backbone.config)
+    backbone.config.num_hidden_layers = layers
+    backbone._modules = dict(backbone._modules)
+    parent, attr = layer_list(angle.backbone)
+    if parent is angle.backbone:
+        backbone._modules[attr] = nn.ModuleList(list(getattr(parent, attr))[:layers])
+    else:
+        name = next(k for k, m in angle.backbone._modules.items() if m is parent)
+        cut_parent = copy.copy(parent)
+        cut_parent._modules = dict(parent._modules)
+        cut_parent._modules[attr] = nn.ModuleList(list(getattr(parent, attr))[:layers])
+        if hasattr(cut_parent, "config"):
+            cut_parent.config = backbone.config
+        backbone._modules[name] = cut_parent
+    return AngleModel(backbone, angle.hf_tokenizer, copy.deepcopy(angle.settings),
+                      angle.name)
