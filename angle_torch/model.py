@@ -141,9 +141,20 @@ class AngleModel(nn.Module):
         """Embed texts in input order, in chunks of `batch_size` (float32 numpy)."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        ids = self.tokenizer.encode(texts, self.prompt_template(prompt))
+        emb = self.encode_ids(ids, batch_size, device, show_progress)
+        if normalize:
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+        arr = emb.numpy()
+        return arr[0] if single else arr
+
+    @torch.no_grad()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32,
+                   device: str | torch.device | None = None, show_progress: bool = False,
+                   desc: str = "torch reference") -> torch.Tensor:
+        """Vectors of token-id rows (float32, CPU tensor), in input order."""
         device = torch.device(device) if device else next(self.parameters()).device
         self.eval()
-        ids = self.tokenizer.encode(texts, self.prompt_template(prompt))
         # longest first, so each chunk pads little; results go back to input order
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         chunks = range(0, len(ids), batch_size)
@@ -151,7 +162,7 @@ class AngleModel(nn.Module):
         if show_progress:  # in padded tokens, so the ETA holds though long batches come first
             from tqdm.auto import tqdm
             total = sum(len(ids[order[i]]) * len(order[i:i + batch_size]) for i in chunks)
-            bar = tqdm(total=total, desc="torch reference", unit="tok", unit_scale=True)
+            bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
         emb = torch.empty(len(ids), self.embedding_dim)
         for i in chunks:
             rows = order[i:i + batch_size]
@@ -160,10 +171,7 @@ class AngleModel(nn.Module):
                 bar.update(len(ids[rows[0]]) * len(rows))
         if bar is not None:
             bar.close()
-        if normalize:
-            emb = torch.nn.functional.normalize(emb, dim=-1)
-        arr = emb.numpy()
-        return arr[0] if single else arr
+        return emb
 
     def pad(self, rows: Sequence[Sequence[int]],
             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

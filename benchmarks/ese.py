@@ -50,7 +50,7 @@ def train(name: str, out: Path, data: Path, args: argparse.Namespace, **kw) -> s
     return cfg.output_dir
 
 
-def distil(model: str, out: Path, data: Path, args: argparse.Namespace, train_file: Path,
+def distil(model: str, data: Path, args: argparse.Namespace, train_file: Path,
            common: dict) -> None:
     """training.depth's students of the ESE model, saved in its directory (layers-k/)."""
     extra = ""
@@ -167,7 +167,7 @@ def main() -> None:
                                   ese_layers=args.ese_layers,
                                   ese_layer_weight=args.ese_layer_weight)
     if args.distill_layers:
-        distil(models["ese"], out, data, args, train_file, common)
+        distil(models["ese"], data, args, train_file, common)
         models["ese+distilled"] = models["ese"]
     test = load_sts(data / "sts" / "stsb-test.jsonl")
     rows = []

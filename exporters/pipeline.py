@@ -101,8 +101,8 @@ def export(
     `layers` adds depth variants (the backbone cut after k layers, same precisions, each
     gated against the torch model cut the same way; a student that training.depth distilled
     into MODEL/layers-k replaces the cut unless `distilled` is False, gated against itself);
-    with `layers` or `dims`, every artifact
-    also records its STS-B dev Spearman at each width in `dims` and its sentences/s.
+    with `layers` or `dims`, every artifact also records its STS-B dev Spearman at each
+    width in `dims` and its sentences/s.
     """
     plan = PrecisionPlan(**precision)
     if verify_size is not None and verify_size < 1:

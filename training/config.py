@@ -105,13 +105,23 @@ class TrainConfig:
         return EseLoss(self.ese_compression_size, self.ese_kl_temperature,
                        layers=self.ese_layers, layer_weight=self.ese_layer_weight)
 
+    def prompt_templates(self, model: Any) -> tuple[str | None, str | None, str | None]:
+        """(text, query, doc) templates of --text/--query/--doc-prompt as `model` resolves
+        them (a name or a literal template); None where unset."""
+        return tuple(model.prompt_template(p) if p else None  # type: ignore[return-value]
+                     for p in (self.text_prompt, self.query_prompt, self.doc_prompt))
+
     def dims(self) -> list[int]:
         """--matryoshka-dims as ints ([] when unset)."""
-        try:
-            return [int(d) for d in (self.matryoshka_dims or "").split(",") if d.strip()]
-        except ValueError:
-            raise ValueError(f"--matryoshka-dims takes comma-separated ints, got "
-                             f"{self.matryoshka_dims!r}") from None
+        return int_list(self.matryoshka_dims, "--matryoshka-dims")
+
+
+def int_list(spec: str | None, flag: str) -> list[int]:
+    """"64,128" → [64, 128] ([] when unset); ValueError naming `flag` otherwise."""
+    try:
+        return [int(d) for d in (spec or "").split(",") if d.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated ints, got {spec!r}") from None
 
 
 def get_lr(step: int, base: float, warmup: int, total: int) -> float:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from angle_torch.depth import cut_model
-from angle_torch.model import AngleModel, pad_ids
+from angle_torch.model import AngleModel
 from angle_torch.settings import ANGLE_CONFIG_FILE, DEPTH_DIR, DEPTH_KEY
 from angle_torch.sts import StsPairs, sts_spearman
-from training.config import TrainConfig, build_parser, get_lr, seed_everything, valid_pairs
+from training.config import (
+    TrainConfig,
+    build_parser,
+    get_lr,
+    int_list,
+    seed_everything,
+    valid_pairs,
+)
 from training.data import FORMATS, AngleCollator, detect_format, load_records
 
 log = logging.getLogger("angle_rt.train")
@@ -44,10 +50,7 @@ log = logging.getLogger("angle_rt.train")
 
 def depth_layers(spec: str | None) -> list[int]:
     """--distill-layers "2,3" → [2, 3] ([] when unset)."""
-    try:
-        return sorted({int(k) for k in (spec or "").split(",") if k.strip()})
-    except ValueError:
-        raise ValueError(f"--distill-layers takes comma-separated ints, got {spec!r}") from None
+    return sorted(set(int_list(spec, "--distill-layers")))
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -79,7 +82,7 @@ class TextPool:
         if not self.ids:
             raise ValueError("depth distillation has no texts: give --train-data rows or "
                              "--distill-texts")
-        self.targets = embed_ids(teacher, self.ids, batch_size, device, "teacher vectors")
+        self.targets = teacher.encode_ids(self.ids, batch_size, device, True, "teacher vectors")
 
     def batches(self, batch_size: int, rng: random.Random) -> list[np.ndarray]:
         """Length-sorted batches (little padding) in a shuffled order."""
@@ -87,22 +90,6 @@ class TextPool:
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         rng.shuffle(chunks)
         return chunks
-
-
-@torch.no_grad()
-def embed_ids(model: AngleModel, ids: Sequence[Sequence[int]], batch_size: int,
-              device: torch.device, desc: str) -> torch.Tensor:
-    """Vectors of token-id rows (float32, CPU), longest first in batches, input order."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out = torch.empty(len(ids), model.embedding_dim)
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        rows = order[i:i + batch_size]
-        x, m = pad_ids([ids[r] for r in rows], model.pad_token_id, model.settings.padding_side)
-        out[rows] = model(x.to(device), m.to(device)).float().cpu()
-    return out
 
 
 def distill_depths(cfg: TrainConfig, teacher_dir: str | Path, layers: Sequence[int],
@@ -133,27 +120,23 @@ def distill_depths(cfg: TrainConfig, teacher_dir: str | Path, layers: Sequence[i
     return done
 
 
-def _task_data(cfg: Any, teacher: AngleModel) -> tuple[list[dict], AngleCollator | None]:
+def _task_data(cfg: TrainConfig, teacher: AngleModel) -> tuple[list[dict], AngleCollator | None]:
     """The train rows (their texts join the pool) and, with a task weight, their collator."""
     records = load_records(cfg.train_data, cfg.column_rename, cfg.train_split)
     if cfg.distill_task_weight <= 0:
         return records, None
     fmt = detect_format(records[0].keys()) if records else "A"
-    prompts = [teacher.prompt_template(p) if p else None
-               for p in (cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt)]
     collate = AngleCollator(teacher.tokenizer, fmt, teacher.pad_token_id,
-                            teacher.settings.padding_side, *prompts, cfg.filter_duplicate,
-                            cfg.seed)
+                            teacher.settings.padding_side, *cfg.prompt_templates(teacher),
+                            cfg.filter_duplicate, cfg.seed)
     return records, collate
 
 
-def _pool_groups(cfg: Any, teacher: AngleModel, records: list[dict]) -> dict[str | None,
+def _pool_groups(cfg: TrainConfig, teacher: AngleModel, records: list[dict]) -> dict[str | None,
                                                                               list[str]]:
     """Texts by the prompt they are embedded with: the train data's columns with their
     prompts (as the collator applies them), `--distill-texts` with the text prompt."""
-    text = teacher.prompt_template(cfg.text_prompt) if cfg.text_prompt else None
-    query = teacher.prompt_template(cfg.query_prompt) if cfg.query_prompt else None
-    doc = teacher.prompt_template(cfg.doc_prompt) if cfg.doc_prompt else None
+    text, query, doc = cfg.prompt_templates(teacher)
     groups: dict[str | None, list[str]] = {}
     if records:
         fmt = detect_format(records[0].keys())
@@ -166,7 +149,7 @@ def _pool_groups(cfg: Any, teacher: AngleModel, records: list[dict]) -> dict[str
     return groups
 
 
-def _train(cfg: Any, student: AngleModel, pool: TextPool, records: list[dict],
+def _train(cfg: TrainConfig, student: AngleModel, pool: TextPool, records: list[dict],
            collate: AngleCollator | None, valid: StsPairs | None,
            device: torch.device) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
@@ -189,14 +172,7 @@ def _train(cfg: Any, student: AngleModel, pool: TextPool, records: list[dict],
             for rows in pool.batches(bs, rng):
                 for g in opt.param_groups:
                     g["lr"] = get_lr(step, cfg.distill_learning_rate, cfg.warmup_steps, total)
-                x, m = student.pad([pool.ids[i] for i in rows], device)
-                loss = vector_loss(student(x, m).float(), pool.targets[rows].to(device))
-                if task is not None:
-                    batch = task.next()
-                    emb = student(batch.input_ids.to(device), batch.attention_mask.to(device))
-                    labels = batch.labels.to(device) if batch.labels is not None else None
-                    loss = loss + cfg.distill_task_weight * loss_fn(emb.float(), labels,
-                                                                    batch.fmt)
+                loss = _step_loss(cfg, student, pool, rows, task, loss_fn, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
@@ -211,6 +187,19 @@ def _train(cfg: Any, student: AngleModel, pool: TextPool, records: list[dict],
     if best is not None:  # the epoch with the best validation score, as fit's best-checkpoint
         student.load_state_dict(best[1])
     return history
+
+
+def _step_loss(cfg: TrainConfig, student: AngleModel, pool: TextPool, rows: np.ndarray,
+               task: _TaskBatches | None, loss_fn: Any, device: torch.device) -> torch.Tensor:
+    """The vector loss on a pool batch, plus the weighted task loss on a labeled batch."""
+    x, m = student.pad([pool.ids[i] for i in rows], device)
+    loss = vector_loss(student(x, m).float(), pool.targets[rows].to(device))
+    if task is not None:
+        batch = task.next()
+        emb = student(batch.input_ids.to(device), batch.attention_mask.to(device))
+        labels = batch.labels.to(device) if batch.labels is not None else None
+        loss = loss + cfg.distill_task_weight * loss_fn(emb.float(), labels, batch.fmt)
+    return loss
 
 
 def vector_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -266,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     depth distillation, for a model trained before."""
     parser = build_parser()
     parser.prog, parser.description = "python -m training.depth", __doc__
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    parser.set_defaults(output_dir=None)  # unset: the students go into the model directory
+    args = vars(parser.parse_args(argv))
+    out = args.pop("output_dir")
+    cfg = TrainConfig(**args, output_dir=out or args["model"])
     layers = depth_layers(cfg.distill_layers)
     if not layers:
         raise SystemExit("give --distill-layers K[,K2]: the depths to distil")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = cfg.output_dir if "--output-dir" in (argv or sys.argv) else None
-    for path in distill_depths(cfg, cfg.model, layers, out):
+    for path in distill_depths(cfg, cfg.model, layers, cfg.output_dir):
         print(path)
     return 0
 

@@ -84,10 +84,8 @@ def fit(cfg: TrainConfig) -> FitResult:
     log.info("train data: %d rows, format %s", len(records), fmt)
     valid = valid_pairs(cfg)
     teacher = _teacher(cfg, model, device)
-    prompts = [model.prompt_template(p) if p else None
-               for p in (cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt)]
     collate = AngleCollator(model.tokenizer, fmt, model.pad_token_id, model.settings.padding_side,
-                            *prompts, cfg.filter_duplicate, cfg.seed)
+                            *cfg.prompt_templates(model), cfg.filter_duplicate, cfg.seed)
     result = _Trainer(cfg, model, teacher, collate, records, valid, device).run()
     layers = depth_layers(cfg.distill_layers)
     if layers:  # students of the model angle-export reads from output_dir
@@ -374,8 +372,7 @@ def _save_prompts(cfg: TrainConfig, model: AngleModel) -> None:
     `angle-export` apply them unprompted: one prompt for every text (format A's
     text_prompt, or query = doc) is the default; otherwise `query` and `document` names."""
     s = model.settings
-    text, query, doc = (model.prompt_template(p) if p else None
-                        for p in (cfg.text_prompt, cfg.query_prompt, cfg.doc_prompt))
+    text, query, doc = cfg.prompt_templates(model)
     if text or (query and query == doc):
         s.default_prompt = text or query
     else:
