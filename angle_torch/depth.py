@@ -4,6 +4,7 @@ weights (ESE depth variants; the starting point of training.depth's students).""
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -24,27 +25,37 @@ def layer_list(backbone: nn.Module) -> tuple[nn.Module, str]:
                      "Llama-style backbones")
 
 
-def cut_model(angle: AngleModel, layers: int) -> AngleModel:
+def cut_model(angle: AngleModel, layers: int, pick: Sequence[int] | None = None) -> AngleModel:
     """A copy of `angle` whose backbone stops after `layers` layers (weights shared with
-    `angle`, which is untouched); pooling and settings as before."""
+    `angle`, which is untouched); pooling and settings as before. `pick` takes those layers
+    from other positions (ascending indices, e.g. every other one: a distillation student's
+    start); by default the first `layers`."""
     n = int(angle.backbone.config.num_hidden_layers)
     if not 1 <= layers < n:
         raise ValueError(f"--layers takes depths in 1..{n - 1} for this {n}-layer model, "
                          f"got {layers}")
+    pick = list(range(layers)) if pick is None else list(pick)
+    if len(pick) != layers or pick != sorted(set(pick)) or not 0 <= pick[0] <= pick[-1] < n:
+        raise ValueError(f"pick needs {layers} ascending layer indices in 0..{n - 1}, "
+                         f"got {pick}")
     backbone = copy.copy(angle.backbone)  # shallow: parameters stay shared
     backbone.config = copy.deepcopy(angle.backbone.config)
     backbone.config.num_hidden_layers = layers
     backbone._modules = dict(backbone._modules)
     parent, attr = layer_list(angle.backbone)
     if parent is angle.backbone:
-        backbone._modules[attr] = nn.ModuleList(list(getattr(parent, attr))[:layers])
+        backbone._modules[attr] = _picked(getattr(parent, attr), pick)
     else:
         name = next(k for k, m in angle.backbone._modules.items() if m is parent)
         cut_parent = copy.copy(parent)
         cut_parent._modules = dict(parent._modules)
-        cut_parent._modules[attr] = nn.ModuleList(list(getattr(parent, attr))[:layers])
+        cut_parent._modules[attr] = _picked(getattr(parent, attr), pick)
         if hasattr(cut_parent, "config"):
             cut_parent.config = backbone.config
         backbone._modules[name] = cut_parent
     return AngleModel(backbone, angle.hf_tokenizer, copy.deepcopy(angle.settings),
                       angle.name)
+
+
+def _picked(layers: nn.ModuleList, pick: list[int]) -> nn.ModuleList:
+    return nn.ModuleList([layers[i] for i in pick])

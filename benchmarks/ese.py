@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from angle_rt import Encoder
+from angle_torch.settings import ANGLE_CONFIG_FILE, DEPTH_DIR, DEPTH_KEY
 from angle_torch.sts import find_shared_data, load_sts, sts_spearman
 from exporters import export
-from training.depth import depth_layers, distill_depths
+from training.depth import depth_layers, distill_depths, recipe
 from training.fit import TrainConfig, fit
 
 HERE = Path(__file__).resolve().parent
@@ -59,10 +60,24 @@ def distil(model: str, data: Path, args: argparse.Namespace, train_file: Path,
     cfg = TrainConfig(model=model, train_data=str(train_file), output_dir=model,
                       batch_size=32, warmup_steps=100, cosine_w=1.0, ibn_w=1.0, angle_w=0.02,
                       seed=0, distill_texts=extra or None, distill_epochs=args.distill_epochs,
-                      **common)
+                      distill_token_weight=args.distill_token_weight,
+                      distill_similarity_weight=args.distill_similarity_weight,
+                      distill_init=args.distill_init, **common)
+    layers = depth_layers(args.distill_layers)
+    if args.reuse and all(_same_recipe(Path(model) / DEPTH_DIR.format(k=k), cfg)
+                          for k in layers):
+        print(f"reusing the depth {args.distill_layers} students in {model}")
+        return
     start = time.perf_counter()
-    distill_depths(cfg, model, depth_layers(args.distill_layers), model)
+    distill_depths(cfg, model, layers, model)
     print(f"distilled depths {args.distill_layers} in {time.perf_counter() - start:.0f} s")
+
+
+def _same_recipe(student: Path, cfg: TrainConfig) -> bool:
+    path = student / ANGLE_CONFIG_FILE
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()).get(DEPTH_KEY, {}).get("recipe") == recipe(cfg)
 
 
 def measure(bundle: Path, layers: int | None, test, dims: list[int], repeats: int) -> dict:
@@ -126,6 +141,10 @@ def main() -> None:
     p.add_argument("--distill-texts", default="nli", help="'nli': the NLI triples' and pairs' "
                    "texts as the extra pool; '' for the train data's texts only")
     p.add_argument("--distill-epochs", type=int, default=4)
+    p.add_argument("--distill-token-weight", type=float, default=TrainConfig.distill_token_weight)
+    p.add_argument("--distill-similarity-weight", type=float,
+                   default=TrainConfig.distill_similarity_weight)
+    p.add_argument("--distill-init", default=TrainConfig.distill_init)
     p.add_argument("--models", default="", help="comma list: measure only these of ese, "
                    "plain, base, ese-nli, ese+distilled (default: all trained)")
     p.add_argument("--reuse", action="store_true", help="keep models already trained in --out")

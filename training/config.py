@@ -92,6 +92,9 @@ class TrainConfig:
     distill_epochs: int = 4
     distill_learning_rate: float = 1e-4
     distill_task_weight: float = 1.0  # × the AnglE objective on the train data per step
+    distill_token_weight: float = 1.0  # × the token-state loss (student layer j ↔ teacher j·n/k)
+    distill_similarity_weight: float = 1.0  # × the in-batch similarity-distribution loss
+    distill_init: str = "spread"  # the student's layers: k spread up to the last, or "first" k
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the run
 
     def loss(self) -> AngleLoss:

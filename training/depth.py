@@ -2,11 +2,15 @@
 reproduce the full model's vectors, so a depth variant keeps most of the full model's quality.
 
 ESE trains one set of weights for every depth at once; on MiniLM / STS-B its depth-3 cut
-stays 11 points below the full model, the distilled one 3.6 (docs/training.md). Here the
-cut starts from the full model's first k layers (the ESE weights when the model was trained
-with `--ese`) and trains on its own, each step on
+stays 11 points below the full model (docs/training.md has the distilled figures). Here the
+student starts from k of the full model's layers spread up to the last (`--distill-init
+spread`: layers 2, 4, 6 of 6, so its layer j is the teacher's layer j·n/k, whose output
+the token-state loss matches; `first` takes the first k, the ESE cut) and trains on its own, each step on
 - a batch of the text pool (every text of the train data plus `--distill-texts`): MSE and
-  1 − cosine to the full model's vectors of the same texts, computed once up front, and
+  1 − cosine to the full model's vectors of the same texts (computed once up front), the
+  KL of each text's similarity distribution over the batch (`--distill-similarity-weight`),
+  and the relative error of its layers' token states to the teacher's layers j·n/k
+  (`--distill-token-weight`; the teacher runs on the batch), and
 - a batch of the labeled train data with the run's AnglE objective × `--distill-task-weight`.
 The student is saved as `<output>/layers-<k>/`, a normal k-layer model directory whose
 angle_config.json names its teacher; `angle-export --layers k` exports it in place of the
@@ -112,12 +116,25 @@ def distill_depths(cfg: TrainConfig, teacher_dir: str | Path, layers: Sequence[i
     done = []
     for k in layers:
         seed_everything(cfg.seed)
-        student = copy.deepcopy(cut_model(teacher, k)).to(device)
+        student = copy.deepcopy(cut_model(teacher, k, init_layers(cfg.distill_init, k, n)))
+        student.to(device)
         for p in student.parameters():
             p.requires_grad_(True)
-        history = _train(cfg, student, pool, records, collate, valid, device)
-        done.append(_save(student, out / DEPTH_DIR.format(k=k), teacher_dir, k, n, history))
+        history = _train(cfg, student, teacher, pool, records, collate, valid, device)
+        done.append(_save(student, out / DEPTH_DIR.format(k=k), teacher_dir, k, n, history,
+                          recipe(cfg)))
     return done
+
+
+def init_layers(init: str, k: int, n: int) -> list[int]:
+    """The teacher layers a k-layer student starts from: the first k (the ESE cut), or k
+    spread evenly up to the last (DistilBERT's every-other-layer start: layer j starts as
+    the teacher's layer j·n/k, whose output the token-state loss maps it to)."""
+    if init == "first":
+        return list(range(k))
+    if init == "spread":
+        return [(j + 1) * n // k - 1 for j in range(k)]
+    raise ValueError(f"--distill-init takes 'first' or 'spread', got {init!r}")
 
 
 def _task_data(cfg: TrainConfig, teacher: AngleModel) -> tuple[list[dict], AngleCollator | None]:
@@ -149,7 +166,8 @@ def _pool_groups(cfg: TrainConfig, teacher: AngleModel, records: list[dict]) -> 
     return groups
 
 
-def _train(cfg: TrainConfig, student: AngleModel, pool: TextPool, records: list[dict],
+def _train(cfg: TrainConfig, student: AngleModel, teacher: AngleModel, pool: TextPool,
+           records: list[dict],
            collate: AngleCollator | None, valid: StsPairs | None,
            device: torch.device) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
@@ -172,7 +190,7 @@ def _train(cfg: TrainConfig, student: AngleModel, pool: TextPool, records: list[
             for rows in pool.batches(bs, rng):
                 for g in opt.param_groups:
                     g["lr"] = get_lr(step, cfg.distill_learning_rate, cfg.warmup_steps, total)
-                loss = _step_loss(cfg, student, pool, rows, task, loss_fn, device)
+                loss = _step_loss(cfg, student, teacher, pool, rows, task, loss_fn, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
@@ -189,11 +207,24 @@ def _train(cfg: TrainConfig, student: AngleModel, pool: TextPool, records: list[
     return history
 
 
-def _step_loss(cfg: TrainConfig, student: AngleModel, pool: TextPool, rows: np.ndarray,
-               task: _TaskBatches | None, loss_fn: Any, device: torch.device) -> torch.Tensor:
-    """The vector loss on a pool batch, plus the weighted task loss on a labeled batch."""
+def _step_loss(cfg: TrainConfig, student: AngleModel, teacher: AngleModel, pool: TextPool,
+               rows: np.ndarray, task: _TaskBatches | None, loss_fn: Any,
+               device: torch.device) -> torch.Tensor:
+    """The vector loss on a pool batch (+ the weighted token-state loss), plus the weighted
+    task loss on a labeled batch."""
     x, m = student.pad([pool.ids[i] for i in rows], device)
-    loss = vector_loss(student(x, m).float(), pool.targets[rows].to(device))
+    if cfg.distill_token_weight > 0:
+        states = student.hidden_states(x, m)
+        vec = student.pool(states[-1], m)
+        with torch.no_grad():
+            targets = teacher.hidden_states(x, m)
+        loss = cfg.distill_token_weight * token_loss(states[1:], targets, m)
+    else:
+        vec, loss = student(x, m), torch.zeros((), device=device)
+    target = pool.targets[rows].to(device)
+    loss = loss + vector_loss(vec.float(), target)
+    if cfg.distill_similarity_weight > 0:
+        loss = loss + cfg.distill_similarity_weight * similarity_loss(vec.float(), target)
     if task is not None:
         batch = task.next()
         emb = student(batch.input_ids.to(device), batch.attention_mask.to(device))
@@ -206,6 +237,33 @@ def vector_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """MSE (the vectors themselves) + mean(1 − cosine) (their directions, which similarity
     search reads) between student and teacher vectors, [B, D] each → scalar."""
     return F.mse_loss(student, teacher) + (1 - F.cosine_similarity(student, teacher)).mean()
+
+
+def similarity_loss(student: torch.Tensor, teacher: torch.Tensor,
+                    temperature: float = 0.05) -> torch.Tensor:
+    """KL divergence of each text's similarity distribution over the rest of the batch, the
+    student's from the teacher's (softmax of cosine / temperature): the ranking of neighbours
+    that STS and retrieval read, beyond each vector on its own."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
+    log_s = (s @ s.T / temperature).masked_fill(eye, -1e4).log_softmax(-1)
+    log_t = (t @ t.T / temperature).masked_fill(eye, -1e4).log_softmax(-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+def token_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+               mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the student's k layers of the relative squared error of its token states
+    [B, L, D] to the teacher's layer j·n/k (n = len(teacher) − 1: `teacher` starts with the
+    embedding output), padding masked out. Relative (÷ the teacher's mean square), so layers
+    whose states differ in scale weigh alike."""
+    k, n = len(student), len(teacher) - 1
+    w = mask.unsqueeze(-1).float()
+    total = student[0].new_zeros(())
+    for j, s in enumerate(student, start=1):
+        t = teacher[j * n // k].float()
+        total = total + ((s.float() - t) ** 2 * w).sum() / ((t ** 2) * w).sum().clamp_min(1e-12)
+    return total / k
 
 
 class _TaskBatches:
@@ -236,15 +294,24 @@ def _evaluate(student: AngleModel, valid: StsPairs | None, epoch: int, step: int
     return row
 
 
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a student was distilled with (saved with it: what made it, and what a
+    rerun compares to reuse it)."""
+    return {"epochs": cfg.distill_epochs, "learning_rate": cfg.distill_learning_rate,
+            "task_weight": cfg.distill_task_weight, "token_weight": cfg.distill_token_weight,
+            "similarity_weight": cfg.distill_similarity_weight,
+            "init": cfg.distill_init, "texts": cfg.distill_texts, "seed": cfg.seed}
+
+
 def _save(student: AngleModel, out: Path, teacher_dir: str | Path, k: int, n: int,
-          history: list[dict[str, float]]) -> Path:
+          history: list[dict[str, float]], settings: dict[str, Any]) -> Path:
     student.save_pretrained(out)
     cfg_path = out / ANGLE_CONFIG_FILE
     angle_cfg = json.loads(cfg_path.read_text())
     scores = [h["spearman"] for h in history if "spearman" in h]
     angle_cfg[DEPTH_KEY] = {"layers": k, "of_layers": n, "teacher": str(teacher_dir),
                             "best_valid_spearman": max(scores) if scores else None,
-                            "history": history}
+                            "history": history, "recipe": settings}
     cfg_path.write_text(json.dumps(angle_cfg, indent=2) + "\n")
     log.info("distilled depth %d → %s", k, out)
     return out

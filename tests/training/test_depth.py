@@ -3,6 +3,7 @@ model's vectors, saved beside the model, exported in place of the plain cut and 
 against itself."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,15 @@ from angle_torch.model import AngleModel
 from exporters import export
 from exporters.depth import cut_model, depth_model
 from exporters.verify import compare
-from training.depth import depth_layers, main, read_texts, vector_loss
+from training.depth import (
+    depth_layers,
+    init_layers,
+    main,
+    read_texts,
+    similarity_loss,
+    token_loss,
+    vector_loss,
+)
 from training.fit import TrainConfig, fit
 
 STS_RENAME = "sentence1:text1,sentence2:text2,score:label"
@@ -61,12 +70,59 @@ def test_vector_loss_is_mse_plus_mean_cosine_distance():
     assert vector_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_token_loss_is_the_masked_relative_error_at_mapped_layers():
+    mask = torch.tensor([[1, 1, 0]])
+    t = [torch.full((1, 3, 2), float(v)) for v in range(5)]  # embeddings + 4 teacher layers
+    s = [torch.full((1, 3, 2), 1.0), torch.full((1, 3, 2), 4.0)]  # 2 student layers
+    s[0][0, 2] = 99.0  # a padded position: masked out
+    # student layer 1 ↔ teacher layer 2 (states 2), layer 2 ↔ teacher layer 4 (states 4)
+    want = ((1 - 2) ** 2 / 2 ** 2 + (4 - 4) ** 2 / 4 ** 2) / 2
+    assert token_loss(s, t, mask).item() == pytest.approx(want)
+    assert token_loss([t[2], t[4]], t, mask).item() == 0.0
+
+
+def test_similarity_loss_is_the_kl_of_neighbour_distributions():
+    t = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # 1 ~ 2, 3 apart
+    s = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 0.0]])  # 1 ~ 3, 2 apart
+    e = math.e
+    p, u = (e / (e + 1), 1 / (e + 1)), (0.5, 0.5)  # softmax(1, 0) and softmax(0, 0)
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b, strict=True))
+
+    # per row, the other two texts: 1 → (2, 3), 2 → (1, 3), 3 → (1, 2), at temperature 1
+    want = (kl(p, p[::-1]) + kl(p, u) + kl(u, p)) / 3
+    assert similarity_loss(s, t, temperature=1.0).item() == pytest.approx(want, rel=1e-5)
+    assert similarity_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_student_init_layers():
+    assert init_layers("first", 3, 6) == [0, 1, 2]
+    assert init_layers("spread", 3, 6) == [1, 3, 5]  # outputs = the teacher's layers 2, 4, 6
+    assert init_layers("spread", 2, 12) == [5, 11] and init_layers("spread", 1, 2) == [1]
+    with pytest.raises(ValueError, match="'first' or 'spread'"):
+        init_layers("every", 3, 6)
+
+
+def test_a_cut_can_pick_its_layers(tiny_bert_dir):
+    full = AngleModel.from_pretrained(tiny_bert_dir)
+    picked = cut_model(full, 1, [1])
+    assert picked.backbone.encoder.layer[0] is full.backbone.encoder.layer[1]
+    assert cut_model(full, 1).backbone.encoder.layer[0] is full.backbone.encoder.layer[0]
+    with pytest.raises(ValueError, match=r"1 ascending layer indices in 0\.\.1"):
+        cut_model(full, 1, [2])
+
+
 def test_student_is_saved_beside_the_model_and_nearer_the_teacher(distilled, stsb_test):
     student_dir = distilled / "layers-1"
     info = json.loads((student_dir / "angle_config.json").read_text())["depth_distilled"]
     assert info["layers"] == 1 and info["of_layers"] == 2 and info["teacher"] == str(distilled)
     assert [h["epoch"] for h in info["history"]] == [0, 1, 2]
     assert info["best_valid_spearman"] == max(h["spearman"] for h in info["history"])
+    recipe = info["recipe"]  # the defaults, and what this run set
+    assert (recipe["init"], recipe["token_weight"], recipe["similarity_weight"]) == (
+        "spread", 1.0, 1.0)
+    assert recipe["epochs"] == 3 and recipe["texts"].endswith("extra.txt")
     teacher = AngleModel.from_pretrained(distilled)
     student = AngleModel.from_pretrained(student_dir)
     assert student.backbone.config.num_hidden_layers == 1
@@ -79,7 +135,7 @@ def test_student_is_saved_beside_the_model_and_nearer_the_teacher(distilled, sts
         return float(np.mean(np.sum(x * target, 1) / np.linalg.norm(x, axis=1)
                              / np.linalg.norm(target, axis=1)))
 
-    near = mean_cos(student.encode(texts))  # measured: 0.91 against the plain cut's 0.30
+    near = mean_cos(student.encode(texts))  # measured: 0.95 against the plain cut's 0.30
     assert near > 0.8 and near > mean_cos(plain) + 0.3
 
 
@@ -125,6 +181,10 @@ def test_depth_cli_on_a_trained_model_and_bad_settings(distilled, data, tmp_path
     assert main(args) == 0
     assert (out / "layers-1" / "model.safetensors").is_file()
     assert str(out / "layers-1") in capsys.readouterr().out
+    # token states from the teacher's last layer, the student started from it
+    assert main([*args[:-2], "--distill-token-weight", "1", "--distill-init", "spread",
+                 "--output-dir", str(tmp_path / "spread")]) == 0
+    assert (tmp_path / "spread" / "layers-1" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match=r"depths in 1\.\.1 for this 2-layer model, got \[2\]"):
         main([*args[:-2], "--distill-layers", "2", "--output-dir", str(out)])
     with pytest.raises(ValueError, match="comma-separated ints"):
