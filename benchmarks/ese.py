@@ -80,20 +80,29 @@ def _same_recipe(student: Path, cfg: TrainConfig) -> bool:
     return json.loads(path.read_text()).get(DEPTH_KEY, {}).get("recipe") == recipe(cfg)
 
 
-def measure(bundle: Path, layers: int | None, test, dims: list[int], repeats: int) -> dict:
-    """Spearman per width on STS-B test and the median sentences/s of `repeats` passes."""
-    with Encoder(bundle, layers=layers, precision="fp32", backend="cpu") as enc:
-        enc.encode(test.sentences[:256])  # warm-up
-        times, emb = [], None
+def measure(bundle: Path, depths: list[int | None], test, dims: list[int],
+            repeats: int) -> list[dict]:
+    """Per depth: Spearman per width on STS-B test and the median sentences/s of `repeats`
+    passes, the depths taking turns pass by pass (this VM's speed drifts over minutes, so
+    the ratios between depths hold though the absolute figures move)."""
+    encoders = {k: Encoder(bundle, layers=k, precision="fp32", backend="cpu") for k in depths}
+    times: dict[int | None, list[float]] = {k: [] for k in depths}
+    emb: dict[int | None, np.ndarray] = {}
+    try:
+        for enc in encoders.values():
+            enc.encode(test.sentences[:256])  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            emb = enc.encode(test.sentences)
-            times.append(time.perf_counter() - start)
+            for k, enc in encoders.items():
+                start = time.perf_counter()
+                emb[k] = enc.encode(test.sentences)
+                times[k].append(time.perf_counter() - start)
+    finally:
+        for enc in encoders.values():
+            enc.close()
     n = len(test.text1)
-    scores = {d: sts_spearman(emb[:n, :d], emb[n:, :d], test.scores) for d in dims
-              if d <= emb.shape[1]}
-    return {"layers": layers, "spearman": scores,
-            "sent_per_s": len(test.sentences) / float(np.median(times))}
+    return [{"layers": k, "sent_per_s": len(test.sentences) / float(np.median(times[k])),
+             "spearman": {d: sts_spearman(emb[k][:n, :d], emb[k][n:, :d], test.scores)
+                          for d in dims if d <= emb[k].shape[1]}} for k in depths]
 
 
 def chart(rows: list[dict], path: Path, dims: list[int]) -> None:
@@ -199,10 +208,9 @@ def main() -> None:
                         dims=tuple(dims), sts_data=data / "sts" / "stsb-dev.jsonl",
                         distilled=name == "ese+distilled")
         print(f"exported {name} with depths {layers} in {time.perf_counter() - start:.0f} s")
-        for k in (*layers, None):
-            row = {"model": name, **measure(bundle, k, test, dims, args.repeats)}
-            rows.append(row)
-            print(json.dumps(row))
+        for row in measure(bundle, [*layers, None], test, dims, args.repeats):
+            rows.append({"model": name, **row})
+            print(json.dumps(rows[-1]))
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines()
                        if ln.startswith("Model name")), platform.processor())

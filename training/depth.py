@@ -5,7 +5,8 @@ ESE trains one set of weights for every depth at once; on MiniLM / STS-B its dep
 stays 11 points below the full model (docs/training.md has the distilled figures). Here the
 student starts from k of the full model's layers spread up to the last (`--distill-init
 spread`: layers 2, 4, 6 of 6, so its layer j is the teacher's layer j·n/k, whose output
-the token-state loss matches; `first` takes the first k, the ESE cut) and trains on its own, each step on
+the token-state loss matches; `first` takes the first k, the ESE cut) and trains on its
+own, each step on
 - a batch of the text pool (every text of the train data plus `--distill-texts`): MSE and
   1 − cosine to the full model's vectors of the same texts (computed once up front), the
   KL of each text's similarity distribution over the batch (`--distill-similarity-weight`),

@@ -181,10 +181,12 @@ def test_depth_cli_on_a_trained_model_and_bad_settings(distilled, data, tmp_path
     assert main(args) == 0
     assert (out / "layers-1" / "model.safetensors").is_file()
     assert str(out / "layers-1") in capsys.readouterr().out
-    # token states from the teacher's last layer, the student started from it
-    assert main([*args[:-2], "--distill-token-weight", "1", "--distill-init", "spread",
-                 "--output-dir", str(tmp_path / "spread")]) == 0
-    assert (tmp_path / "spread" / "layers-1" / "model.safetensors").is_file()
+    # the vector loss alone, from the first layer (no teacher run per step)
+    first = tmp_path / "first"
+    assert main([*args[:-2], "--distill-token-weight", "0", "--distill-similarity-weight", "0",
+                 "--distill-init", "first", "--output-dir", str(first)]) == 0
+    info = json.loads((first / "layers-1" / "angle_config.json").read_text())
+    assert info["depth_distilled"]["recipe"]["init"] == "first"
     with pytest.raises(ValueError, match=r"depths in 1\.\.1 for this 2-layer model, got \[2\]"):
         main([*args[:-2], "--distill-layers", "2", "--output-dir", str(out)])
     with pytest.raises(ValueError, match="comma-separated ints"):
