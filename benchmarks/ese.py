@@ -74,8 +74,9 @@ def distil(model: str, data: Path, args: argparse.Namespace, train_file: Path,
 
 
 def _same_recipe(student: Path, cfg: TrainConfig) -> bool:
-    path = student / ANGLE_CONFIG_FILE
-    if not path.is_file():
+    """A student distilled with these settings from the teacher as it is now."""
+    path, weights = student / ANGLE_CONFIG_FILE, Path(cfg.model) / "model.safetensors"
+    if not path.is_file() or path.stat().st_mtime < weights.stat().st_mtime:
         return False
     return json.loads(path.read_text()).get(DEPTH_KEY, {}).get("recipe") == recipe(cfg)
 

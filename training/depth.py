@@ -168,8 +168,7 @@ def _pool_groups(cfg: TrainConfig, teacher: AngleModel, records: list[dict]) -> 
 
 
 def _train(cfg: TrainConfig, student: AngleModel, teacher: AngleModel, pool: TextPool,
-           records: list[dict],
-           collate: AngleCollator | None, valid: StsPairs | None,
+           records: list[dict], collate: AngleCollator | None, valid: StsPairs | None,
            device: torch.device) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
 

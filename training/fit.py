@@ -28,7 +28,7 @@ from angle_torch.model import AngleModel
 from angle_torch.sts import sts_spearman
 from training.config import TrainConfig, build_parser, get_lr, seed_everything, valid_pairs
 from training.data import AngleCollator, Batch, detect_format, load_records
-from training.depth import depth_layers, distill_depths
+from training.depth import depth_layers, distill_depths, init_layers
 from training.ese import matryoshka_loss
 from training.lora import add_lora, merged_copy
 from training.losses import distillation_loss
@@ -398,6 +398,7 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 and cfg.max_steps <= 0:
         raise ValueError("set epochs ≥ 1 or max_steps > 0")
     depth_layers(cfg.distill_layers)  # a bad list fails before training, not after
+    init_layers(cfg.distill_init, 1, 2)
     if cfg.distill_layers and (cfg.lora or cfg.lora_path) and not cfg.merge:
         raise ValueError("--distill-layers with LoRA needs --merge: the students are full "
                          "models distilled from the merged weights")

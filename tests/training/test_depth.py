@@ -192,6 +192,9 @@ def test_depth_cli_on_a_trained_model_and_bad_settings(distilled, data, tmp_path
     with pytest.raises(ValueError, match="comma-separated ints"):
         depth_layers("3,x")
     assert depth_layers(" 3, 2,3") == [2, 3] and depth_layers(None) == []
+    with pytest.raises(ValueError, match="--distill-init takes 'first' or 'spread'"):
+        fit(TrainConfig(model=str(distilled), train_data=str(data / "stsb-train.jsonl"),
+                        distill_layers="1", distill_init="every"))
     with pytest.raises(ValueError, match="needs --merge"):
         fit(TrainConfig(model=str(distilled), train_data=str(data / "stsb-train.jsonl"),
                         lora=True, distill_layers="1"))
