@@ -206,3 +206,23 @@ def test_read_texts_takes_txt_lines_and_every_string_column(tmp_path):
                                       + "\n")
     assert read_texts(tmp_path / "a.txt") == ["one", " two "]
     assert read_texts(tmp_path / "b.jsonl") == ["x", "y", "z"]
+
+
+def test_a_llama_student_distils_and_exports(data, stsb_test, tmp_path):
+    """The decoder path: `layers` under `model`, left padding, last-token pooling."""
+    from tests.tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "llama", num_layers=4)
+    assert main(["--model", str(model), "--train-data", str(data / "stsb-train.jsonl"),
+                 "--column-rename", STS_RENAME, "--distill-layers", "2",
+                 "--distill-epochs", "1", "--batch-size", "16"]) == 0
+    info = json.loads((model / "layers-2" / "angle_config.json").read_text())
+    assert info["depth_distilled"]["of_layers"] == 4
+    assert info["depth_distilled"]["recipe"]["init"] == "spread"
+    bundle = export(model, tmp_path / "b", layers=(2,), max_length=64)
+    art = read_manifest(bundle).artifact("model.L2.onnx")
+    assert art.depth_source["kind"] == "distilled" and art.parity["passed"]
+    texts = _texts(stsb_test)[:64]
+    ref = AngleModel.from_pretrained(model / "layers-2", max_length=64).encode(texts)
+    with Encoder(bundle, layers=2) as enc:
+        assert compare(ref, enc.encode(texts), 0.99999).passed
