@@ -107,30 +107,34 @@ def measure(bundle: Path, depths: list[int | None], test, dims: list[int],
 
 
 def chart(rows: list[dict], path: Path, dims: list[int]) -> None:
+    """Spearman against sent/s, one panel per width, one line per model through its depths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.5 * len(dims), 4.5), sharey=True,
+                             squeeze=False)
     markers = {"ese": "o", "plain": "s", "base": "^", "ese-nli": "D", "ese+distilled": "*"}
-    for model in sorted({r["model"] for r in rows}):
-        for d in dims:
-            pts = [(r["sent_per_s"], r["spearman"][d], r["layers"]) for r in rows
-                   if r["model"] == model and d in r["spearman"]]
-            pts.sort()
+    models = sorted({r["model"] for r in rows})
+    colors = {m: f"C{i}" for i, m in enumerate(models)}
+    for ax, d in zip(axes[0], dims, strict=True):
+        for model in models:
+            pts = sorted((r["sent_per_s"], r["spearman"][d], r["layers"]) for r in rows
+                         if r["model"] == model and d in r["spearman"])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(model, "x"),
-                    label=f"{model} dim {d}", alpha=0.8)
+                    color=colors[model], label=model, alpha=0.8)
             for x, y, k in pts:
                 ax.annotate(f"L{k or 6}", (x, y), fontsize=7, xytext=(2, 2),
                             textcoords="offset points")
-    ax.set_xlabel("sentences/s (CPU, fp32, STS-B test)")
-    ax.set_ylabel("STS-B test Spearman ×100")
-    ax.set_title("MiniLM depth × width variants: ESE vs plain fine-tuning vs base")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"dim {d}")
+        ax.set_xlabel("sentences/s (CPU, fp32, STS-B test)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("STS-B test Spearman ×100")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("MiniLM depth × width variants: ESE (+ distilled) vs plain fine-tuning vs base")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
