@@ -209,7 +209,7 @@ def test_read_texts_takes_txt_lines_and_every_string_column(tmp_path):
 
 
 def test_a_llama_student_distils_and_exports(data, stsb_test, tmp_path):
-    """The decoder path: `layers` under `model`, left padding, last-token pooling."""
+    """The decoder path: `layers` (not `encoder.layer`), left padding, last-token pooling."""
     from tests.tiny_models import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "llama", num_layers=4)
