@@ -108,6 +108,10 @@ class TrainConfig:
         return EseLoss(self.ese_compression_size, self.ese_kl_temperature,
                        layers=self.ese_layers, layer_weight=self.ese_layer_weight)
 
+    def torch_device(self) -> torch.device:
+        """--device, or cuda when available, else cpu."""
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     def prompt_templates(self, model: Any) -> tuple[str | None, str | None, str | None]:
         """(text, query, doc) templates of --text/--query/--doc-prompt as `model` resolves
         them (a name or a literal template); None where unset."""

@@ -8,7 +8,8 @@ spread`: layers 2, 4, 6 of 6, so its layer j is the teacher's layer j·n/k, whos
 the token-state loss matches; `first` takes the first k, the ESE cut) and trains on its
 own, each step on
 - a batch of the text pool (every text of the train data plus `--distill-texts`): MSE and
-  1 − cosine to the full model's vectors of the same texts (computed once up front), the
+  1 − cosine to the full model's vectors of the same texts (computed once up front, or in
+  the full model's run on the batch that the token-state loss needs), the
   KL of each text's similarity distribution over the batch (`--distill-similarity-weight`),
   and the relative error of its layers' token states to the teacher's layers j·n/k
   (`--distill-token-weight`; the teacher runs on the batch), and
@@ -76,10 +77,11 @@ def _strings(value: Any) -> list[str]:
 
 
 class TextPool:
-    """Unique (text, prompt) pairs as token ids, with the teacher's vectors of each."""
+    """Unique (text, prompt) pairs as token ids; `targets`, the teacher's vectors of each,
+    only where no step runs the teacher anyway (no token-state loss)."""
 
     def __init__(self, teacher: AngleModel, groups: dict[str | None, list[str]],
-                 batch_size: int, device: torch.device) -> None:
+                 device: torch.device, with_targets: bool) -> None:
         self.ids: list[list[int]] = []
         for template, texts in groups.items():
             unique = list(dict.fromkeys(texts))
@@ -87,7 +89,8 @@ class TextPool:
         if not self.ids:
             raise ValueError("depth distillation has no texts: give --train-data rows or "
                              "--distill-texts")
-        self.targets = teacher.encode_ids(self.ids, batch_size, device, True, "teacher vectors")
+        self.targets = (teacher.encode_ids(self.ids, 64, device, True, "teacher vectors")
+                        if with_targets else None)
 
     def batches(self, batch_size: int, rng: random.Random) -> list[np.ndarray]:
         """Length-sorted batches (little padding) in a shuffled order."""
@@ -101,7 +104,7 @@ def distill_depths(cfg: TrainConfig, teacher_dir: str | Path, layers: Sequence[i
                    output_dir: str | Path | None = None) -> list[Path]:
     """Distil the model at `teacher_dir` into one k-layer student per k in `layers`, as
     `cfg` says; returns the student directories."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cfg.torch_device()
     teacher = AngleModel.from_pretrained(str(teacher_dir)).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -111,7 +114,8 @@ def distill_depths(cfg: TrainConfig, teacher_dir: str | Path, layers: Sequence[i
         raise ValueError(f"--distill-layers takes depths in 1..{n - 1} for this {n}-layer "
                          f"model, got {bad}")
     records, collate = _task_data(cfg, teacher)
-    pool = TextPool(teacher, _pool_groups(cfg, teacher, records), 64, device)
+    pool = TextPool(teacher, _pool_groups(cfg, teacher, records), device,
+                    with_targets=cfg.distill_token_weight <= 0)
     valid = valid_pairs(cfg)
     out = Path(output_dir or teacher_dir)
     done = []
@@ -213,18 +217,19 @@ def _step_loss(cfg: TrainConfig, student: AngleModel, teacher: AngleModel, pool:
     """The vector loss on a pool batch (+ the weighted token-state loss), plus the weighted
     task loss on a labeled batch."""
     x, m = student.pad([pool.ids[i] for i in rows], device)
-    if cfg.distill_token_weight > 0:
+    if cfg.distill_token_weight > 0:  # the teacher runs on the batch: its vectors come along
         states = student.hidden_states(x, m)
-        vec = student.pool(states[-1], m)
         with torch.no_grad():
-            targets = teacher.hidden_states(x, m)
-        loss = cfg.distill_token_weight * token_loss(states[1:], targets, m)
+            teacher_states = teacher.hidden_states(x, m)
+            target = teacher.pool(teacher_states[-1], m).float()
+        vec = student.pool(states[-1], m).float()
+        loss = cfg.distill_token_weight * token_loss(states[1:], teacher_states, m)
     else:
-        vec, loss = student(x, m), torch.zeros((), device=device)
-    target = pool.targets[rows].to(device)
-    loss = loss + vector_loss(vec.float(), target)
+        vec, target = student(x, m).float(), pool.targets[rows].to(device)
+        loss = 0.0
+    loss = loss + vector_loss(vec, target)
     if cfg.distill_similarity_weight > 0:
-        loss = loss + cfg.distill_similarity_weight * similarity_loss(vec.float(), target)
+        loss = loss + cfg.distill_similarity_weight * similarity_loss(vec, target)
     if task is not None:
         batch = task.next()
         emb = student(batch.input_ids.to(device), batch.attention_mask.to(device))

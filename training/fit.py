@@ -50,7 +50,7 @@ def fit(cfg: TrainConfig) -> FitResult:
     """Train as `cfg` says; returns where the model went and the evaluation history."""
     _check(cfg)
     seed_everything(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cfg.torch_device()
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 on CPU")
     load: dict[str, Any] = {}
@@ -398,7 +398,7 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 and cfg.max_steps <= 0:
         raise ValueError("set epochs ≥ 1 or max_steps > 0")
     depth_layers(cfg.distill_layers)  # a bad list fails before training, not after
-    init_layers(cfg.distill_init, 1, 2)
+    init_layers(cfg.distill_init, 1, 2)  # and a bad --distill-init, by the same check
     if cfg.distill_layers and (cfg.lora or cfg.lora_path) and not cfg.merge:
         raise ValueError("--distill-layers with LoRA needs --merge: the students are full "
                          "models distilled from the merged weights")
