@@ -72,6 +72,21 @@ class Artifact:
     # a depth variant with weights of its own ({"kind": "distilled", "model": "layers-3",
     # ...}: training.depth); None: the cut shares the full model's weights
     depth_source: dict[str, Any] | None = None
+    # how an INT8 artifact quantizes: {"activations": "per-token" | "static", "weights":
+    # "per-channel"}; None for float artifacts and for bundles written before it was recorded
+    quantization: dict[str, Any] | None = None
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a text's vector from this artifact is independent of its batch: what its
+        export measured, else known from its kind (float and static INT8 are; dynamic INT8
+        is only with per-token activation scales: older bundles' scales were per batch)."""
+        measured = (self.parity or {}).get("batch_invariance")
+        if isinstance(measured, dict) and "passed" in measured:
+            return bool(measured["passed"])
+        if self.precision == "int8-dynamic":
+            return (self.quantization or {}).get("activations") == "per-token"
+        return True
 
 
 @dataclass(frozen=True)

