@@ -82,7 +82,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--int8", action="store_true", help="explicit symmetric Q/DQ INT8 graph "
                    "(TensorRT and ONNX Runtime)")
     g.add_argument("--int8-dynamic", action="store_true",
-                   help="ONNX Runtime dynamic INT8 (CPU serving)")
+                   help="dynamic INT8 with per-token activation scales (ONNX Runtime, CPU "
+                   "serving; the default CPU artifact)")
     g.add_argument("--calib", help="INT8 calibration texts (.txt or .jsonl; default: built-in)")
     g.add_argument("--calib-size", type=int, default=512)
     g.add_argument("--int8-method", default="mse", choices=("mse", "max", "percentile"))

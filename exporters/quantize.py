@@ -249,7 +249,7 @@ def per_token_int8(model: onnx.ModelProto, layers: list[LinearLayer]) -> onnx.Mo
                              ("eps", 1e-12, np.float32), ("inv_qmax", 1 / QMAX, np.float32),
                              ("one", 1.0, np.float32), ("zero", 0.0, np.float32),
                              ("mid", 128.0, np.float32), ("a_zp", 128, np.uint8),
-                             ("w_zp", 0, np.int8), ("col", [-1, 1], np.int64),
+                             ("w_zp", 0, np.int8),
                              ("flat", [-1], np.int64), ("start", [0], np.int64),
                              ("last", [-1], np.int64)])
     quantized: dict[str, str] = {}  # activation → prefix of its quantized form

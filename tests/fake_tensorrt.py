@@ -352,6 +352,8 @@ class FakeContext:
                                                   "attention_mask": mask.astype(np.int64)})[0]
                 if eng.trt.corrupt_output:
                     out[:, ::2] *= -1.0
+                if eng.trt.cross_batch_leak:  # each row takes on some of its batch's mean
+                    out[...] += eng.trt.cross_batch_leak * out.mean(axis=0)
             finally:
                 with eng.trt.lock:
                     eng.active[profile] -= 1
@@ -530,6 +532,7 @@ class FakeTensorRT(types.ModuleType):
         self.fail_context_after: int | None = None
         self.exec_delay = 0.0
         self.corrupt_output = False
+        self.cross_batch_leak = 0.0
         self.force_input_dtype: str | None = None  # an engine whose ids are INT32
         self.stats = {"contexts_created": 0, "contexts_destroyed": 0, "executions": 0,
                       "profile_switches": 0, "engines_created": 0, "engines_destroyed": 0}

@@ -401,3 +401,38 @@ def test_minilm_parquet_to_parquet_with_progress(minilm_bundle, sentences, tmp_p
     with Encoder(minilm_bundle) as enc:
         ref = enc.encode(texts)
     assert cosine_rows(vecs, ref).min() >= 0.99999
+
+
+@pytest.fixture(scope="module")
+def minilm_alone(minilm_precisions, sentences) -> tuple[list[str], np.ndarray]:
+    """300 real sentences and each one's vector encoded alone by the default CPU artifact."""
+    texts = sentences[:300]
+    with Encoder(minilm_precisions) as enc:
+        assert enc.artifact.precision == "int8-dynamic"
+        return texts, np.stack([enc.encode(t) for t in texts])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy"])
+def test_default_artifact_vectors_ignore_chunking_and_resume(minilm_precisions, minilm_alone,
+                                                             tmp_path, monkeypatch, suffix):
+    """The corpus job with the default CPU artifact (int8-dynamic): any chunk size, and a run
+    crashed mid-job then resumed, give every text the vector `encode` gives it alone."""
+    texts, alone = minilm_alone
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
+                           for i, t in enumerate(texts)))
+    for chunk in (7, 64, 300):
+        out = tmp_path / f"c{chunk}" / f"out{suffix}"
+        embed_file(minilm_precisions, src, out, id_column="id", chunk_size=chunk)
+        ids, vecs, _ = read_output(out)
+        assert ids == [f"d{i}" for i in range(300)]
+        assert cosine_rows(vecs, alone).min() >= 0.99999, chunk
+    out = tmp_path / "resumed" / f"out{suffix}"
+    with monkeypatch.context() as m:
+        _crash_on(m, job_mod, "_save_state", 3)  # two chunks done, the third staged
+        with pytest.raises(_Crash):
+            embed_file(minilm_precisions, src, out, id_column="id", chunk_size=64)
+    embed_file(minilm_precisions, src, out, id_column="id", chunk_size=64)
+    ids, vecs, _ = read_output(out)
+    assert ids == [f"d{i}" for i in range(300)]
+    assert cosine_rows(vecs, alone).min() >= 0.99999

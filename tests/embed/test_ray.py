@@ -134,3 +134,25 @@ def test_ship_bundle_and_id_column(local_ray, tiny_bert_bundle, tiny_encoder, co
     ref = tiny_encoder.encode(sentences, normalize_embeddings=True)
     assert cosine_rows(joined, ref).min() >= 0.99999
     assert Path(tmp_path / "out" / "_angle_rt_embed.json").is_file()
+
+
+def test_ray_vectors_equal_encode_with_the_default_artifact(local_ray, minilm_precisions,
+                                                            sentences):
+    """Ray batches rows its own way (blocks, actors): with the default CPU artifact
+    (int8-dynamic, per-token scales) every row still gets the vector `encode` gives it."""
+    import ray.data
+
+    from angle_rt import Encoder
+
+    texts = sentences[:256]
+    with Encoder(minilm_precisions) as enc:
+        assert enc.artifact.precision == "int8-dynamic"
+        alone = np.stack([enc.encode(t) for t in texts])
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)],
+                             override_num_blocks=3)
+    with deadline(180):
+        rows = embed_dataset(ds, minilm_precisions, concurrency=2, batch_size=37).take_all()
+    rows.sort(key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(256))
+    got = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
+    assert cosine_rows(got, alone).min() >= 0.99999

@@ -17,6 +17,7 @@ from angle_rt.session.cuda_mem import CudaBuffers
 from angle_rt.session.trt import TrtSession
 from exporters.cli import main
 from exporters.engines import build_engines
+from exporters.invariance import InvarianceError
 from exporters.texts import builtin_sentences
 from exporters.trt_build import EngineBuildError
 from exporters.verify import compare
@@ -84,6 +85,8 @@ def test_build_records_flags_profiles_and_timing_cache(trt, bundle, tmp_path):
     build_engines(bundle, ["fp16"], opts)  # the second build reads the cache the first wrote
     assert trt.builds[-1]["timing_cache_entries"] == 1
     assert art.parity["min_cosine"] >= 0.999 and art.engine["gpu_name"].startswith("Fake GPU")
+    assert art.parity["batch_invariance"]["passed"]  # alone vs batched, recorded
+    assert art.parity["batch_invariance"]["min_cosine"] >= 0.9999
     assert [a.file for a in _engines(bundle)] == ["engine.fp16.plan"]
     assert not list(bundle.glob(".*staging"))
 
@@ -187,6 +190,17 @@ def test_build_engines_lists_nothing_that_failed(trt, bundle, failure):
     assert not (bundle / "engine.fp16.plan").exists() and not list(bundle.glob(".*staging"))
     with Encoder(bundle) as enc:  # auto: no engine listed, so no engine used
         assert enc.session.name == "onnxruntime-cpu"
+
+
+def test_an_engine_whose_rows_depend_on_their_batch_is_refused(trt, bundle):
+    """Close enough to fp32 on whole batches, but a text's vector moves with its batch
+    mates: the engine gate's invariance check refuses it and nothing is listed."""
+    before = (bundle / "angle_rt.json").read_text()
+    trt.cross_batch_leak = 0.03
+    with pytest.raises(InvarianceError, match=r"engine\.fp16\.plan is not batch-invariant"):
+        build_engines(bundle, ["fp16"])
+    assert (bundle / "angle_rt.json").read_text() == before
+    assert not (bundle / "engine.fp16.plan").exists()
 
 
 def test_build_engine_cli_exit_codes(trt, bundle, capsys):

@@ -102,9 +102,11 @@ def error_of(response: httpx.Response) -> dict:
 
 
 @pytest.fixture(scope="module")
-def minilm_server(minilm_bundle, tmp_path_factory) -> Iterator[Server]:
-    """MiniLM served as `minilm`, key from ANGLE_RT_API_KEY, default settings otherwise."""
-    with serve(tmp_path_factory.mktemp("serve"), f"minilm={minilm_bundle}",
+def minilm_server(minilm_precisions, tmp_path_factory) -> Iterator[Server]:
+    """MiniLM served as `minilm`, key from ANGLE_RT_API_KEY, default settings otherwise: the
+    default CPU artifact (int8-dynamic, per-token scales), so every vector test here also
+    checks that batching across clients leaves a text's vector as `encode` gives it."""
+    with serve(tmp_path_factory.mktemp("serve"), f"minilm={minilm_precisions}",
                env={"ANGLE_RT_API_KEY": API_KEY}) as server:
         yield server
 

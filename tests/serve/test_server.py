@@ -31,8 +31,9 @@ def sentences(stsb_test) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_bundle):
-    with Encoder(minilm_bundle) as enc:
+def minilm(minilm_precisions):
+    with Encoder(minilm_precisions) as enc:
+        assert enc.artifact.precision == "int8-dynamic"  # what the server runs by default
         yield enc
 
 
