@@ -28,6 +28,7 @@ from angle_rt.embed import _deps
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
 from angle_rt.embed.job import RECORD_VERSION, differences
+from angle_rt.embed.lock import output_lock
 from angle_rt.embed.readers import bad_reason, input_format, open_input
 from angle_rt.encoder import Encoder
 from angle_rt.manifest import MANIFEST_FILE, read_manifest, sha256_file
@@ -294,30 +295,31 @@ def embed_files_on_ray(
           "template": template, "normalize": normalize, "dimensions": dimensions,
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
           "runner": "ray"}
-    if _prepare_dir(output, fp, overwrite):
-        return json.loads((output / w.DIR_META).read_text())
-    staging = output.with_name(output.name + ".partial")
-    skipped_dir = staging / "_skipped"
-    skipped_dir.mkdir(parents=True)
-    ray = init_ray(address, num_cpus, progress)
-    id_name = id_column or "id"
-    ds = _read(ray, reader, kind, text_column, id_column)
-    ds = embed_dataset(ds, bundle, text_column, batch_size=chunk_size, concurrency=concurrency,
-                       num_cpus_per_actor=num_cpus_per_actor,
-                       num_gpus_per_actor=num_gpus_per_actor, precision=precision,
-                       layers=layers, output_dtype=output_dtype, ranges=ranges,
-                       on_bad_row=on_bad_row,
-                       id_column=id_name, skipped_dir=skipped_dir, encode_batch_size=batch_size,
-                       ship_bundle=ship_bundle, prompt=prompt, prompt_name=prompt_name,
-                       truncate_dim=dimensions, normalize_embeddings=normalize)
-    ds.select_columns([id_name, "embedding"]).write_parquet(
-        str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
-        ray_remote_args={"num_cpus": 0})
-    meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
-            "dtype": quantized_dtype(output_dtype).str, "dim": dim,
-            "width": quantized_width(dim, output_dtype), "id_column": id_name,
-            "ranges": None if ranges is None else ranges.tolist()}
-    return _finish(output, staging, meta, on_bad_row, t0)
+    with output_lock(output):  # one run per OUTPUT, local or Ray (exit 2)
+        if _prepare_dir(output, fp, overwrite):
+            return json.loads((output / w.DIR_META).read_text())
+        staging = output.with_name(output.name + ".partial")
+        skipped_dir = staging / "_skipped"
+        skipped_dir.mkdir(parents=True)
+        ray = init_ray(address, num_cpus, progress)
+        id_name = id_column or "id"
+        ds = _read(ray, reader, kind, text_column, id_column)
+        ds = embed_dataset(ds, bundle, text_column, batch_size=chunk_size,
+                           concurrency=concurrency, num_cpus_per_actor=num_cpus_per_actor,
+                           num_gpus_per_actor=num_gpus_per_actor, precision=precision,
+                           layers=layers, output_dtype=output_dtype, ranges=ranges,
+                           on_bad_row=on_bad_row, id_column=id_name,
+                           skipped_dir=skipped_dir, encode_batch_size=batch_size,
+                           ship_bundle=ship_bundle, prompt=prompt, prompt_name=prompt_name,
+                           truncate_dim=dimensions, normalize_embeddings=normalize)
+        ds.select_columns([id_name, "embedding"]).write_parquet(
+            str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
+            ray_remote_args={"num_cpus": 0})
+        meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
+                "dtype": quantized_dtype(output_dtype).str, "dim": dim,
+                "width": quantized_width(dim, output_dtype), "id_column": id_name,
+                "ranges": None if ranges is None else ranges.tolist()}
+        return _finish(output, staging, meta, on_bad_row, t0)
 
 
 def _calibrate(enc: Encoder, reader: Any, chunk_size: int,

@@ -13,3 +13,7 @@ class InputError(AngleRTError, ValueError):
 class OutputExistsError(AngleRTError, FileExistsError):
     """OUTPUT (or an interrupted run's staging) exists and was written with other arguments
     or by something else; the message lists the differences and says to pass --overwrite."""
+
+
+class OutputLockedError(OutputExistsError):
+    """Another run is writing the same OUTPUT; the message names it (pid, host, start)."""

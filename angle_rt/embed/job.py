@@ -21,6 +21,7 @@ import numpy as np
 
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
+from angle_rt.embed.lock import output_lock
 from angle_rt.embed.readers import Chunk, Reader, bad_reason, open_input
 from angle_rt.encoder import Encoder
 from angle_rt.manifest import MANIFEST_FILE, sha256_file
@@ -123,8 +124,9 @@ def embed_file(
         enc.encode([""], **kwargs)  # refuse bad prompt / dimensions before touching OUTPUT
         fp = fingerprint(enc, reader, kwargs, output_dtype, on_bad_row, chunk_size,
                          id_column)
-        return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row, chunk_size,
-                    overwrite, progress)
+        with output_lock(writer.output):  # a second run on OUTPUT refuses (exit 2)
+            return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row,
+                        chunk_size, overwrite, progress)
     finally:
         if own:
             enc.close()

@@ -217,6 +217,9 @@ class ParquetDirWriter(_ParquetParts):
         if not self._parts():  # an empty result is still a readable dataset
             _deps.parquet().write_table(self._empty(meta), self._part(0), **self._options())
         atomic_write(self.staging / DIR_META, json.dumps(meta, indent=1).encode())
+        # side files go beside the dataset, never into it (readers would take them for data)
+        move_if_present(self.staging / SKIPPED,
+                        self.output.with_name(self.output.name + ".skipped.jsonl"))
         os.replace(self.staging, self.output)
         fsync_dir(self.output.parent)
         remove(self.output / STATE)
@@ -244,7 +247,9 @@ class NpyWriter(Writer):
         return json.loads(record.read_text(encoding="utf-8"))
 
     def resume(self, rows: int, parts: int, extra: dict[str, Any]) -> None:
-        if not extra:  # nothing staged yet
+        if not extra:  # no chunk recorded: what is staged is a chunk killed mid-write
+            remove(self._vectors)
+            remove(self._ids)
             return
         if self._vectors.exists():  # absent once a finalize (then killed) moved it
             with open(self._vectors, "rb+") as fh:

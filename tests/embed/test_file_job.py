@@ -324,6 +324,127 @@ def test_bad_rows_skipped_are_listed(tiny_bert_bundle, tiny_encoder, bad_jsonl, 
     assert cosine_rows(vecs, ref).min() >= 0.99999
 
 
+def test_directory_output_with_skipped_rows_is_a_clean_dataset(tiny_bert_bundle, bad_jsonl,
+                                                               tmp_path):
+    """The skipped-rows list lies beside the dataset, never inside it: pyarrow reads the
+    directory as Parquet (it failed on skipped.jsonl: "magic bytes")."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "vectors"
+    r = embed_file(tiny_bert_bundle, bad_jsonl, out, id_column="id", on_bad_row="skip",
+                   chunk_size=16)
+    assert (r.rows, r.skipped) == (35, 5)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("_")) == \
+        [f"part-{i:06d}.parquet" for i in range(3)]
+    assert len((tmp_path / "vectors.skipped.jsonl").read_text().splitlines()) == 5
+    assert pq.read_table(out).num_rows == 35
+    assert ds.dataset(out, format="parquet").to_table().num_rows == 35
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".parquet", ""])
+@pytest.mark.parametrize("failure", ["kill", "ENOSPC"])
+def test_a_failure_inside_the_first_chunk_resumes_to_the_same_output(
+        tiny_bert_bundle, corpus_dir, tmp_path, monkeypatch, suffix, failure):
+    """Killed (or out of disk) while the first chunk is being written, or after it was
+    written but before its state: the rerun cuts what was staged and writes every row once
+    (.npy appended chunk 0 again: more id lines than rows, vectors shifted against ids)."""
+    import errno
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join((corpus_dir / "corpus.jsonl").read_text().splitlines()[:300])
+                   + "\n")
+    kw = {"id_column": "id", "chunk_size": 100}
+    ref = tmp_path / "ref" / f"out{suffix}"
+    ref.parent.mkdir()
+    embed_file(tiny_bert_bundle, src, ref, **kw)
+    exc = _Crash("killed") if failure == "kill" else OSError(errno.ENOSPC, "No space left")
+    for point in ("first write, before its data is synced", "first write, data synced",
+                  "first chunk written, state not saved"):
+        out = tmp_path / point.replace(" ", "_").replace(",", "") / f"out{suffix}"
+        out.parent.mkdir()
+        with monkeypatch.context() as m:
+            if point.startswith("first write"):
+                _fail_inside_first_write(m, exc, 1 if "before" in point else 2)
+            else:
+                _fail_on(m, job_mod, "_save_state", 2, exc)
+            with pytest.raises(type(exc)):
+                embed_file(tiny_bert_bundle, src, out, **kw)
+        r = embed_file(tiny_bert_bundle, src, out, **kw)
+        assert r.rows == 300, point
+        if suffix == "":
+            got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+            want = {p.name: p.read_bytes() for p in sorted(ref.iterdir())}
+        else:
+            got, want = _files(out), _files(ref)
+        assert got == want, point
+        ids, vecs, _ = read_output(out)
+        assert ids == [f"doc-{i}" for i in range(300)] and len(vecs) == 300, point
+
+
+def _fail_on(monkeypatch, target, name: str, call: int, exc: BaseException) -> None:
+    real, n = getattr(target, name), [0]
+
+    def wrapped(*a, **k):
+        n[0] += 1
+        if n[0] == call:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+def _fail_inside_first_write(monkeypatch, exc: BaseException, fsync_call: int) -> None:
+    """Raise `exc` at the `fsync_call`-th os.fsync inside the writers' first `write` (its
+    data is then on disk, not yet recorded)."""
+    seen = {"writes": 0, "fsyncs": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if seen["writes"] == 1:
+            seen["fsyncs"] += 1
+            if seen["fsyncs"] == fsync_call:
+                raise exc
+        return real_fsync(fd)
+
+    for cls in (w.NpyWriter, w._ParquetParts):
+        def write(self, *a, _real=cls.write, **k):
+            seen["writes"] += 1
+            try:
+                return _real(self, *a, **k)
+            finally:
+                seen["writes"] += 100  # past the first write: stop counting
+        monkeypatch.setattr(cls, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_second_run_on_the_same_output_refuses_and_a_dead_runs_lock_is_taken_over(
+        tiny_bert_bundle, corpus_dir, tmp_path, capsys):
+    """Two runs on one OUTPUT duplicated rows. Now the second exits 2 naming the holder;
+    once the holder is killed (kill -9, its lock file left behind) a run takes over."""
+    out = tmp_path / "vectors.parquet"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from angle_rt.embed.lock import output_lock\n"
+         f"with output_lock(Path({str(out)!r})):\n"
+         "    print('locked', flush=True); time.sleep(120)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = [str(tiny_bert_bundle), str(corpus_dir / "corpus.txt"), str(out), "-q"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"being written by another run (pid {holder.pid} on" in err
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.with_name(out.name + ".lock").exists()  # left by the killed holder
+    assert main(args) == 0
+    assert read_output(out)[1].shape[0] == 2758
+    assert not out.with_name(out.name + ".lock").exists()
+
+
 @pytest.mark.parametrize(("name", "flags", "message"), [
     ("corpus.parquet", ["--text-column", "body"], r"no column 'body' \(--text-column\); its "
      r"columns: 'id', 'text', 'score'"),
