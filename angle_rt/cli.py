@@ -1,4 +1,4 @@
-"""`angle-rt`: the runtime's command line (subcommands: serve, embed).
+"""`angle-rt`: the runtime's command line (subcommands: serve, embed, calibrate).
 
 A thin argparse shim: each subcommand declares its flags with an `add_*_args(parser)` and
 runs through one function of COMMANDS. Exit status: 0 ok, 1 bad input data (embed: a
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from angle_rt import __version__
-from angle_rt.embed.cli import add_embed_parser, run_embed
+from angle_rt.embed.cli import add_calibrate_parser, add_embed_parser, run_calibrate, run_embed
 from angle_rt.errors import AngleRTError
 from angle_rt.serve.config import add_serve_args, config_from_args
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                "openai.OpenAI(base_url='http://127.0.0.1:8080/v1', api_key='-')"
                ".embeddings.create(model='minilm', input=['a sentence'])."))
     add_embed_parser(sub)
+    add_calibrate_parser(sub)
     return p
 
 
@@ -58,7 +59,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": run_serve,
-                                                           "embed": run_embed}
+                                                           "embed": run_embed,
+                                                           "calibrate": run_calibrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 from angle_rt.embed import _deps
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
-from angle_rt.embed.job import RECORD_VERSION, differences
+from angle_rt.embed.job import RECORD_VERSION, differences, given_ranges
 from angle_rt.embed.lock import output_lock
 from angle_rt.embed.readers import bad_reason, input_format, open_input
 from angle_rt.encoder import Encoder
@@ -76,15 +76,13 @@ class BundleEmbedder:
         self.encode_kwargs = encode_kwargs or {}
 
     def __call__(self, batch: Any) -> Any:
-        pa = _deps.pyarrow()
         texts = batch.column(self.text_column).to_pylist()
         bad = [(k, why) for k, t in enumerate(texts) if (why := bad_reason(t)) is not None]
         if bad:
             batch, texts = self._drop_bad(batch, texts, bad)
         vectors = self.embed(texts)
-        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
-        column = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-        return batch.append_column(self.output_column, column)
+        return batch.append_column(self.output_column,
+                                   w.vector_column(vectors, self.output_dtype))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), width) vectors of the output dtype."""
@@ -256,6 +254,8 @@ def embed_files_on_ray(
     precision: str | None = None,
     layers: int | None = None,
     output_dtype: str = "float32",
+    output_ranges: str | Path | np.ndarray | None = None,
+    compression: str | None = None,
     on_bad_row: str = "error",
     overwrite: bool = False,
     chunk_size: int = 4096,
@@ -273,6 +273,11 @@ def embed_files_on_ray(
     renamed when complete; a rerun after a failure starts again. Returns the job record."""
     t0 = time.perf_counter()
     check_precision(output_dtype)
+    given = given_ranges(output_ranges, output_dtype)
+    codec = compression or w.DEFAULT_COMPRESSION
+    if codec not in w.COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(w.COMPRESSIONS)}, got "
+                         f"{compression!r}")
     output = Path(output)
     kind = input_format(Path(input))
     reader = open_input(input, text_column, id_column)  # columns checked here, on the driver
@@ -285,8 +290,12 @@ def embed_files_on_ray(
         enc.encode([""], **encode_kwargs)
         template = enc.template(prompt, prompt_name)
         dim = dimensions or enc.dim
-        ranges = (_calibrate(enc, reader, chunk_size, encode_kwargs)
-                  if needs_ranges(output_dtype) else None)
+        ranges = given if given is not None else (
+            _calibrate(enc, reader, chunk_size, encode_kwargs)
+            if needs_ranges(output_dtype) else None)
+        if ranges is not None and ranges.shape[1] != dim:
+            raise ValueError(f"--output-ranges holds {ranges.shape[1]}-d ranges; this job "
+                             f"writes {dim}-d vectors")
         artifact, bundle_dir = enc.artifact.file, enc.bundle
     fp = {"bundle": {"manifest_sha256": sha256_file(bundle_dir / MANIFEST_FILE),
                      "artifact": artifact if num_gpus_per_actor == 0 else "gpu",
@@ -294,7 +303,9 @@ def embed_files_on_ray(
           "input": reader.fingerprint(), "text_column": text_column, "id_column": id_column,
           "template": template, "normalize": normalize, "dimensions": dimensions,
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
-          "runner": "ray"}
+          "runner": "ray", "compression": codec,
+          "output_ranges_sha256": None if given is None
+          else hashlib.sha256(given.tobytes()).hexdigest()}
     with output_lock(output):  # one run per OUTPUT, local or Ray (exit 2)
         if _prepare_dir(output, fp, overwrite):
             return json.loads((output / w.DIR_META).read_text())
@@ -314,7 +325,8 @@ def embed_files_on_ray(
                            truncate_dim=dimensions, normalize_embeddings=normalize)
         ds.select_columns([id_name, "embedding"]).write_parquet(
             str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
-            ray_remote_args={"num_cpus": 0})
+            ray_remote_args={"num_cpus": 0},
+            compression=None if codec == "none" else codec)
         meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
                 "dtype": quantized_dtype(output_dtype).str, "dim": dim,
                 "width": quantized_width(dim, output_dtype), "id_column": id_name,

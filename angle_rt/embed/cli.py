@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from angle_rt.embed.errors import InputError
+from angle_rt.embed.writers import COMPRESSIONS
 from angle_rt.errors import AngleRTError
 from angle_rt.quantization import PRECISIONS
 
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                       help="a null or non-str text: stop naming it (error), or leave it out "
                       "and list it in OUTPUT.skipped.jsonl (skip)")
+    data.add_argument("--compression", default=None, choices=COMPRESSIONS,
+                      help="Parquet codec (default zstd; not for .npy)")
     data.add_argument("--overwrite", action="store_true",
                       help="replace an OUTPUT (or an interrupted one) written with other "
                       "arguments; the same job's interrupted run is always resumed")
@@ -64,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--output-dtype", choices=PRECISIONS, default="float32",
                        help="quantize the vectors (int8/uint8 ranges from the first chunk, "
                        "stored in the output's metadata; binary: sign bits packed)")
+    model.add_argument("--output-ranges", default=None, metavar="FILE",
+                       help="int8/uint8 ranges to quantize with (angle-rt calibrate's .npy or "
+                       "a job record), so every shard and the server share one code book; "
+                       "default: calibrated on the first chunk")
     model.add_argument("--batch-size", type=int, default=32, help="texts per model batch (32)")
     model.add_argument("--chunk-size", type=int, default=4096,
                        help="rows per chunk: a row group, the resume step (4096)")
@@ -118,7 +125,8 @@ def _run_local(args: argparse.Namespace, progress: bool) -> str:
                    id_column=args.id_column, prompt=args.prompt, prompt_name=args.prompt_name,
                    normalize=args.normalize, dimensions=args.dimensions,
                    precision=args.precision, layers=args.layers,
-                   output_dtype=args.output_dtype,
+                   output_dtype=args.output_dtype, output_ranges=args.output_ranges,
+                   compression=args.compression,
                    on_bad_row=args.on_bad_row, overwrite=args.overwrite,
                    chunk_size=args.chunk_size, batch_size=args.batch_size,
                    intra_op_threads=args.threads, backend=args.backend, progress=progress)
@@ -138,8 +146,9 @@ def _run_ray(args: argparse.Namespace, progress: bool) -> str:
         args.bundle, args.input, args.output, address=args.ray, text_column=args.text_column,
         id_column=args.id_column, prompt=args.prompt, prompt_name=args.prompt_name,
         normalize=args.normalize, dimensions=args.dimensions, precision=args.precision,
-        layers=args.layers, output_dtype=args.output_dtype, on_bad_row=args.on_bad_row,
-        overwrite=args.overwrite,
+        layers=args.layers, output_dtype=args.output_dtype,
+        output_ranges=args.output_ranges, compression=args.compression,
+        on_bad_row=args.on_bad_row, overwrite=args.overwrite,
         chunk_size=args.chunk_size, batch_size=args.batch_size,
         concurrency=parse_actors(args.ray_actors), num_cpus_per_actor=args.ray_cpus_per_actor,
         num_gpus_per_actor=args.ray_gpus_per_actor, num_cpus=args.ray_cpus,
@@ -167,6 +176,49 @@ def parse_actors(text: str | None) -> int | tuple[int, int] | None:
     if min(n if isinstance(n, tuple) else (n,)) < 1:
         raise ValueError(f"--ray-actors must be ≥ 1, got {text!r}")
     return n
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `calibrate` subcommand: int8/uint8 ranges from a sample of a corpus."""
+    p = subparsers.add_parser(
+        "calibrate", help="int8/uint8 ranges from a sample of a corpus (for --output-ranges)",
+        description="Encode a sample of INPUT spread over its rows and write each "
+                    "dimension's (min, max) to RANGES (.npy): pass it to every `angle-rt "
+                    "embed --output-dtype int8 --output-ranges RANGES` shard and to `angle-rt "
+                    "serve --output-ranges RANGES`, so all quantize alike.")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory (angle-export -o)")
+    p.add_argument("input", metavar="INPUT", help="corpus, as angle-rt embed reads it")
+    p.add_argument("output", metavar="RANGES", help="where to write the ranges (.npy)")
+    p.add_argument("--rows", type=int, default=10_000, help="sample size (10000)")
+    p.add_argument("--text-column", default="text", help="column with the texts (text)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="as angle-rt embed's")
+    prompt.add_argument("--prompt-name", default=None, help="as angle-rt embed's")
+    p.add_argument("--normalize", action="store_true", help="as angle-rt embed's")
+    p.add_argument("--dimensions", type=int, default=None, help="as angle-rt embed's")
+    p.add_argument("--precision", default=None, help="artifact to run (as angle-rt embed's)")
+    p.add_argument("--layers", type=int, default=None, metavar="K", help="depth variant")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from angle_rt.embed.calibrate import calibrate_file
+
+    try:
+        ranges = calibrate_file(args.bundle, args.input, args.output, rows=args.rows,
+                                text_column=args.text_column, precision=args.precision,
+                                layers=args.layers, prompt=args.prompt,
+                                prompt_name=args.prompt_name,
+                                normalize_embeddings=args.normalize,
+                                truncate_dim=args.dimensions)
+    except InputError as exc:
+        print(f"angle-rt calibrate: error: {exc}", file=sys.stderr)
+        return 1
+    except (AngleRTError, ValueError, OSError) as exc:
+        print(f"angle-rt calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {ranges.shape[1]}-d int8/uint8 ranges to {args.output}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

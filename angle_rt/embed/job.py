@@ -9,6 +9,7 @@ holds each id once, in input order, identical to an uninterrupted run's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from angle_rt.quantization import (
     quantize_embeddings,
     quantized_dtype,
     quantized_width,
+    read_ranges,
 )
 
 RECORD_VERSION = 1
@@ -87,6 +89,8 @@ def embed_file(
     precision: str | None = None,
     layers: int | None = None,
     output_dtype: str = "float32",
+    output_ranges: str | Path | np.ndarray | None = None,
+    compression: str | None = None,
     on_bad_row: str = "error",
     overwrite: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -101,7 +105,9 @@ def embed_file(
     `bundle` is a bundle path (opened with `precision`, `backend`, `intra_op_threads` and
     `layers`, an ESE bundle's depth variant) or an open Encoder. Ids are `id_column`'s
     values, or row numbers. `output_dtype` quantizes as
-    `angle_rt.quantization.quantize_embeddings` (int8/uint8 ranges from the first chunk).
+    `angle_rt.quantization.quantize_embeddings`: int8/uint8 ranges from `output_ranges` (a
+    (2, dim) array, or a file `read_ranges` takes: `angle-rt calibrate`'s .npy, a job
+    record), else from the first chunk. `compression`: the Parquet codec (default zstd).
     A bad row (null or non-str text, null id) raises InputError naming it, or with
     ``on_bad_row="skip"`` is left out and listed in ``OUTPUT.skipped.jsonl``.
     """
@@ -113,23 +119,45 @@ def embed_file(
     if id_column == w.EMBEDDING:
         raise ValueError(f"--id-column {w.EMBEDDING!r} would clash with the output's "
                          "vector column; rename it")
+    ranges = given_ranges(output_ranges, output_dtype)
     reader = open_input(input, text_column, id_column)
-    writer = w.open_writer(output, id_column or "id", getattr(reader, "id_type", None))
+    writer = w.open_writer(output, id_column or "id", getattr(reader, "id_type", None),
+                           compression)
     own = not isinstance(bundle, Encoder)
     enc = Encoder(bundle, precision=precision, backend=backend,
                   intra_op_threads=intra_op_threads, layers=layers) if own else bundle
     try:
         kwargs = {"batch_size": batch_size, "prompt": prompt, "prompt_name": prompt_name,
                   "normalize_embeddings": normalize, "truncate_dim": dimensions}
-        enc.encode([""], **kwargs)  # refuse bad prompt / dimensions before touching OUTPUT
+        probe = enc.encode([""], **kwargs)  # bad prompt / dimensions: before touching OUTPUT
+        if ranges is not None and ranges.shape[1] != probe.shape[1]:
+            raise ValueError(f"--output-ranges holds {ranges.shape[1]}-d ranges; this job "
+                             f"writes {probe.shape[1]}-d vectors")
         fp = fingerprint(enc, reader, kwargs, output_dtype, on_bad_row, chunk_size,
                          id_column)
+        fp.update(compression=writer.compression, output_ranges_sha256=None if ranges is None
+                  else hashlib.sha256(ranges.tobytes()).hexdigest())
         with output_lock(writer.output):  # a second run on OUTPUT refuses (exit 2)
             return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row,
-                        chunk_size, overwrite, progress)
+                        chunk_size, overwrite, progress, ranges)
     finally:
         if own:
             enc.close()
+
+
+def given_ranges(output_ranges: str | Path | np.ndarray | None,
+                 output_dtype: str) -> np.ndarray | None:
+    """int8/uint8 ranges passed in (array or file), checked against the output dtype."""
+    if output_ranges is None:
+        return None
+    if not needs_ranges(output_dtype):
+        raise ValueError(f"--output-ranges applies to int8/uint8 output, not {output_dtype}")
+    if isinstance(output_ranges, np.ndarray):
+        ranges = np.asarray(output_ranges, dtype=np.float32)
+        if ranges.ndim != 2 or ranges.shape[0] != 2:
+            raise ValueError(f"ranges must be a (2, dim) array, got shape {ranges.shape}")
+        return ranges
+    return read_ranges(output_ranges)
 
 
 def fingerprint(enc: Encoder, reader: Reader, kwargs: dict[str, Any], output_dtype: str,
@@ -166,9 +194,11 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
 
 def _run(reader: Reader, writer: w.Writer, enc: Encoder, kwargs: dict[str, Any],
          fp: dict[str, Any], output_dtype: str, on_bad_row: str, chunk_size: int,
-         overwrite: bool, progress: bool) -> EmbedResult:
+         overwrite: bool, progress: bool, ranges: np.ndarray | None) -> EmbedResult:
     t0 = time.perf_counter()
     state = _prepare(writer, fp, overwrite)
+    if state is not None and ranges is not None:  # one code book for every shard
+        state["ranges"] = ranges.tolist()
     dim = kwargs["truncate_dim"] or enc.dim
     meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
             "dtype": quantized_dtype(output_dtype).str, "dim": dim,

@@ -32,6 +32,8 @@ STATE = "state.json"
 SKIPPED = "skipped.jsonl"
 EMBEDDING = "embedding"
 _NPY_HEADER = 128
+COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
+DEFAULT_COMPRESSION = "zstd"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -67,6 +69,8 @@ def remove(path: Path) -> None:
 
 class Writer:
     """Base: staging directory, side files, job-record lookup."""
+
+    compression: str | None = None  # Parquet codec; None for .npy
 
     def __init__(self, output: Path, id_name: str, id_type: Any = None) -> None:
         self.output = output
@@ -143,22 +147,24 @@ class _ParquetParts(Writer):
             raise InputError(f"ids of one chunk do not share a type ({exc}); "
                              f"{self.id_name!r} must hold one type") from exc
         self.id_type = id_arr.type
-        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
-        emb = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        emb = vector_column(vectors, meta["output_dtype"])
         return pa.table({self.id_name: id_arr, EMBEDDING: emb}).replace_schema_metadata(
             {META_KEY: json.dumps(meta, sort_keys=True)})
 
     def _options(self) -> dict[str, Any]:
-        # vectors neither compress nor have useful statistics or dictionaries
-        return {"compression": {self.id_name: "snappy", EMBEDDING: "none"},
+        # Parquet has no 8-bit physical type: int8/uint8 are stored as INT32, 4 bytes a value,
+        # which a codec brings back to about one; vectors have no useful statistics or
+        # dictionaries
+        codec = self.compression or DEFAULT_COMPRESSION
+        return {"compression": None if codec == "none" else codec,
                 "use_dictionary": [self.id_name], "write_statistics": [self.id_name]}
 
     def _empty(self, meta: dict[str, Any]) -> Any:
         """A table of no rows with the output's schema (a job that embedded nothing)."""
         pa = _deps.pyarrow()
-        kind = pa.from_numpy_dtype(np.dtype(meta["dtype"]))
+        empty = np.zeros((0, meta["width"]), dtype=np.dtype(meta["dtype"]))
         schema = pa.schema([(self.id_name, self.id_type or pa.int64()),
-                            (EMBEDDING, pa.list_(kind, meta["width"]))])
+                            (EMBEDDING, vector_column(empty, meta["output_dtype"]).type)])
         return schema.empty_table().replace_schema_metadata(
             {META_KEY: json.dumps(meta, sort_keys=True)})
 
@@ -290,6 +296,30 @@ class NpyWriter(Writer):
                      json.dumps(meta, indent=1).encode())
 
 
+def vector_column(vectors: np.ndarray, output_dtype: str) -> Any:
+    """The `embedding` column: fixed_size_list<float32|float16|int8|uint8>, or for packed
+    sign bits (binary, ubinary) fixed_size_binary(width), one byte a byte."""
+    pa = _deps.pyarrow()
+    v = np.ascontiguousarray(vectors)
+    if output_dtype.endswith("binary"):
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(v.shape[1]), len(v),
+                                                    [None, pa.py_buffer(v.tobytes())])
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+
+
+def column_vectors(column: Any, dtype: str | np.dtype) -> np.ndarray:
+    """(n, width) numpy array of an `embedding` column as `vector_column` writes it (a
+    ChunkedArray or Array); `dtype`: the job record's "dtype"."""
+    pa = _deps.pyarrow()
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_fixed_size_binary(arr.type):
+        width = arr.type.byte_width
+        raw = np.frombuffer(arr.buffers()[1], dtype=np.dtype(dtype))
+        return raw[arr.offset * width:(arr.offset + len(arr)) * width].reshape(-1, width)
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
 def remove_output_dir(path: Path) -> None:
     """Remove an output directory, refusing one that holds files but no job record (a
     mistyped OUTPUT must not cost a user's folder, --overwrite or not)."""
@@ -307,15 +337,24 @@ def _npy_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 
-def open_writer(output: str | Path, id_name: str, id_type: Any = None) -> Writer:
-    """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet)."""
+def open_writer(output: str | Path, id_name: str, id_type: Any = None,
+                compression: str | None = None) -> Writer:
+    """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet);
+    `compression`: the Parquet codec (COMPRESSIONS; None: DEFAULT_COMPRESSION)."""
     output = Path(output)
     suffix = output.suffix.lower()
+    if compression is not None and compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got "
+                         f"{compression!r}")
     if suffix == ".npy":
+        if compression is not None:
+            raise ValueError("--compression applies to Parquet output, not .npy")
         return NpyWriter(output, id_name, id_type)
     if suffix in (".parquet", ""):
         _deps.parquet()  # fail before any work without pyarrow
         cls = ParquetFileWriter if suffix else ParquetDirWriter
-        return cls(output, id_name, id_type)
+        writer = cls(output, id_name, id_type)
+        writer.compression = compression or DEFAULT_COMPRESSION
+        return writer
     raise ValueError(f"{output}: unknown output format {suffix!r}; write a .parquet file, "
                      "a .npy array, or a directory (a path without a suffix)")

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from angle_rt.embed.writers import column_vectors
+
 
 def read_output(path: Path, id_column: str = "id") -> tuple[list[Any], np.ndarray, dict]:
     """(ids, vectors, job record) of a .parquet file, a directory of Parquet, or a .npy."""
@@ -26,7 +28,5 @@ def read_output(path: Path, id_column: str = "id") -> tuple[list[Any], np.ndarra
     else:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"angle_rt.embed"])
-    emb = table.column("embedding").combine_chunks()
-    width = emb.type.list_size
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    vectors = column_vectors(table.column("embedding"), meta["dtype"])
     return table.column(id_column).to_pylist(), vectors, meta

@@ -557,3 +557,87 @@ def test_default_artifact_vectors_ignore_chunking_and_resume(minilm_precisions, 
     ids, vecs, _ = read_output(out)
     assert ids == [f"d{i}" for i in range(300)]
     assert cosine_rows(vecs, alone).min() >= 0.99999
+
+
+@pytest.fixture(scope="module")
+def corpus_2000(corpus_dir, tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("c2000") / "in.jsonl"
+    src.write_text("\n".join((corpus_dir / "corpus.jsonl").read_text().splitlines()[:2000])
+                   + "\n")
+    return src
+
+
+def test_parquet_output_is_compact_and_every_engine_reads_it(minilm_precisions, corpus_2000,
+                                                            tmp_path):
+    """int8 and packed bits were no smaller than float32 in Parquet (int8 has no 8-bit
+    physical type, compression was off): now zstd, and fixed_size_binary for bits. DuckDB,
+    Polars and pyarrow.dataset read the vectors back as written."""
+    import duckdb
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    sizes = {}
+    for dtype in ("float32", "int8", "binary"):
+        for out in (tmp_path / f"{dtype}.parquet", tmp_path / f"{dtype}.npy"):
+            embed_file(minilm_precisions, corpus_2000, out, id_column="id", output_dtype=dtype)
+            sizes[out.name] = out.stat().st_size
+        _, vecs, _ = read_output(tmp_path / f"{dtype}.parquet")
+        np.testing.assert_array_equal(vecs, np.load(tmp_path / f"{dtype}.npy"))
+    print("bytes:", sizes)
+    assert sizes["int8.parquet"] <= 1.5 * sizes["int8.npy"] < sizes["float32.parquet"] / 2
+    assert sizes["binary.parquet"] <= 1.6 * sizes["binary.npy"]
+    table = ds.dataset(tmp_path / "binary.parquet").to_table()
+    assert table.schema.field("embedding").type == pa.binary(48)
+    assert ds.dataset(tmp_path / "int8.parquet").to_table().schema.field(
+        "embedding").type == pa.list_(pa.int8(), 384)
+    _, int8_vecs, _ = read_output(tmp_path / "int8.parquet")
+    con = duckdb.connect()
+    first = con.execute(f"SELECT id, embedding FROM '{tmp_path / 'int8.parquet'}' "
+                        "ORDER BY id LIMIT 1").fetchone()
+    assert first[0] == "doc-0" and list(first[1]) == int8_vecs[0].tolist()
+    frame = pl.read_parquet(tmp_path / "float32.parquet")
+    _, f32, _ = read_output(tmp_path / "float32.parquet")
+    np.testing.assert_array_equal(np.stack(frame["embedding"].to_list()).astype(np.float32),
+                                  f32)
+
+
+def test_calibrated_ranges_give_every_shard_one_code_book(minilm_precisions, corpus_2000,
+                                                         tmp_path, capsys):
+    """Two halves of one corpus, each calibrating on its own first chunk, disagreed on most
+    codes. `angle-rt calibrate` writes ranges once; with --output-ranges both halves get
+    the codes the whole corpus gets, and the server reads the same file."""
+    from angle_rt.cli import main as rt_main
+    from angle_rt.quantization import read_ranges
+
+    lines = corpus_2000.read_text().splitlines()
+    halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    halves[0].write_text("\n".join(lines[:1000]) + "\n")
+    halves[1].write_text("\n".join(lines[1000:]) + "\n")
+    ranges = tmp_path / "ranges.npy"
+    assert rt_main(["calibrate", str(minilm_precisions), str(corpus_2000), str(ranges),
+                    "--rows", "500"]) == 0
+    assert "384-d int8/uint8 ranges" in capsys.readouterr().err
+    assert read_ranges(ranges).shape == (2, 384)  # what `angle-rt serve --output-ranges` reads
+    flags = ["--id-column", "id", "--output-dtype", "int8", "-q", "--chunk-size", "500"]
+    whole = tmp_path / "whole.parquet"
+    assert main([str(minilm_precisions), str(corpus_2000), str(whole), *flags,
+                 "--output-ranges", str(ranges)]) == 0
+    shared, own = [], []
+    for i, half in enumerate(halves):
+        out = tmp_path / f"h{i}.parquet"
+        assert main([str(minilm_precisions), str(half), str(out), *flags,
+                     "--output-ranges", str(ranges)]) == 0
+        shared.append(read_output(out)[1])
+        alone = tmp_path / f"own{i}.parquet"
+        assert main([str(minilm_precisions), str(half), str(alone), *flags]) == 0
+        own.append(read_output(alone)[1])
+    np.testing.assert_array_equal(np.concatenate(shared), read_output(whole)[1])
+    assert (own[0] != shared[0]).any()  # calibrated on their own first chunk: other codes
+    assert main([str(minilm_precisions), str(halves[0]), str(tmp_path / "f.parquet"),
+                 "--output-ranges", str(ranges), "-q"]) == 2  # float32 takes no ranges
+    assert "applies to int8/uint8 output" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", np.zeros((2, 7), np.float32))
+    assert main([str(minilm_precisions), str(halves[0]), str(tmp_path / "g.parquet"), *flags,
+                 "--output-ranges", str(tmp_path / "bad.npy")]) == 2
+    assert "7-d ranges" in capsys.readouterr().err
