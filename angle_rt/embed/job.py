@@ -23,7 +23,7 @@ import numpy as np
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
 from angle_rt.embed.lock import output_lock
-from angle_rt.embed.readers import Chunk, Reader, bad_reason, open_input
+from angle_rt.embed.readers import BadRow, Chunk, Reader, bad_reason, open_input
 from angle_rt.encoder import Encoder
 from angle_rt.manifest import MANIFEST_FILE, sha256_file
 from angle_rt.quantization import (
@@ -291,7 +291,7 @@ def _check_rows(chunk: Chunk, on_bad_row: str) -> tuple[list[Any], list[str], li
     row unless skipping."""
     ids, texts, skipped = [], [], []
     for k, (rid, text) in enumerate(zip(chunk.ids, chunk.texts, strict=True)):
-        why = "null id" if rid is None else bad_reason(text)
+        why = bad_reason(text) if isinstance(text, BadRow) or rid is not None else "null id"
         if why is None:
             ids.append(rid)
             texts.append(text)

@@ -92,7 +92,7 @@ class ParquetReader(Reader):
         super().__init__(path, text_column, id_column)
         pa, pq = _deps.pyarrow(), _deps.parquet()
         self._files = (sorted(p for p in path.rglob("*.parquet") if p.is_file()
-                              and not p.name.startswith((".", "_")))
+                              and not _hidden(p.relative_to(path)))
                        if path.is_dir() else [path])
         if not self._files:
             raise InputError(f"{path} holds no .parquet files")
@@ -105,6 +105,8 @@ class ParquetReader(Reader):
             schema = pf.schema_arrow
             self._missing(schema.names, str(f))
             kind = schema.field(text_column).type
+            if pa.types.is_dictionary(kind):  # dictionary-encoded strings read as strings
+                kind = kind.value_type
             if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
                     or pa.types.is_string_view(kind)):
                 raise InputError(f"{f}: column {text_column!r} is {kind}, not a string column "
@@ -152,16 +154,25 @@ class ParquetReader(Reader):
 
 
 class JsonlReader(Reader):
-    """JSON Lines: one object per line; blank lines are not rows."""
+    """JSON Lines: one object per line; blank lines are not rows. A line that is not a JSON
+    object is a bad row (skipped with --on-bad-row skip, else the job stops naming it)."""
 
     kind = "jsonl"
 
     def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
         super().__init__(path, text_column, id_column)
+        first_error = None
         for lineno, line in self._lines():
-            first = self._parse(line, lineno)
+            try:
+                first = self._parse(line, lineno)
+            except InputError as exc:  # the columns are checked on the first good record
+                first_error = first_error or exc
+                continue
             self._missing(list(first), f"{path} (first record, line {lineno})")
             break
+        else:
+            if first_error is not None:
+                raise first_error
         self.id_type = None
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
@@ -189,7 +200,10 @@ class JsonlReader(Reader):
         for row, (lineno, line) in enumerate(self._lines()):
             if row < skip:
                 continue
-            rec = self._parse(line, lineno)
+            try:
+                rec = self._parse(line, lineno)
+            except InputError as exc:
+                rec = {self.text_column: BadRow(str(exc))}
             texts.append(rec.get(self.text_column))
             if self.id_column:
                 ids.append(rec.get(self.id_column))
@@ -218,7 +232,9 @@ class CsvReader(Reader):
         self.id_type = None
 
     def _open(self) -> TextIO:
-        return open(self.path, encoding="utf-8", newline="")
+        # utf-8-sig: a byte-order mark is not part of the first column's name; bytes that are
+        # not UTF-8 become lone surrogates, i.e. a bad row wherever they are
+        return open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
     def count_rows(self) -> int:
         with open(self.path, "rb") as fh:
@@ -311,12 +327,27 @@ def open_input(path: str | Path, text_column: str = "text",
     return _READERS[input_format(path)](path, text_column, id_column)
 
 
+class BadRow(str):
+    """A row the reader could not parse (a malformed JSON line): its text is this, and
+    `bad_reason` gives the reader's message."""
+
+    __slots__ = ()
+
+
+def _hidden(relative: Path) -> bool:
+    """A path under a dataset directory that readers skip: any part starting with '.' or
+    '_' (`_temporary/`, `.spark-staging/`, `_SUCCESS`), as pyarrow and Spark do."""
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
 def bad_reason(text: Any) -> str | None:
     """Why `text` cannot be embedded, or None if it can.
 
     >>> bad_reason("ok"), bad_reason(None), bad_reason(3), bad_reason("\\ud800")
     (None, 'null text', 'text is int, not str', 'text is not valid Unicode (lone surrogate)')
     """
+    if isinstance(text, BadRow):
+        return str(text)
     if isinstance(text, str):
         if text.isascii():
             return None

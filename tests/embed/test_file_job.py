@@ -641,3 +641,66 @@ def test_calibrated_ranges_give_every_shard_one_code_book(minilm_precisions, cor
     assert main([str(minilm_precisions), str(halves[0]), str(tmp_path / "g.parquet"), *flags,
                  "--output-ranges", str(tmp_path / "bad.npy")]) == 2
     assert "7-d ranges" in capsys.readouterr().err
+
+
+def test_readers_take_what_other_tools_write(tiny_bert_bundle, tiny_encoder, tmp_path, capsys):
+    """Spark/Hive folders (`_temporary/`, hidden folders, `_SUCCESS`), a CSV with a byte-order
+    mark, dictionary-encoded strings: read as the data they hold."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"sentence number {i}" for i in range(30)]
+    ds_dir = tmp_path / "spark"
+    (ds_dir / "_temporary" / "0").mkdir(parents=True)
+    (ds_dir / ".hidden").mkdir()
+    table = pa.table({"id": [f"d{i}" for i in range(30)], "text": texts})
+    pq.write_table(table.slice(0, 20), ds_dir / "part-0.parquet")
+    pq.write_table(table.slice(20), ds_dir / "part-1.parquet")
+    (ds_dir / "_temporary" / "0" / "part-9.parquet").write_bytes(b"half-written")
+    pq.write_table(table, ds_dir / ".hidden" / "copy.parquet")
+    (ds_dir / "_SUCCESS").write_bytes(b"")
+    r = embed_file(tiny_bert_bundle, ds_dir, tmp_path / "a.npy", id_column="id")
+    assert r.rows == 30
+    dict_file = tmp_path / "dict.parquet"
+    pq.write_table(table.set_column(1, "text", table.column("text").dictionary_encode()),
+                   dict_file)
+    embed_file(tiny_bert_bundle, dict_file, tmp_path / "b.npy", id_column="id")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfid,text\n" + "".join(f"d{i},{t}\n" for i, t in
+                                                        enumerate(texts)).encode())
+    embed_file(tiny_bert_bundle, bom, tmp_path / "c.npy", id_column="id")
+    for name in ("a.npy", "b.npy", "c.npy"):
+        ids, vecs, _ = read_output(tmp_path / name)
+        assert ids == [f"d{i}" for i in range(30)], name
+        assert cosine_rows(vecs, tiny_encoder.encode(texts)).min() >= 0.99999
+
+
+@pytest.mark.parametrize("where", [0, 7])
+def test_undecodable_rows_are_bad_rows_wherever_they_are(tiny_bert_bundle, tmp_path, capsys,
+                                                         where):
+    """A CSV byte that is not UTF-8 and a JSONL line that is not JSON are bad rows: exit 1
+    naming the row (the same code in the first row as later: it was 2 or 1 by position), or
+    skipped and listed with --on-bad-row skip."""
+    csv_lines = [f"d{i},sentence number {i}".encode() for i in range(10)]
+    csv_lines[where] = f"d{where},caf".encode() + b"\xe9 latin-1"
+    jsonl_lines = [json.dumps({"id": f"d{i}", "text": f"sentence number {i}"}).encode()
+                   for i in range(10)]
+    jsonl_lines[where] = b'{"id": "d%d", "text": "cut off' % where
+    files = {"in.csv": b"id,text\n" + b"\n".join(csv_lines) + b"\n",
+             "in.jsonl": b"\n".join(jsonl_lines) + b"\n"}
+    for name, data in files.items():
+        src = tmp_path / name
+        src.write_bytes(data)
+        out = tmp_path / f"{name}.parquet"
+        assert main([str(tiny_bert_bundle), str(src), str(out), "--id-column", "id",
+                     "-q"]) == 1, name
+        assert f"row {where}" in capsys.readouterr().err
+        out = tmp_path / f"{name}-skip.parquet"
+        assert main([str(tiny_bert_bundle), str(src), str(out), "--id-column", "id",
+                     "--on-bad-row", "skip", "-q"]) == 0, name
+        (listed,) = [json.loads(x) for x in out.with_name(out.name + ".skipped.jsonl")
+                     .read_text().splitlines()]
+        assert listed["row"] == where
+        assert ("not valid JSON" if name == "in.jsonl" else "not valid Unicode") in \
+            listed["reason"]
+        assert read_output(out)[0] == [f"d{i}" for i in range(10) if i != where]
