@@ -216,6 +216,8 @@ def _run(reader: Reader, writer: w.Writer, enc: Encoder, kwargs: dict[str, Any],
     resumed = state["rows_read"]
     _loop(job, progress)
     meta.update(ranges=state["ranges"], rows=state["rows_written"], skipped=state["skipped"])
+    if state.get("replaces"):  # --overwrite: the old output goes only now
+        writer.remove_final()
     writer.finalize(meta)
     _finish_side_files(writer)
     return EmbedResult(writer.output, state["rows_written"], state["skipped"], dim,
@@ -252,14 +254,21 @@ def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str,
                 f"{writer.output} was written with other arguments (differs in: "
                 f"{', '.join(diff)}); pass --overwrite to replace it")
     w.remove(writer.staging)
-    writer.remove_final()
+    replaces = _old_output_present(writer)  # kept until the new output is complete
     writer.staging.mkdir(parents=True)
     if fp["on_bad_row"] == "skip":  # the list exists (maybe empty) whenever rows may be skipped
         (writer.staging / w.SKIPPED).touch()
     state = {"fingerprint": fp, "rows_read": 0, "rows_written": 0, "parts": 0, "skipped": 0,
-             "skipped_bytes": 0, "ranges": None, "writer": {}}
+             "skipped_bytes": 0, "ranges": None, "writer": {}, "replaces": replaces}
     _save_state(writer.staging, state)
     return state
+
+
+def _old_output_present(writer: w.Writer) -> bool:
+    """Whether OUTPUT or its side files exist (to be replaced when the new output is
+    complete); refuses a folder that `angle-rt embed` did not write, even with overwrite."""
+    writer.check_replaceable()
+    return any(p.exists() for p in [writer.output, *writer.side_files()])
 
 
 def _loop(job: _Job, progress: bool) -> None:

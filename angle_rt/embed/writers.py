@@ -90,6 +90,9 @@ class Writer:
         for p in [self.output, *self.side_files()]:
             remove(p)
 
+    def check_replaceable(self) -> None:
+        """OutputExistsError if OUTPUT must not be replaced even with --overwrite."""
+
     def resume(self, rows: int, parts: int, extra: dict[str, Any]) -> None:
         """Cut staged data back to `rows` rows in `parts` parts."""
 
@@ -208,6 +211,11 @@ class ParquetDirWriter(_ParquetParts):
         remove_output_dir(self.output)
         for p in self.side_files():
             remove(p)
+
+    def check_replaceable(self) -> None:
+        if self.output.is_dir() and not (self.output / DIR_META).is_file() \
+                and any(self.output.iterdir()):
+            remove_output_dir(self.output)  # raises: not ours
 
     def final_meta(self) -> dict[str, Any] | None:
         if not self.output.exists() or (self.output.is_dir()

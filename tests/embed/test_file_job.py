@@ -704,3 +704,29 @@ def test_undecodable_rows_are_bad_rows_wherever_they_are(tiny_bert_bundle, tmp_p
         assert ("not valid JSON" if name == "in.jsonl" else "not valid Unicode") in \
             listed["reason"]
         assert read_output(out)[0] == [f"d{i}" for i in range(10) if i != where]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
+        tiny_bert_bundle, corpus_dir, tmp_path, monkeypatch, suffix):
+    """--overwrite deleted the old output before the new one existed: a crash in between
+    left nothing. Now the old output stays whole until the new one replaces it."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join((corpus_dir / "corpus.jsonl").read_text().splitlines()[:300])
+                   + "\n")
+    out = tmp_path / f"out{suffix}"
+    embed_file(tiny_bert_bundle, src, out, id_column="id", chunk_size=100)
+    old = read_output(out)
+    with monkeypatch.context() as m:
+        _crash_on(m, job_mod, "_save_state", 3)
+        with pytest.raises(_Crash):
+            embed_file(tiny_bert_bundle, src, out, id_column="id", chunk_size=100,
+                       normalize=True, overwrite=True)
+    still = read_output(out)
+    assert still[0] == old[0] and not still[2]["fingerprint"]["normalize"]
+    np.testing.assert_array_equal(still[1], old[1])
+    embed_file(tiny_bert_bundle, src, out, id_column="id", chunk_size=100, normalize=True,
+               overwrite=True)
+    ids, vecs, meta = read_output(out)
+    assert ids == old[0] and meta["fingerprint"]["normalize"]
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
