@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -104,7 +105,9 @@ class BundleEmbedder:
                                     + "\n" for k, why in bad))
         drop = {k for k, _ in bad}
         keep = [k for k in range(len(texts)) if k not in drop]
-        return batch.take(keep), [texts[k] for k in keep]
+        # typed indices: an empty list would be a null-typed array, which take refuses
+        indices = _deps.pyarrow().array(keep, type="int64")
+        return batch.take(indices), [texts[k] for k in keep]
 
 
 def embed_dataset(
@@ -323,10 +326,17 @@ def embed_files_on_ray(
                            skipped_dir=skipped_dir, encode_batch_size=batch_size,
                            ship_bundle=ship_bundle, prompt=prompt, prompt_name=prompt_name,
                            truncate_dim=dimensions, normalize_embeddings=normalize)
-        ds.select_columns([id_name, "embedding"]).write_parquet(
-            str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
-            ray_remote_args={"num_cpus": 0},
-            compression=None if codec == "none" else codec)
+        try:
+            ds.select_columns([id_name, "embedding"]).write_parquet(
+                str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
+                ray_remote_args={"num_cpus": 0},
+                compression=None if codec == "none" else codec)
+        except Exception as exc:  # a failed Ray run restarts from scratch: nothing staged
+            w.remove(staging)
+            bad = _input_error(exc)
+            if bad is not None:  # a bad row in a worker: its message, not Ray's traceback
+                raise InputError(bad) from None
+            raise
         meta = {"format": RECORD_VERSION, "fingerprint": fp, "output_dtype": output_dtype,
                 "dtype": quantized_dtype(output_dtype).str, "dim": dim,
                 "width": quantized_width(dim, output_dtype), "id_column": id_name,
@@ -344,6 +354,26 @@ def _calibrate(enc: Encoder, reader: Any, chunk_size: int,
     raise InputError("int8/uint8 output needs ≥ 2 good rows in a chunk to calibrate on")
 
 
+def _input_error(exc: BaseException) -> str | None:
+    """The message of the InputError behind an exception Ray raised on the driver, or None.
+    A worker's error comes back wrapped (`cause`, __cause__), sometimes only as the text of
+    its traceback (Ray Data's UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError) and "Traceback" not in str(e):
+            return str(e)
+        found = re.findall(r"InputError: (.+)", str(e))
+        if found:
+            return found[-1].strip()
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
 def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None) -> Any:
     """The input as a Dataset of [id, text]: Ray Data's readers, or (Parquet without an id
     column) one task per row group adding row numbers."""
@@ -357,8 +387,11 @@ def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | N
         ds = ray.data.read_parquet(paths, num_cpus=0)
     elif kind == "jsonl":
         ds = ray.data.read_json(paths, lines=True, num_cpus=0)
-    else:
-        ds = ray.data.read_csv(paths, num_cpus=0)
+    else:  # every CSV value a string, as the local reader has it: id "007" stays "007"
+        pa_csv = __import__("pyarrow.csv", fromlist=["ConvertOptions"])
+        types = {id_column: _deps.pyarrow().string(), text_column: _deps.pyarrow().string()}
+        ds = ray.data.read_csv(paths, num_cpus=0,
+                               convert_options=pa_csv.ConvertOptions(column_types=types))
     return ds.select_columns([id_column, text_column])
 
 

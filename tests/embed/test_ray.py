@@ -156,3 +156,38 @@ def test_ray_vectors_equal_encode_with_the_default_artifact(local_ray, minilm_pr
     assert [r["id"] for r in rows] == list(range(256))
     got = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
     assert cosine_rows(got, alone).min() >= 0.99999
+
+
+def test_ray_csv_types_all_bad_batches_and_bad_row_errors(local_ray, tiny_bert_bundle,
+                                                         tiny_encoder, tmp_path, capsys):
+    """`--ray` on CSV keeps every value a string (id "007", text "42" were inferred as
+    numbers); a batch whose rows are all bad is skipped (it crashed); under
+    --on-bad-row error a bad row exits 1 with one line naming it (was Ray's 52-line
+    traceback) and leaves no staging behind."""
+    from angle_rt.embed.cli import main
+
+    src = tmp_path / "in.csv"
+    src.write_text("id,text\n007,42\n" + "".join(f"{i:03d},sentence number {i}\n"
+                                                 for i in range(8, 40)))
+    flags = ["--id-column", "id", "--ray", "--ray-actors", "1", "--chunk-size", "16", "-q"]
+    with deadline(180):
+        assert main([str(tiny_bert_bundle), str(src), str(tmp_path / "csv"), *flags]) == 0
+    ids, vecs, _ = read_output(tmp_path / "csv")
+    assert sorted(ids) == ["007"] + [f"{i:03d}" for i in range(8, 40)]
+    k = ids.index("007")
+    assert cosine_rows(vecs[k:k + 1], tiny_encoder.encode(["42"])).min() >= 0.99999
+    jsonl = tmp_path / "in.jsonl"
+    rows = [{"id": f"g{i}", "text": f"sentence number {i}"} for i in range(16)]
+    rows += [{"id": f"b{i}", "text": None} for i in range(48)]  # whole batches of bad rows
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with deadline(180):
+        assert main([str(tiny_bert_bundle), str(jsonl), str(tmp_path / "skip"), *flags,
+                     "--on-bad-row", "skip"]) == 0
+    ids, _, meta = read_output(tmp_path / "skip")
+    assert sorted(ids) == sorted(f"g{i}" for i in range(16)) and meta["skipped"] == 48
+    capsys.readouterr()
+    with deadline(180):
+        code = main([str(tiny_bert_bundle), str(jsonl), str(tmp_path / "strict"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "null text" in err, err
+    assert not (tmp_path / "strict.partial").exists()
