@@ -8,6 +8,7 @@ included). `chunks(size, skip)` starts at row `skip`, which is how a job resumes
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -47,13 +48,15 @@ class Reader:
         return None
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies this input: its path and each file's size and mtime."""
+        """What identifies this input: its path, and each file's size and a sha256 of its
+        first and last 64 KiB (a Parquet file's footer, with its row groups' statistics,
+        is in the last). Content, not mtime: a copy that keeps the bytes resumes, an edit
+        that keeps the size and mtime does not."""
         root = self.path.resolve()
         files = []
         for f in self.files():
-            st = f.stat()
             name = "." if f == self.path else str(f.relative_to(self.path))
-            files.append([name, st.st_size, st.st_mtime_ns])
+            files.append([name, f.stat().st_size, head_tail_sha256(f)])
         return {"path": str(root), "format": self.kind, "files": files}
 
     def chunks(self, size: int, skip: int = 0) -> Iterator[Chunk]:
@@ -325,6 +328,18 @@ def open_input(path: str | Path, text_column: str = "text",
     """The reader for `path`, its columns checked (a missing one names those present)."""
     path = Path(path)
     return _READERS[input_format(path)](path, text_column, id_column)
+
+
+def head_tail_sha256(path: Path, block: int = 1 << 16) -> str:
+    """sha256 of a file's first and last `block` bytes (the whole file when smaller)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(block))
+        size = fh.seek(0, 2)
+        if size > block:
+            fh.seek(max(block, size - block))
+            digest.update(fh.read(block))
+    return digest.hexdigest()
 
 
 class BadRow(str):

@@ -730,3 +730,30 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
     ids, vecs, meta = read_output(out)
     assert ids == old[0] and meta["fingerprint"]["normalize"]
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_resume_follows_the_inputs_content_not_its_mtime(tiny_bert_bundle, corpus_dir,
+                                                         tmp_path, monkeypatch):
+    """Change detection was path + size + mtime: an edit that kept both resumed onto the
+    old rows, a touch refused. Now the content decides (size + head/tail sha256)."""
+    src = tmp_path / "in.txt"
+    lines = (corpus_dir / "corpus.txt").read_text().splitlines()[:300]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.parquet"
+
+    def interrupted() -> None:
+        with monkeypatch.context() as m:
+            _crash_on(m, job_mod, "_save_state", 3)
+            with pytest.raises(_Crash):
+                embed_file(tiny_bert_bundle, src, out, chunk_size=100)
+
+    interrupted()
+    os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: same bytes
+    assert embed_file(tiny_bert_bundle, src, out, chunk_size=100).resumed_from == 100
+    w.remove(out)
+    interrupted()
+    st = src.stat()
+    src.write_text("\n".join(["X" + lines[0][1:], *lines[1:]]) + "\n")  # same size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    with pytest.raises(OutputExistsError, match=r"differs in: input\.files"):
+        embed_file(tiny_bert_bundle, src, out, chunk_size=100)
