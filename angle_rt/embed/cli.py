@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from angle_rt.embed.errors import InputError
 from angle_rt.embed.writers import COMPRESSIONS
@@ -104,17 +104,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_embed(args: argparse.Namespace) -> int:
     """The handler: run the job, print a summary, map errors to the exit status."""
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    run = _run_ray if args.ray is not None else _run_local
+    return _exit_status(PROG, lambda: run(args, progress), args.quiet)
+
+
+def _exit_status(prog: str, job: Callable[[], str], quiet: bool = False) -> int:
+    """Run `job`; print its summary line (unless `quiet`) or its error. 0 done, 1 bad input
+    data, 2 bad arguments, bundle or environment."""
     try:
-        result = (_run_ray(args, progress) if args.ray is not None
-                  else _run_local(args, progress))
+        summary = job()
     except InputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except (AngleRTError, ValueError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(result, file=sys.stderr)
+    if not quiet:
+        print(summary, file=sys.stderr)
     return 0
 
 
@@ -204,21 +210,16 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     from angle_rt.embed.calibrate import calibrate_file
 
-    try:
+    def job() -> str:
         ranges = calibrate_file(args.bundle, args.input, args.output, rows=args.rows,
                                 text_column=args.text_column, precision=args.precision,
                                 layers=args.layers, prompt=args.prompt,
                                 prompt_name=args.prompt_name,
                                 normalize_embeddings=args.normalize,
                                 truncate_dim=args.dimensions)
-    except InputError as exc:
-        print(f"angle-rt calibrate: error: {exc}", file=sys.stderr)
-        return 1
-    except (AngleRTError, ValueError, OSError) as exc:
-        print(f"angle-rt calibrate: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {ranges.shape[1]}-d int8/uint8 ranges to {args.output}", file=sys.stderr)
-    return 0
+        return f"wrote {ranges.shape[1]}-d int8/uint8 ranges to {args.output}"
+
+    return _exit_status("angle-rt calibrate", job)
 
 
 def build_parser() -> argparse.ArgumentParser:
