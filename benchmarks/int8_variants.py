@@ -2,9 +2,12 @@
 
     python benchmarks/int8_variants.py [--bundle build/bench/minilm-all] [--threads 2]
 
-The bundle's int8-dynamic artifact keeps in float the FFN layers that fail the 0.98 gate
-when their activations are quantized per tensor (`kept_in_float` in its manifest). Each
-variant here quantizes more, by another scheme; each is scored like the export gate (min
+Written when the bundle's int8-dynamic artifact was ONNX Runtime's per-tensor (per-batch)
+dynamic INT8 with some FFN layers kept in float (`kept_in_float`); since then int8-dynamic
+quantizes every layer per token (batch-invariant) and usually keeps none, so the
+"per-token kept layers" variant equals the bundle's artifact. Each variant quantizes by
+another scheme; none of them is checked for batch invariance here (the export gate does
+that; the per-tensor ones are not invariant). Each is scored like the export gate (min
 cosine to fp32 over the verification + stress texts; 0.98 to pass) plus STS-B test Spearman,
 and timed in interleaved passes (median of 3) beside the bundle's artifacts:
 
