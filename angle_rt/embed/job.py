@@ -276,7 +276,7 @@ def _loop(job: _Job, progress: bool) -> None:
     bar = _bar(progress, job.reader, state["rows_read"])
     try:
         for chunk in job.reader.chunks(job.chunk_size, state["rows_read"]):
-            ids, texts, skipped = _check_rows(chunk, job.on_bad_row)
+            ids, texts, skipped = _check_rows(chunk, job.on_bad_row, state)
             if ids:
                 vectors = enc.encode(texts, **job.encode_kwargs)
                 if needs_ranges(job.output_dtype) and state["ranges"] is None:
@@ -295,12 +295,20 @@ def _loop(job: _Job, progress: bool) -> None:
         bar.close()
 
 
-def _check_rows(chunk: Chunk, on_bad_row: str) -> tuple[list[Any], list[str], list[dict]]:
+def _check_rows(chunk: Chunk, on_bad_row: str,
+                state: dict[str, Any]) -> tuple[list[Any], list[str], list[dict]]:
     """(ids, texts) of the good rows, and a record per bad row; InputError on the first bad
-    row unless skipping."""
+    row unless skipping. Ids keep the type of the first good row's (`state["id_type"]`,
+    kept across resumes): an id of another type (JSONL `7` after `"a"`) is a bad row, in
+    every output format, rather than a Parquet write failing mid-job."""
     ids, texts, skipped = [], [], []
     for k, (rid, text) in enumerate(zip(chunk.ids, chunk.texts, strict=True)):
         why = bad_reason(text) if isinstance(text, BadRow) or rid is not None else "null id"
+        if why is None:
+            kind = _id_kind(rid)
+            state.setdefault("id_type", kind)
+            if kind != state["id_type"]:
+                why = f"id is {kind}, but the ids before it are {state['id_type']}"
         if why is None:
             ids.append(rid)
             texts.append(text)
@@ -312,6 +320,11 @@ def _check_rows(chunk: Chunk, on_bad_row: str) -> tuple[list[Any], list[str], li
                              "OUTPUT.skipped.jsonl)")
         skipped.append({"row": row, "id": rid, "reason": why})
     return ids, texts, skipped
+
+
+def _id_kind(rid: Any) -> str:
+    """An id's type as the output stores it: int and str stay apart, bool is not an int."""
+    return "int" if isinstance(rid, int) and not isinstance(rid, bool) else type(rid).__name__
 
 
 def _ranges(state: dict[str, Any]) -> np.ndarray | None:

@@ -757,3 +757,19 @@ def test_resume_follows_the_inputs_content_not_its_mtime(tiny_bert_bundle, corpu
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
     with pytest.raises(OutputExistsError, match=r"differs in: input\.files"):
         embed_file(tiny_bert_bundle, src, out, chunk_size=100)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy"])
+def test_an_id_of_another_type_is_a_bad_row(tiny_bert_bundle, tmp_path, capsys, suffix):
+    """JSONL ids "d0" ... then 7: the Parquet write failed mid-job (ids of one column must
+    share a type). Now that row is a bad row in every format: exit 1 naming it, or skipped."""
+    rows = [{"id": f"d{i}", "text": f"sentence number {i}"} for i in range(300)]
+    rows[250]["id"] = 7
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [str(tiny_bert_bundle), str(src), "--id-column", "id", "--chunk-size", "100", "-q"]
+    assert main([args[0], args[1], str(tmp_path / f"a{suffix}"), *args[2:]]) == 1
+    assert "row 250 (id 7): id is int, but the ids before it are str" in capsys.readouterr().err
+    out = tmp_path / f"b{suffix}"
+    assert main([args[0], args[1], str(out), *args[2:], "--on-bad-row", "skip"]) == 0
+    assert read_output(out)[0] == [f"d{i}" for i in range(300) if i != 250]
