@@ -259,6 +259,7 @@ def embed_files_on_ray(
     output_dtype: str = "float32",
     output_ranges: str | Path | np.ndarray | None = None,
     compression: str | None = None,
+    rows_per_file: int | None = None,
     on_bad_row: str = "error",
     overwrite: bool = False,
     chunk_size: int = 4096,
@@ -306,7 +307,7 @@ def embed_files_on_ray(
           "input": reader.fingerprint(), "text_column": text_column, "id_column": id_column,
           "template": template, "normalize": normalize, "dimensions": dimensions,
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
-          "runner": "ray", "compression": codec,
+          "runner": "ray", "compression": codec, "rows_per_file": rows_per_file,
           "output_ranges_sha256": None if given is None
           else hashlib.sha256(given.tobytes()).hexdigest()}
     with output_lock(output):  # one run per OUTPUT, local or Ray (exit 2)
@@ -328,7 +329,7 @@ def embed_files_on_ray(
                            truncate_dim=dimensions, normalize_embeddings=normalize)
         try:
             ds.select_columns([id_name, "embedding"]).write_parquet(
-                str(staging / "data"), min_rows_per_file=ROWS_PER_FILE,
+                str(staging / "data"), min_rows_per_file=rows_per_file or ROWS_PER_FILE,
                 ray_remote_args={"num_cpus": 0},
                 compression=None if codec == "none" else codec)
         except Exception as exc:  # a failed Ray run restarts from scratch: nothing staged

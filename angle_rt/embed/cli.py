@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "and list it in OUTPUT.skipped.jsonl (skip)")
     data.add_argument("--compression", default=None, choices=COMPRESSIONS,
                       help="Parquet codec (default zstd; not for .npy)")
+    data.add_argument("--rows-per-file", type=int, default=None, metavar="N",
+                      help="directory OUTPUT: files of N rows (default: one per chunk)")
     data.add_argument("--overwrite", action="store_true",
                       help="replace an OUTPUT (or an interrupted one) written with other "
                       "arguments; the same job's interrupted run is always resumed")
@@ -132,7 +134,7 @@ def _run_local(args: argparse.Namespace, progress: bool) -> str:
                    normalize=args.normalize, dimensions=args.dimensions,
                    precision=args.precision, layers=args.layers,
                    output_dtype=args.output_dtype, output_ranges=args.output_ranges,
-                   compression=args.compression,
+                   compression=args.compression, rows_per_file=args.rows_per_file,
                    on_bad_row=args.on_bad_row, overwrite=args.overwrite,
                    chunk_size=args.chunk_size, batch_size=args.batch_size,
                    intra_op_threads=args.threads, backend=args.backend, progress=progress)
@@ -154,6 +156,7 @@ def _run_ray(args: argparse.Namespace, progress: bool) -> str:
         normalize=args.normalize, dimensions=args.dimensions, precision=args.precision,
         layers=args.layers, output_dtype=args.output_dtype,
         output_ranges=args.output_ranges, compression=args.compression,
+        rows_per_file=args.rows_per_file,
         on_bad_row=args.on_bad_row, overwrite=args.overwrite,
         chunk_size=args.chunk_size, batch_size=args.batch_size,
         concurrency=parse_actors(args.ray_actors), num_cpus_per_actor=args.ray_cpus_per_actor,

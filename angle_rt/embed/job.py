@@ -91,6 +91,7 @@ def embed_file(
     output_dtype: str = "float32",
     output_ranges: str | Path | np.ndarray | None = None,
     compression: str | None = None,
+    rows_per_file: int | None = None,
     on_bad_row: str = "error",
     overwrite: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -108,6 +109,8 @@ def embed_file(
     `angle_rt.quantization.quantize_embeddings`: int8/uint8 ranges from `output_ranges` (a
     (2, dim) array, or a file `read_ranges` takes: `angle-rt calibrate`'s .npy, a job
     record), else from the first chunk. `compression`: the Parquet codec (default zstd).
+    `rows_per_file`: a directory output regrouped into files of that many rows at the end
+    (default: one file per chunk).
     A bad row (null or non-str text, null id) raises InputError naming it, or with
     ``on_bad_row="skip"`` is left out and listed in ``OUTPUT.skipped.jsonl``.
     """
@@ -122,7 +125,7 @@ def embed_file(
     ranges = given_ranges(output_ranges, output_dtype)
     reader = open_input(input, text_column, id_column)
     writer = w.open_writer(output, id_column or "id", getattr(reader, "id_type", None),
-                           compression)
+                           compression, rows_per_file)
     own = not isinstance(bundle, Encoder)
     enc = Encoder(bundle, precision=precision, backend=backend,
                   intra_op_threads=intra_op_threads, layers=layers) if own else bundle
@@ -135,7 +138,8 @@ def embed_file(
                              f"writes {probe.shape[1]}-d vectors")
         fp = fingerprint(enc, reader, kwargs, output_dtype, on_bad_row, chunk_size,
                          id_column)
-        fp.update(compression=writer.compression, output_ranges_sha256=None if ranges is None
+        fp.update(compression=writer.compression, rows_per_file=rows_per_file,
+                  output_ranges_sha256=None if ranges is None
                   else hashlib.sha256(ranges.tobytes()).hexdigest())
         with output_lock(writer.output):  # a second run on OUTPUT refuses (exit 2)
             return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row,

@@ -205,7 +205,10 @@ class ParquetFileWriter(_ParquetParts):
 
 
 class ParquetDirWriter(_ParquetParts):
-    """OUTPUT/: the part files themselves and _angle_rt_embed.json."""
+    """OUTPUT/: the part files themselves (one per chunk) and _angle_rt_embed.json; with
+    `rows_per_file`, the parts regrouped into files of that many rows at the end."""
+
+    rows_per_file: int | None = None
 
     def remove_final(self) -> None:
         remove_output_dir(self.output)
@@ -228,6 +231,9 @@ class ParquetDirWriter(_ParquetParts):
         return json.loads(record.read_text(encoding="utf-8"))
 
     def finalize(self, meta: dict[str, Any]) -> None:
+        if self.rows_per_file:
+            self._finalize_grouped(meta)
+            return
         if not self._parts():  # an empty result is still a readable dataset
             _deps.parquet().write_table(self._empty(meta), self._part(0), **self._options())
         atomic_write(self.staging / DIR_META, json.dumps(meta, indent=1).encode())
@@ -237,6 +243,54 @@ class ParquetDirWriter(_ParquetParts):
         os.replace(self.staging, self.output)
         fsync_dir(self.output.parent)
         remove(self.output / STATE)
+
+
+    def _finalize_grouped(self, meta: dict[str, Any]) -> None:
+        """Files of `rows_per_file` rows (the last shorter), written from the staged parts
+        one part at a time into STAGING/final/, then renamed into place. The parts stay
+        until then, so a run killed here redoes this step."""
+        final = self.staging / "final"
+        remove(final)
+        final.mkdir()
+        record = {META_KEY: json.dumps(meta, sort_keys=True)}
+        parts = self._parts()
+        tables = (_deps.parquet().read_table(p).replace_schema_metadata(record)
+                  for p in parts) if parts else iter([self._empty(meta)])
+        files = _regroup(tables, self.rows_per_file or 1, final, self._options())
+        for f in files:
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        atomic_write(final / DIR_META, json.dumps(meta, indent=1).encode())
+        move_if_present(self.staging / SKIPPED,
+                        self.output.with_name(self.output.name + ".skipped.jsonl"))
+        if self.output.exists():  # this run's own output, from a run killed just after
+            remove_output_dir(self.output)
+        os.replace(final, self.output)
+        fsync_dir(self.output.parent)
+
+
+def _regroup(tables: Any, rows: int, folder: Path, options: dict[str, Any]) -> list[Path]:
+    """Write the rows of `tables` (in order) as part-NNNNNN.parquet files of `rows` rows."""
+    pq = _deps.parquet()
+    files: list[Path] = []
+    out, room = None, 0
+    for table in tables:
+        while table.num_rows or out is None:
+            if out is None:
+                files.append(folder / f"part-{len(files):06d}.parquet")
+                out, room = pq.ParquetWriter(files[-1], table.schema, **options), rows
+            take = min(room, table.num_rows)
+            if take:
+                out.write_table(table.slice(0, take), row_group_size=take)
+            table, room = table.slice(take), room - take
+            if room == 0:
+                out.close()
+                out = None
+            if not table.num_rows:
+                break
+    if out is not None:
+        out.close()
+    return files
 
 
 class NpyWriter(Writer):
@@ -346,11 +400,17 @@ def _npy_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
 
 
 def open_writer(output: str | Path, id_name: str, id_type: Any = None,
-                compression: str | None = None) -> Writer:
+                compression: str | None = None, rows_per_file: int | None = None) -> Writer:
     """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet);
-    `compression`: the Parquet codec (COMPRESSIONS; None: DEFAULT_COMPRESSION)."""
+    `compression`: the Parquet codec (COMPRESSIONS; None: DEFAULT_COMPRESSION);
+    `rows_per_file`: a directory output's file size in rows (None: one file per chunk)."""
     output = Path(output)
     suffix = output.suffix.lower()
+    if rows_per_file is not None and (suffix or isinstance(rows_per_file, bool)
+                                      or not isinstance(rows_per_file, int)
+                                      or rows_per_file < 1):
+        raise ValueError("--rows-per-file takes a positive int and applies to a directory "
+                         f"OUTPUT (no suffix), got {rows_per_file!r} for {output.name}")
     if compression is not None and compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got "
                          f"{compression!r}")
@@ -363,6 +423,8 @@ def open_writer(output: str | Path, id_name: str, id_type: Any = None,
         cls = ParquetFileWriter if suffix else ParquetDirWriter
         writer = cls(output, id_name, id_type)
         writer.compression = compression or DEFAULT_COMPRESSION
+        if rows_per_file is not None:
+            writer.rows_per_file = rows_per_file
         return writer
     raise ValueError(f"{output}: unknown output format {suffix!r}; write a .parquet file, "
                      "a .npy array, or a directory (a path without a suffix)")

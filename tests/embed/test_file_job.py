@@ -773,3 +773,47 @@ def test_an_id_of_another_type_is_a_bad_row(tiny_bert_bundle, tmp_path, capsys, 
     out = tmp_path / f"b{suffix}"
     assert main([args[0], args[1], str(out), *args[2:], "--on-bad-row", "skip"]) == 0
     assert read_output(out)[0] == [f"d{i}" for i in range(300) if i != 250]
+
+
+def test_rows_per_file_regroups_a_directory_output(tiny_bert_bundle, corpus_dir, tmp_path,
+                                                   monkeypatch):
+    """One ~6 MB file per 4,096-row chunk made many small files: --rows-per-file N writes
+    files of N rows at the end, in input order; killed while regrouping, the rerun gives
+    the same files."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join((corpus_dir / "corpus.jsonl").read_text().splitlines()[:600])
+                   + "\n")
+    kw = {"id_column": "id", "chunk_size": 100, "rows_per_file": 250}
+    ref = tmp_path / "ref"
+    embed_file(tiny_bert_bundle, src, ref, **kw)
+    files = sorted(ref.glob("*.parquet"))
+    assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(3)]
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [250, 250, 100]
+    ids, _, _ = read_output(ref)
+    assert ids == [f"doc-{i}" for i in range(600)]
+    plain, _, _ = read_output(embed_file(tiny_bert_bundle, src, tmp_path / "plain",
+                                         id_column="id", chunk_size=100).output)
+    assert plain == ids
+    for name, target in [("files written, not renamed", "move_if_present"),
+                         ("regrouped, no record", "_regroup")]:
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        with monkeypatch.context() as m:
+            if target == "_regroup":
+                real = w._regroup
+
+                def regroup_then_die(*a, _real=real, **k):
+                    _real(*a, **k)
+                    raise _Crash("after regrouping")
+                m.setattr(w, "_regroup", regroup_then_die)
+            else:
+                _crash_on(m, w, target, 1)
+            with pytest.raises(_Crash):
+                embed_file(tiny_bert_bundle, src, out, **kw)
+        assert not out.exists(), name
+        embed_file(tiny_bert_bundle, src, out, **kw)
+        got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        assert got == {p.name: p.read_bytes() for p in sorted(ref.iterdir())}, name
+    with pytest.raises(ValueError, match="applies to a directory OUTPUT"):
+        embed_file(tiny_bert_bundle, src, tmp_path / "x.parquet", rows_per_file=10)
