@@ -119,11 +119,15 @@ class Api:
             req = parse_openai(await self._json(request), self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
-            dtype = model.check_output_dtype(req.output_dtype, req.dimensions)
+            # OpenAI's clients decode base64 as float32 and take dot products as cosines:
+            # float32 unit vectors unless the request itself names another dtype (which the
+            # x-output-dtype header then states); the server's --output-dtype is TEI's
+            dtype = model.check_output_dtype(req.output_dtype or "float32", req.dimensions)
             vecs, timing = await self._embed(request, model, req, self.cfg.truncate)
-            body = openai_body(model.finish(vecs, req.dimensions, output_dtype=dtype),
+            body = openai_body(model.finish(vecs, req.dimensions, True, dtype),
                                model.name, req.encoding_format, timing.tokens)
-            return _response(body, timing.headers(model.encoder.artifact.precision))
+            headers = timing.headers(model.encoder.artifact.precision)
+            return _response(body, {**headers, "x-output-dtype": dtype})
 
     async def tei_embed(self, request: Request) -> Response:
         with self._admitted():

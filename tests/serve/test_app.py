@@ -74,7 +74,8 @@ def test_prompts_as_encode_applies_them(tiny, enc):
         r = client.post("/v1/embeddings", json={"input": TEXTS[:2], **extra,
                                                 "encoding_format": "float"})
         got = np.array([d["embedding"] for d in r.json()["data"]])
-        np.testing.assert_allclose(got, enc.encode(TEXTS[:2], **kwargs), atol=2e-6)
+        np.testing.assert_allclose(got, enc.encode(TEXTS[:2], normalize_embeddings=True,
+                                                   **kwargs), atol=2e-6)  # unit: OpenAI's
 
 
 def test_tokenize_info_and_models(tiny, enc):
@@ -109,7 +110,8 @@ def test_token_ids_past_max_length_are_cut_keeping_sep(tiny, enc):
     assert len(ids) > 64
     r = client.post("/v1/embeddings", json={"input": ids, "encoding_format": "float"})
     assert r.json()["usage"]["prompt_tokens"] == 64
-    np.testing.assert_allclose(r.json()["data"][0]["embedding"], enc.encode(text), atol=2e-6)
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"],
+                               enc.encode(text, normalize_embeddings=True), atol=2e-6)
 
 
 def test_several_models_select_by_name(tiny_bert_bundle):
@@ -201,12 +203,14 @@ def test_quantized_output_dtypes(tiny_bert_bundle, enc, tmp_path):
     from angle_rt import calibration_ranges, quantize_embeddings
 
     ref = enc.encode(TEXTS[:2])
-    ranges = calibration_ranges(enc.encode(builtin_sentences()[:50]))
+    unit = enc.encode(TEXTS[:2], normalize_embeddings=True)  # /v1/embeddings: unit vectors
+    ranges = calibration_ranges(enc.encode(builtin_sentences()[:50],
+                                           normalize_embeddings=True))
     np.save(tmp_path / "ranges.npy", ranges)
     with app_for({"tiny": tiny_bert_bundle}, output_dtype="ubinary",
                  output_ranges=tmp_path / "ranges.npy") as (client, _):
         for dtype in ("binary", "int8", "float16"):
-            want = quantize_embeddings(ref, dtype, ranges=ranges)
+            want = quantize_embeddings(unit, dtype, ranges=ranges)
             got = client.post("/v1/embeddings", json={"input": TEXTS[:2],
                                                       "output_dtype": dtype}).json()
             b64 = client.post("/v1/embeddings", json={"input": TEXTS[:2], "output_dtype": dtype,
@@ -221,6 +225,18 @@ def test_quantized_output_dtypes(tiny_bert_bundle, enc, tmp_path):
             tol = {"binary": 0, "int8": 1, "float16": 1e-3}[dtype]
             np.testing.assert_allclose(raw.astype(np.float64), want.astype(np.float64),
                                        atol=tol, rtol=0)
+        # the OpenAI route ignores the server's --output-dtype (ubinary here): the openai
+        # client decodes base64 as float32 (it got 192 garbage floats of float16 bytes)
+        for fmt in ("base64", "float"):
+            r = client.post("/v1/embeddings", json={"input": TEXTS[:2], "encoding_format": fmt})
+            assert r.headers["x-output-dtype"] == "float32"
+            got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
+                            if fmt == "base64" else np.array(d["embedding"], np.float32)
+                            for d in r.json()["data"]])
+            np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+            assert (got * unit).sum(1).min() >= 0.99999
+        r = client.post("/v1/embeddings", json={"input": "x", "output_dtype": "float16"})
+        assert r.headers["x-output-dtype"] == "float16"
         tei = client.post("/embed", json={"inputs": TEXTS[:2], "normalize": False}).json()
         np.testing.assert_array_equal(np.array(tei), quantize_embeddings(ref, "ubinary"))
         r = client.post("/v1/embeddings", json={"input": "x", "output_dtype": "int4"})
