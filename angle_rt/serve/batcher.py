@@ -20,6 +20,7 @@ How a batch is formed (the worker that is free takes the next one):
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from angle_rt.errors import AngleRTError, ClosedError
+
+log = logging.getLogger("angle_rt.serve")
 
 RunBatch = Callable[[Sequence[Sequence[int]]], np.ndarray]
 Plan = Callable[[list[int], int], list[np.ndarray]]
@@ -115,6 +118,7 @@ class Batcher:
         self._queued_items = self._queued_tokens = 0
         self._closing = False
         self._tokens_per_s = 0.0  # moving average, for Retry-After
+        self.worker_restarts = 0  # batches that failed outside the model run (see _work)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -171,8 +175,19 @@ class Batcher:
     # -- the worker side --------------------------------------------------------------------
 
     def _work(self) -> None:
+        """A worker's loop, supervised: whatever a batch raises (the model, copying its rows,
+        the metrics hook) fails that batch's unfinished requests and the loop goes on, so
+        one error can never leave later requests waiting on a dead worker."""
         while (batch := self._next_batch()) is not None:
-            self._run(batch)
+            try:
+                self._run(batch)
+            except BaseException as exc:
+                with self._cond:
+                    self.worker_restarts += 1
+                log.exception("batch of %d inputs failed outside the model run; its "
+                              "requests fail, the worker goes on", len(batch))
+                self._fail([t for t in dict.fromkeys(t for t, _ in batch)
+                            if not t.future.done()], exc)
 
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
@@ -262,7 +277,10 @@ class Batcher:
         for ticket in done:
             _settle(ticket.future, result=ticket.out)
         if self._on_batch is not None:
-            self._on_batch(len(rows), len(rows) * max(len(r) for r in rows), seconds)
+            try:
+                self._on_batch(len(rows), len(rows) * max(len(r) for r in rows), seconds)
+            except Exception:  # metrics must never cost a request or a worker
+                log.exception("the on_batch hook failed")
 
     def _fail(self, tickets: list[Ticket], exc: BaseException) -> None:
         for ticket in tickets:

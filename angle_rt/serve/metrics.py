@@ -36,6 +36,8 @@ DESCRIPTIONS = {
     "angle_rt_batch_tokens": "tokens per batch, padded to its longest row",
     "angle_rt_queue_depth": "inputs waiting for a batch",
     "angle_rt_queued_tokens": "tokens waiting for a batch",
+    "angle_rt_worker_restarts": "batches that failed outside the model run (their requests "
+                                "failed, the worker went on)",
     "angle_rt_ready": "1 once the warm-up batch ran, 0 before and while draining",
 }
 
@@ -76,6 +78,8 @@ class Metrics:
                                  registry=reg)
         self.queued_tokens = Gauge("angle_rt_queued_tokens", d["angle_rt_queued_tokens"],
                                    ["model"], registry=reg)
+        self.worker_restarts = Gauge("angle_rt_worker_restarts",
+                                     d["angle_rt_worker_restarts"], ["model"], registry=reg)
         self.ready = Gauge("angle_rt_ready", d["angle_rt_ready"], registry=reg)
 
     def on_batch(self, model: str) -> OnBatch:
@@ -93,6 +97,7 @@ class Metrics:
         """Queue gauges read from the batcher at scrape time."""
         self.queue_depth.labels(model).set_function(lambda: batcher.queued_items)
         self.queued_tokens.labels(model).set_function(lambda: batcher.queued_tokens)
+        self.worker_restarts.labels(model).set_function(lambda: batcher.worker_restarts)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -144,6 +144,32 @@ def test_a_failing_batch_fails_only_its_own_requests():
         assert b.queued_items == 0 and b.queued_tokens == 0
 
 
+def test_an_error_outside_the_model_run_never_kills_the_worker():
+    """Only run_batch was guarded: a backend returning too few rows (the row copy raises)
+    or a failing metrics hook killed the only worker and every later request waited
+    forever. Now that batch's requests fail, the worker goes on and counts it."""
+    fake = FakeSession()
+    short = {"on": True}
+
+    def run_batch(rows):
+        out = fake.run_batch(rows)
+        return out[:-1] if short["on"] and len(rows) > 1 else out
+
+    def hook(items, tokens, seconds):
+        raise ValueError("metrics backend down")
+
+    with Batcher(run_batch, lambda lengths, bs: plan_batches(lengths, bs, 64), DIM,
+                 max_batch_tokens=64, max_batch_size=8, on_batch=hook) as b:
+        broken = b.submit([[1, 2], [3, 4]])
+        with pytest.raises(IndexError):
+            broken.future.result(10)
+        assert b.worker_restarts == 1
+        short["on"] = False
+        check(b.submit([[5, 6], [7, 8]]), [[5, 6], [7, 8]])  # served, hook failing or not
+        check(b.submit([[9]]), [[9]])
+        assert b.worker_restarts == 1 and b.queued_items == 0
+
+
 def test_admission_refuses_over_the_queued_token_limit():
     fake = FakeSession()
     with make(fake, max_queued_tokens=10) as b:
