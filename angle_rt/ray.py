@@ -28,7 +28,7 @@ import numpy as np
 from angle_rt.embed import _deps
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
-from angle_rt.embed.job import RECORD_VERSION, differences, given_ranges
+from angle_rt.embed.job import RECORD_VERSION, differences, given_ranges, ranges_digest
 from angle_rt.embed.lock import output_lock
 from angle_rt.embed.readers import bad_reason, input_format, open_input
 from angle_rt.encoder import Encoder
@@ -278,10 +278,7 @@ def embed_files_on_ray(
     t0 = time.perf_counter()
     check_precision(output_dtype)
     given = given_ranges(output_ranges, output_dtype)
-    codec = compression or w.DEFAULT_COMPRESSION
-    if codec not in w.COMPRESSIONS:
-        raise ValueError(f"compression must be one of {', '.join(w.COMPRESSIONS)}, got "
-                         f"{compression!r}")
+    codec = w.check_compression(compression or w.DEFAULT_COMPRESSION)
     output = Path(output)
     kind = input_format(Path(input))
     reader = open_input(input, text_column, id_column)  # columns checked here, on the driver
@@ -294,12 +291,10 @@ def embed_files_on_ray(
         enc.encode([""], **encode_kwargs)
         template = enc.template(prompt, prompt_name)
         dim = dimensions or enc.dim
+        given_sha256 = ranges_digest(given, dim)
         ranges = given if given is not None else (
             _calibrate(enc, reader, chunk_size, encode_kwargs)
             if needs_ranges(output_dtype) else None)
-        if ranges is not None and ranges.shape[1] != dim:
-            raise ValueError(f"--output-ranges holds {ranges.shape[1]}-d ranges; this job "
-                             f"writes {dim}-d vectors")
         artifact, bundle_dir = enc.artifact.file, enc.bundle
     fp = {"bundle": {"manifest_sha256": sha256_file(bundle_dir / MANIFEST_FILE),
                      "artifact": artifact if num_gpus_per_actor == 0 else "gpu",
@@ -308,8 +303,7 @@ def embed_files_on_ray(
           "template": template, "normalize": normalize, "dimensions": dimensions,
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
           "runner": "ray", "compression": codec, "rows_per_file": rows_per_file,
-          "output_ranges_sha256": None if given is None
-          else hashlib.sha256(given.tobytes()).hexdigest()}
+          "output_ranges_sha256": given_sha256}
     with output_lock(output):  # one run per OUTPUT, local or Ray (exit 2)
         if _prepare_dir(output, fp, overwrite):
             return json.loads((output / w.DIR_META).read_text())

@@ -133,14 +133,10 @@ def embed_file(
         kwargs = {"batch_size": batch_size, "prompt": prompt, "prompt_name": prompt_name,
                   "normalize_embeddings": normalize, "truncate_dim": dimensions}
         probe = enc.encode([""], **kwargs)  # bad prompt / dimensions: before touching OUTPUT
-        if ranges is not None and ranges.shape[1] != probe.shape[1]:
-            raise ValueError(f"--output-ranges holds {ranges.shape[1]}-d ranges; this job "
-                             f"writes {probe.shape[1]}-d vectors")
         fp = fingerprint(enc, reader, kwargs, output_dtype, on_bad_row, chunk_size,
                          id_column)
         fp.update(compression=writer.compression, rows_per_file=rows_per_file,
-                  output_ranges_sha256=None if ranges is None
-                  else hashlib.sha256(ranges.tobytes()).hexdigest())
+                  output_ranges_sha256=ranges_digest(ranges, probe.shape[1]))
         with output_lock(writer.output):  # a second run on OUTPUT refuses (exit 2)
             return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row,
                         chunk_size, overwrite, progress, ranges)
@@ -162,6 +158,17 @@ def given_ranges(output_ranges: str | Path | np.ndarray | None,
             raise ValueError(f"ranges must be a (2, dim) array, got shape {ranges.shape}")
         return ranges
     return read_ranges(output_ranges)
+
+
+def ranges_digest(ranges: np.ndarray | None, width: int) -> str | None:
+    """The sha256 of ranges passed in, for the fingerprint (None: none passed);
+    ValueError if they are not for `width`-d vectors."""
+    if ranges is None:
+        return None
+    if ranges.shape[1] != width:
+        raise ValueError(f"--output-ranges holds {ranges.shape[1]}-d ranges; this job "
+                         f"writes {width}-d vectors")
+    return hashlib.sha256(ranges.tobytes()).hexdigest()
 
 
 def fingerprint(enc: Encoder, reader: Reader, kwargs: dict[str, Any], output_dtype: str,

@@ -399,6 +399,14 @@ def _npy_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 
+def check_compression(codec: str) -> str:
+    """`codec` if it is one of COMPRESSIONS, else ValueError listing them."""
+    if codec not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got "
+                         f"{codec!r}")
+    return codec
+
+
 def open_writer(output: str | Path, id_name: str, id_type: Any = None,
                 compression: str | None = None, rows_per_file: int | None = None) -> Writer:
     """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet);
@@ -411,9 +419,8 @@ def open_writer(output: str | Path, id_name: str, id_type: Any = None,
                                       or rows_per_file < 1):
         raise ValueError("--rows-per-file takes a positive int and applies to a directory "
                          f"OUTPUT (no suffix), got {rows_per_file!r} for {output.name}")
-    if compression is not None and compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got "
-                         f"{compression!r}")
+    if compression is not None:
+        check_compression(compression)
     if suffix == ".npy":
         if compression is not None:
             raise ValueError("--compression applies to Parquet output, not .npy")
