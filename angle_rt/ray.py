@@ -28,8 +28,9 @@ import numpy as np
 from angle_rt.embed import _deps
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
+from angle_rt.embed.fs import Location
 from angle_rt.embed.job import RECORD_VERSION, differences, given_ranges, ranges_digest
-from angle_rt.embed.lock import output_lock
+from angle_rt.embed.lock import lock_output
 from angle_rt.embed.readers import bad_reason, input_format, open_input
 from angle_rt.encoder import Encoder
 from angle_rt.manifest import MANIFEST_FILE, read_manifest, sha256_file
@@ -99,10 +100,10 @@ class BundleEmbedder:
             where = f"id {ids[k]!r}" if self.id_column else f"row {k} of a batch"
             raise InputError(f"{where}: {why}; fix the input or skip such rows "
                              "(--on-bad-row skip)")
-        if self.skipped_dir:
-            name = Path(self.skipped_dir) / f"{uuid.uuid4().hex}.jsonl"
-            name.write_text("".join(json.dumps({"id": ids[k], "reason": why}, default=str)
-                                    + "\n" for k, why in bad))
+        if self.skipped_dir:  # a local folder or a URI (angle_rt.embed.fs)
+            name = Location.parse(self.skipped_dir).child(f"{uuid.uuid4().hex}.jsonl")
+            name.write_bytes("".join(json.dumps({"id": ids[k], "reason": why}, default=str)
+                                     + "\n" for k, why in bad).encode())
         drop = {k for k, _ in bad}
         keep = [k for k in range(len(texts)) if k not in drop]
         # typed indices: an empty list would be a null-typed array, which take refuses
@@ -279,8 +280,8 @@ def embed_files_on_ray(
     check_precision(output_dtype)
     given = given_ranges(output_ranges, output_dtype)
     codec = w.check_compression(compression or w.DEFAULT_COMPRESSION)
-    output = Path(output)
-    kind = input_format(Path(input))
+    output = Location.parse(output)
+    kind = input_format(input)
     reader = open_input(input, text_column, id_column)  # columns checked here, on the driver
     if kind != "parquet" and id_column is None:
         raise InputError(f"--ray reads {kind} input only with --id-column (row numbers need "
@@ -304,12 +305,12 @@ def embed_files_on_ray(
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
           "runner": "ray", "compression": codec, "rows_per_file": rows_per_file,
           "output_ranges_sha256": given_sha256}
-    with output_lock(output):  # one run per OUTPUT, local or Ray (exit 2)
+    with lock_output(output):  # one run per OUTPUT, local or Ray (exit 2)
         if _prepare_dir(output, fp, overwrite):
-            return json.loads((output / w.DIR_META).read_text())
-        staging = output.with_name(output.name + ".partial")
-        skipped_dir = staging / "_skipped"
-        skipped_dir.mkdir(parents=True)
+            return json.loads(output.child(w.DIR_META).read_bytes())
+        staging = output.sibling(".partial")
+        skipped_dir = staging.child("_skipped")
+        skipped_dir.mkdir()
         ray = init_ray(address, num_cpus, progress)
         id_name = id_column or "id"
         ds = _read(ray, reader, kind, text_column, id_column)
@@ -318,16 +319,17 @@ def embed_files_on_ray(
                            num_gpus_per_actor=num_gpus_per_actor, precision=precision,
                            layers=layers, output_dtype=output_dtype, ranges=ranges,
                            on_bad_row=on_bad_row, id_column=id_name,
-                           skipped_dir=skipped_dir, encode_batch_size=batch_size,
+                           skipped_dir=skipped_dir.uri, encode_batch_size=batch_size,
                            ship_bundle=ship_bundle, prompt=prompt, prompt_name=prompt_name,
                            truncate_dim=dimensions, normalize_embeddings=normalize)
         try:
             ds.select_columns([id_name, "embedding"]).write_parquet(
-                str(staging / "data"), min_rows_per_file=rows_per_file or ROWS_PER_FILE,
+                staging.child("data").path, filesystem=staging.fs,
+                min_rows_per_file=rows_per_file or ROWS_PER_FILE,
                 ray_remote_args={"num_cpus": 0},
                 compression=None if codec == "none" else codec)
         except Exception as exc:  # a failed Ray run restarts from scratch: nothing staged
-            w.remove(staging)
+            staging.remove()
             bad = _input_error(exc)
             if bad is not None:  # a bad row in a worker: its message, not Ray's traceback
                 raise InputError(bad) from None
@@ -372,20 +374,21 @@ def _input_error(exc: BaseException) -> str | None:
 def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None) -> Any:
     """The input as a Dataset of [id, text]: Ray Data's readers, or (Parquet without an id
     column) one task per row group adding row numbers."""
-    paths = [str(p) for p in reader.files()]
+    paths = [p.path for p in reader.files()]
+    fs = reader.path.fs  # None: local; else the remote FileSystem
     if kind == "parquet" and id_column is None:
         return ray.data.from_items(_row_groups(reader)).map_batches(
             _read_row_groups, batch_size=1, fn_kwargs={"text_column": text_column},
             batch_format="pyarrow", num_cpus=0)
     # Reading is I/O: without num_cpus=0, actors holding every CPU starve the read tasks.
     if kind == "parquet":
-        ds = ray.data.read_parquet(paths, num_cpus=0)
+        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=0)
     elif kind == "jsonl":
-        ds = ray.data.read_json(paths, lines=True, num_cpus=0)
+        ds = ray.data.read_json(paths, filesystem=fs, lines=True, num_cpus=0)
     else:  # every CSV value a string, as the local reader has it: id "007" stays "007"
         pa_csv = __import__("pyarrow.csv", fromlist=["ConvertOptions"])
         types = {id_column: _deps.pyarrow().string(), text_column: _deps.pyarrow().string()}
-        ds = ray.data.read_csv(paths, num_cpus=0,
+        ds = ray.data.read_csv(paths, filesystem=fs, num_cpus=0,
                                convert_options=pa_csv.ConvertOptions(column_types=types))
     return ds.select_columns([id_column, text_column])
 
@@ -395,9 +398,9 @@ def _row_groups(reader: Any) -> list[dict[str, Any]]:
     pq = _deps.parquet()
     items, start = [], 0
     for f in reader.files():
-        meta = pq.ParquetFile(f).metadata
+        meta = pq.ParquetFile(f.parquet_source()).metadata
         for g in range(meta.num_row_groups):
-            items.append({"path": str(f), "group": g, "start": start})
+            items.append({"path": f.uri, "group": g, "start": start})
             start += meta.row_group(g).num_rows
     return items
 
@@ -407,18 +410,18 @@ def _read_row_groups(items: Any, text_column: str) -> Any:
     tables = []
     for path, group, start in zip(items["path"].to_pylist(), items["group"].to_pylist(),
                                   items["start"].to_pylist(), strict=True):
-        texts = pq.ParquetFile(path).read_row_group(group, columns=[text_column]).column(0)
+        source = Location.parse(path).parquet_source()
+        texts = pq.ParquetFile(source).read_row_group(group, columns=[text_column]).column(0)
         ids = pa.array(np.arange(start, start + len(texts), dtype=np.int64))
         tables.append(pa.table({"id": ids, text_column: texts}))
     return pa.concat_tables(tables)
 
 
-def _prepare_dir(output: Path, fp: dict[str, Any], overwrite: bool) -> bool:
+def _prepare_dir(output: Location, fp: dict[str, Any], overwrite: bool) -> bool:
     """True if OUTPUT is this job's complete output; clears what the job may replace."""
-    staging = output.with_name(output.name + ".partial")
     if output.exists():
-        record = output / w.DIR_META
-        done = json.loads(record.read_text()) if record.is_file() else None
+        record = output.child(w.DIR_META)
+        done = json.loads(record.read_bytes()) if record.is_file() else None
         if done is not None and done.get("fingerprint") == fp:
             return True
         if not overwrite:
@@ -426,37 +429,46 @@ def _prepare_dir(output: Path, fp: dict[str, Any], overwrite: bool) -> bool:
                    f"{', '.join(differences(done.get('fingerprint', {}), fp))})"
                    if done else "was not written by `angle-rt embed --ray`")
             raise OutputExistsError(f"{output} {why}; pass --overwrite to replace it")
-        w.remove_output_dir(output)
-    w.remove(output.with_name(output.name + ".skipped.jsonl"))
-    w.remove(staging)  # a failed Ray run restarts from scratch
+        if done is None and output.files():
+            raise OutputExistsError(f"{output} holds files not written by `angle-rt embed`; "
+                                    "not replacing it even with --overwrite: remove it "
+                                    "yourself or choose another OUTPUT")
+        output.remove()
+    output.sibling(".skipped.jsonl").remove()
+    output.sibling(".partial").remove()  # a failed Ray run restarts from scratch
     return False
 
 
-def _finish(output: Path, staging: Path, meta: dict[str, Any], on_bad_row: str,
+def _finish(output: Location, staging: Location, meta: dict[str, Any], on_bad_row: str,
             t0: float) -> dict[str, Any]:
     pq = _deps.parquet()
-    files = sorted((staging / "data").glob("*.parquet"))
-    meta["rows"] = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    skipped = _collect_skipped(staging / "_skipped")
+    data = staging.child("data")
+    files = [f for f in data.files() if f.name.endswith(".parquet")]
+    meta["rows"] = sum(pq.ParquetFile(f.parquet_source()).metadata.num_rows for f in files)
+    skipped = _collect_skipped(staging.child("_skipped"))
     meta["skipped"] = len(skipped)
     if on_bad_row == "skip":
-        (staging / w.SKIPPED).write_text("".join(json.dumps(r, default=str) + "\n"
-                                                 for r in skipped))
-    w.atomic_write(staging / "data" / w.DIR_META, json.dumps(meta, indent=1).encode())
-    w.move_if_present(staging / w.SKIPPED,
-                      output.with_name(output.name + ".skipped.jsonl"))
-    os.replace(staging / "data", output)
-    w.remove(staging)
+        output.sibling(".skipped.jsonl").write_bytes("".join(
+            json.dumps(r, default=str) + "\n" for r in skipped).encode())
+    record = json.dumps(meta, indent=1).encode()
+    if output.local:  # one rename: OUTPUT is absent or complete
+        data.child(w.DIR_META).write_bytes(record)
+        os.replace(data.path, output.path)
+    else:  # no directory rename on a store: complete once its record is there
+        output.mkdir()
+        for f in files:
+            f.copy_to(output.child(f.name))
+        output.child(w.DIR_META).write_bytes(record)
+    staging.remove()
     meta["seconds"] = time.perf_counter() - t0
     return meta
 
 
-def _collect_skipped(folder: Path) -> list[dict[str, Any]]:
+def _collect_skipped(folder: Location) -> list[dict[str, Any]]:
     """Skipped rows the actors listed, once each (a retried task lists its rows again)."""
     seen: dict[str, dict[str, Any]] = {}
-    for f in sorted(folder.glob("*.jsonl")):
-        for line in f.read_text().splitlines():
+    for f in folder.files():
+        for line in f.read_bytes().decode().splitlines():
             rec = json.loads(line)
             seen[json.dumps(rec["id"], default=str)] = rec
     return sorted(seen.values(), key=lambda r: (type(r["id"]).__name__, r["id"]))
-

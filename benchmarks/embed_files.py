@@ -2,7 +2,8 @@
 command, and peak memory over a long run.
 
     python benchmarks/embed_files.py --bundle /tmp/embed-bench-minilm [--n 100000] [--rounds 2]
-    python benchmarks/embed_files.py --bundle BUNDLE --memory [--n 1000000]
+    python benchmarks/embed_files.py --bundle BUNDLE --memory [--n 1000000] [--dtypes ...]
+    python benchmarks/embed_files.py --bundle BUNDLE --s3 [--n 100000]
 
 Corpus: the STS-B, SICK-R and NLI sentences of ../shared/data (or $ANGLE_RT_DATA), deduped and
 repeated to --n rows with row ids, as one Parquet file (10,000-row groups). Throughput mode
@@ -20,8 +21,10 @@ then weighs on every setting alike):
 
 Peak RSS: VmHWM of the process (exact, rusage) and the sampled sum over its process tree
 (Ray's raylet, GCS and actors included; shared pages count once per process). Memory mode
-runs `embed` once over --n rows and samples RSS against rows done (from the job's state
-file). Writes JSON to benchmarks/results/.
+runs `embed` once over --n rows per output dtype (float32, int8, binary), samples RSS against
+rows done (from the job's state file) and reports the Parquet output's bytes a row against
+the .npy of the same vectors. S3 mode runs the job local → local and s3:// → s3:// against
+moto's server on 127.0.0.1. Writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
 
 from benchmarks.harness import cpu_name
 
@@ -81,15 +86,15 @@ def write_corpus(path: Path, n: int, pool: list[str]) -> None:
                                      schema=schema))
 
 
-def run_measured(cmd: list[str], state: Path | None = None,
-                 every: float = 0.5) -> dict[str, object]:
+def run_measured(cmd: list[str], state: Path | None = None, every: float = 0.5,
+                 env: dict[str, str] | None = None) -> dict[str, object]:
     """Run `cmd`; wall seconds, exact peak RSS of the process, sampled peak of its tree,
     and (with `state`) an RSS trace against the job's rows done."""
     import psutil
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         ps, tree_peak, trace = psutil.Process(proc.pid), 0.0, []
         cpu: dict[int, float] = {}  # pid → last CPU seconds seen (children: the tree's)
         while True:
@@ -249,9 +254,30 @@ def throughput(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, 
 
 
 def memory(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, object]:
+    """One run per output dtype: RSS against rows, and the output's bytes a row against
+    the .npy of the same vectors."""
+    return {"dtypes": {dtype: memory_run(args, corpus, work, dtype)
+                       for dtype in args.dtypes.split(",")}}
+
+
+def npy_bytes_per_row(out: Path) -> dict[str, float]:
+    """What `--output vectors.npy` would take a row: the vectors (exact: width × itemsize)
+    and the ids' JSON lines (measured on the ids written)."""
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(out).metadata[b"angle_rt.embed"])
+    ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
+    vec = meta["width"] * np.dtype(meta["dtype"]).itemsize
+    id_bytes = sum(len(json.dumps(i)) + 1 for i in ids) / max(1, len(ids))
+    return {"vectors": vec, "ids_jsonl": round(id_bytes, 2), "total": round(vec + id_bytes, 2)}
+
+
+def memory_run(args: argparse.Namespace, corpus: Path, work: Path,
+               dtype: str) -> dict[str, object]:
     out = work / "out.parquet"
     cmd = [sys.executable, "-m", "angle_rt.embed", args.bundle, str(corpus), str(out),
-           "--no-progress", "-q", "--overwrite", "--chunk-size", str(args.chunk_size)]
+           "--no-progress", "-q", "--overwrite", "--chunk-size", str(args.chunk_size),
+           "--output-dtype", dtype]
     res = run_measured(cmd, state=work / "out.parquet.partial" / "state.json", every=1.0)
     trace = [t for t in res.pop("trace") if t[1] is not None]
     after_first = [rss for _, rows, rss in trace if rows >= args.chunk_size]
@@ -264,9 +290,54 @@ def memory(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, obje
         "rss_at_each_tenth_mb": tenths,
         "sent_per_s": round(args.n / res["seconds"], 1),
         "output_mb": round(out.stat().st_size / 2**20, 1),
+        "parquet_bytes_per_row": round(out.stat().st_size / args.n, 2),
+        "npy_bytes_per_row": npy_bytes_per_row(out),
     })
+    print(f"{dtype}: {res['sent_per_s']} sent/s, peak RSS {res['peak_rss_mb']} MB, "
+          f"{res['parquet_bytes_per_row']} B/row (.npy {res['npy_bytes_per_row']['total']})",
+          file=sys.stderr, flush=True)
     out.unlink(missing_ok=True)
     return res
+
+
+def s3_round_trip(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, object]:
+    """The same job local → local and S3 → S3 (moto's server mode on 127.0.0.1, in this
+    process: an in-memory store, so this is the cost of the remote code path and the HTTP
+    round trips, not of a real network), interleaved over --rounds."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    fs = pafs.S3FileSystem(endpoint_override=f"http://{host}:{port}", access_key="bench",
+                           secret_key="bench", allow_bucket_creation=True)
+    fs.create_dir("bench")
+    with fs.open_output_stream("bench/corpus.parquet") as fh:
+        fh.write(corpus.read_bytes())
+    base = [sys.executable, "-m", "angle_rt.embed", args.bundle]
+    quiet = ["--no-progress", "-q", "--overwrite", "--chunk-size", str(args.chunk_size)]
+    cmds = {"local": [*base, str(corpus), str(work / "out.parquet"), *quiet],
+            "s3": [*base, "s3://bench/corpus.parquet", "s3://bench/out.parquet", *quiet]}
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            got = {}
+            for name in (cmds if r % 2 == 0 else list(cmds)[::-1]):
+                res = run_measured(cmds[name], env=env)
+                res.pop("trace")
+                got[name] = res
+                print(f"round {r + 1} {name}: {res['seconds']:.1f} s", file=sys.stderr,
+                      flush=True)
+            got["s3_over_local"] = round(got["s3"]["seconds"] / got["local"]["seconds"], 4)
+            rounds.append(got)
+    finally:
+        server.stop()
+    return {"rounds": rounds,
+            "median_s3_over_local": statistics.median(r["s3_over_local"] for r in rounds)}
 
 
 def main() -> None:
@@ -275,7 +346,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=None, help="rows (100,000; --memory: 1,000,000)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--settings", default="encode,embed,ray")
-    p.add_argument("--memory", action="store_true", help="one long embed run, RSS vs rows")
+    p.add_argument("--memory", action="store_true", help="one long embed run per "
+                   "--dtypes, RSS vs rows and bytes a row")
+    p.add_argument("--dtypes", default="float32,int8,binary", help="--memory's dtypes")
+    p.add_argument("--s3", action="store_true", help="local vs S3 (local moto server) runs")
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--data", default=os.environ.get("ANGLE_RT_DATA", "../shared/data"))
@@ -290,13 +364,15 @@ def main() -> None:
         write_corpus(corpus, args.n, pool)
     manifest = json.loads((Path(args.bundle) / "angle_rt.json").read_text())
     result = {
-        "what": "memory" if args.memory else "throughput", "n": args.n,
+        "n": args.n,
         "unique_sentences": len(pool), "bundle": args.bundle,
         "model": manifest["source"].get("model"), "machine": cpu_name(),
         "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_start": os.getloadavg(),
     }
-    result.update(memory(args, corpus, work) if args.memory else throughput(args, corpus, work))
+    what = memory if args.memory else s3_round_trip if args.s3 else throughput
+    result["what"] = what.__name__
+    result.update(what(args, corpus, work))
     result["load_average_at_end"] = os.getloadavg()
     name = Path(args.bundle).name
     out = Path(args.out or RESULTS / f"embed-{result['what']}-{name}-{args.n}.json")

@@ -37,9 +37,9 @@ def add_embed_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory (angle-export -o)")
     parser.add_argument("input", metavar="INPUT", help=".parquet (or a directory of them), "
-                        ".jsonl, .csv or .txt")
+                        ".jsonl, .csv or .txt; a path or a URI (s3://, gs://, hdfs://)")
     parser.add_argument("output", metavar="OUTPUT", help=".parquet, .npy, or a directory "
-                        "(no suffix) of Parquet parts")
+                        "(no suffix) of Parquet parts; a path or a URI (Parquet only)")
     data = parser.add_argument_group("data")
     data.add_argument("--text-column", default="text", help="column with the texts (text)")
     data.add_argument("--id-column", default=None,

@@ -10,8 +10,6 @@ holds each id once, in input order, identical to an uninterrupted run's.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ import numpy as np
 
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
-from angle_rt.embed.lock import output_lock
+from angle_rt.embed.fs import Location
 from angle_rt.embed.readers import BadRow, Chunk, Reader, bad_reason, open_input
 from angle_rt.encoder import Encoder
 from angle_rt.manifest import MANIFEST_FILE, sha256_file
@@ -45,7 +43,7 @@ DEFAULT_CHUNK_SIZE = 4096
 class EmbedResult:
     """What a job did: rows written and skipped, where, and how fast."""
 
-    output: Path
+    output: Path | Location  # Location: a remote output
     rows: int
     skipped: int
     dim: int
@@ -53,7 +51,7 @@ class EmbedResult:
     seconds: float
     resumed_from: int = 0  # input rows already done when this run started
     complete_before: bool = False  # OUTPUT was already complete: nothing to do
-    side_files: list[Path] = field(default_factory=list)
+    side_files: list[Any] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -137,7 +135,7 @@ def embed_file(
                          id_column)
         fp.update(compression=writer.compression, rows_per_file=rows_per_file,
                   output_ranges_sha256=ranges_digest(ranges, probe.shape[1]))
-        with output_lock(writer.output):  # a second run on OUTPUT refuses (exit 2)
+        with writer.lock():  # a second run on OUTPUT refuses (exit 2)
             return _run(reader, writer, enc, kwargs, fp, output_dtype, on_bad_row,
                         chunk_size, overwrite, progress, ranges)
     finally:
@@ -218,10 +216,10 @@ def _run(reader: Reader, writer: w.Writer, enc: Encoder, kwargs: dict[str, Any],
             "ranges": None}
     if state is None:  # complete already
         done = writer.final_meta() or {}
-        _finish_side_files(writer)
+        writer.finish_side_files(on_bad_row == "skip")
         return EmbedResult(writer.output, done.get("rows", 0), done.get("skipped", 0), dim,
                            output_dtype, time.perf_counter() - t0, complete_before=True,
-                           side_files=[p for p in writer.side_files() if p.exists()])
+                           side_files=writer.present_side_files())
     meta["ranges"] = state["ranges"]  # calibrated already when resuming
     job = _Job(reader, writer, enc, kwargs, output_dtype, on_bad_row, chunk_size, meta, state)
     resumed = state["rows_read"]
@@ -230,19 +228,19 @@ def _run(reader: Reader, writer: w.Writer, enc: Encoder, kwargs: dict[str, Any],
     if state.get("replaces"):  # --overwrite: the old output goes only now
         writer.remove_final()
     writer.finalize(meta)
-    _finish_side_files(writer)
+    writer.finish_side_files(on_bad_row == "skip")
     return EmbedResult(writer.output, state["rows_written"], state["skipped"], dim,
                        output_dtype, time.perf_counter() - t0, resumed_from=resumed,
-                       side_files=[p for p in writer.side_files() if p.exists()])
+                       side_files=writer.present_side_files())
 
 
 def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The state to continue from (fresh or resumed), or None if OUTPUT is already this
     job's complete output. Refuses another job's OUTPUT or staging without `overwrite`."""
-    staged = _load_state(writer.staging)
+    staged = writer.load_state()
     if staged is not None and staged.get("fingerprint") == fp:
         writer.resume(staged["rows_written"], staged["parts"], staged["writer"])
-        _cut_skipped(writer.staging, staged["skipped_bytes"])
+        writer.cut_skipped(staged)
         return staged
     try:
         done = writer.final_meta()
@@ -253,7 +251,7 @@ def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str,
     if done is not None and done.get("fingerprint") == fp:
         return None
     if not overwrite:
-        if staged is not None or (writer.staging.exists() and any(writer.staging.iterdir())):
+        if staged is not None or writer.staging_busy():
             diff = differences(staged.get("fingerprint", {}), fp) if staged else ["unknown"]
             raise OutputExistsError(
                 f"{writer.staging} holds an interrupted run with other arguments (differs "
@@ -264,14 +262,12 @@ def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str,
             raise OutputExistsError(
                 f"{writer.output} was written with other arguments (differs in: "
                 f"{', '.join(diff)}); pass --overwrite to replace it")
-    w.remove(writer.staging)
+    writer.clear_staging()
     replaces = _old_output_present(writer)  # kept until the new output is complete
-    writer.staging.mkdir(parents=True)
-    if fp["on_bad_row"] == "skip":  # the list exists (maybe empty) whenever rows may be skipped
-        (writer.staging / w.SKIPPED).touch()
+    writer.start_staging(fp["on_bad_row"] == "skip")
     state = {"fingerprint": fp, "rows_read": 0, "rows_written": 0, "parts": 0, "skipped": 0,
              "skipped_bytes": 0, "ranges": None, "writer": {}, "replaces": replaces}
-    _save_state(writer.staging, state)
+    writer.save_state(state)
     return state
 
 
@@ -279,7 +275,7 @@ def _old_output_present(writer: w.Writer) -> bool:
     """Whether OUTPUT or its side files exist (to be replaced when the new output is
     complete); refuses a folder that `angle-rt embed` did not write, even with overwrite."""
     writer.check_replaceable()
-    return any(p.exists() for p in [writer.output, *writer.side_files()])
+    return writer.output_present()
 
 
 def _loop(job: _Job, progress: bool) -> None:
@@ -296,11 +292,11 @@ def _loop(job: _Job, progress: bool) -> None:
                 state["writer"] = job.writer.write(ids, out, job.meta) or state["writer"]
                 state["parts"] += 1
             if skipped:
-                state["skipped_bytes"] = _append_skipped(job.writer.staging, skipped)
+                job.writer.append_skipped(skipped, state)
             state["rows_read"] = chunk.start + len(chunk.texts)
             state["rows_written"] += len(ids)
             state["skipped"] += len(skipped)
-            _save_state(job.writer.staging, state)
+            job.writer.save_state(state)
             bar.update(len(chunk.texts))
     finally:
         bar.close()
@@ -348,43 +344,6 @@ def _calibrate(vectors: np.ndarray, chunk: Chunk) -> list[list[float]]:
                          f"rows to embed, which (from row {chunk.start}) has only one; use "
                          "a larger --chunk-size")
     return calibration_ranges(vectors).tolist()
-
-
-def _append_skipped(staging: Path, records: list[dict]) -> int:
-    path = staging / w.SKIPPED
-    with open(path, "ab") as fh:
-        fh.write("".join(json.dumps(r, default=str) + "\n" for r in records).encode())
-        fh.flush()
-        os.fsync(fh.fileno())
-        return fh.tell()
-
-
-def _cut_skipped(staging: Path, size: int) -> None:
-    path = staging / w.SKIPPED
-    if path.exists():
-        with open(path, "rb+") as fh:
-            fh.truncate(size)
-
-
-def _finish_side_files(writer: w.Writer) -> None:
-    """Move the skipped-rows list beside OUTPUT, then drop the staging directory."""
-    w.move_if_present(writer.staging / w.SKIPPED,
-                      writer.output.with_name(writer.output.name + ".skipped.jsonl"))
-    w.remove(writer.staging)
-
-
-def _load_state(staging: Path) -> dict[str, Any] | None:
-    path = staging / w.STATE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-
-
-def _save_state(staging: Path, state: dict[str, Any]) -> None:
-    w.atomic_write(staging / w.STATE, json.dumps(state).encode())
 
 
 class _NoBar:

@@ -12,12 +12,20 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from angle_rt.embed.errors import OutputLockedError
+
+
+def lock_output(output: Any) -> Any:
+    """The lock for OUTPUT (an angle_rt.embed.fs.Location): flock locally, else a lease."""
+    return output_lock(Path(output.path)) if output.local else lease_lock(output)
 
 
 def lock_path(output: Path) -> Path:
@@ -71,3 +79,71 @@ def _describe(holder: str) -> str:
         return f"pid {info['pid']} on {info['host']}, started {info['started']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+# -- remote OUTPUT (pyarrow.fs): a lease object ------------------------------------------
+# Object stores have no flock and pyarrow.fs no create-if-absent, so the lock is a lease:
+# OUTPUT.lock names its holder and an expiry the holder pushes forward every
+# LEASE_SECONDS / 4. A run writes its lease, waits LEASE_SETTLE, and reads it back: of two
+# runs that start together, the one whose lease was written last goes on and the other
+# refuses. A lease whose holder died lapses after LEASE_SECONDS and is taken over. Hosts'
+# clocks must agree to well within LEASE_SECONDS.
+LEASE_SECONDS = 300.0
+LEASE_SETTLE = 1.0
+
+
+@contextmanager
+def lease_lock(output: Any) -> Iterator[None]:
+    """Hold a remote OUTPUT (an angle_rt.embed.fs.Location) for the block; OutputLockedError
+    naming the holder while another run's lease is live."""
+    path = output.sibling(".lock")
+    held = _read_lease(path)
+    if held is not None and held.get("expires", 0) > time.time():
+        raise _locked(output, path, held)
+    token = uuid.uuid4().hex
+    _write_lease(path, token)
+    time.sleep(LEASE_SETTLE)
+    held = _read_lease(path)
+    if held is None or held.get("token") != token:
+        raise _locked(output, path, held or {})
+    stop = threading.Event()
+    beat = threading.Thread(target=_renew, args=(path, token, stop), daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        held = _read_lease(path)
+        if held is not None and held.get("token") == token:
+            path.remove()
+
+
+def _renew(path: Any, token: str, stop: threading.Event) -> None:
+    while not stop.wait(LEASE_SECONDS / 4):
+        try:
+            _write_lease(path, token)
+        except OSError:  # a store hiccup: the next beat tries again, well within the lease
+            continue
+
+
+def _write_lease(path: Any, token: str) -> None:
+    path.write_bytes(json.dumps({
+        "token": token, "pid": os.getpid(), "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "expires": time.time() + LEASE_SECONDS}).encode())
+
+
+def _read_lease(path: Any) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):  # absent, or not ours to read: treated as free
+        return None
+
+
+def _locked(output: Any, path: Any, held: dict[str, Any]) -> OutputLockedError:
+    left = max(0, int(held.get("expires", time.time()) - time.time()))
+    return OutputLockedError(
+        f"{output} is being written by another run ({_describe(json.dumps(held))}; lease "
+        f"{path}, lapses in {left} s unless renewed); wait for it to finish, or stop it "
+        "and rerun once the lease lapses to resume")

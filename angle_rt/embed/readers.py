@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 
 from angle_rt.embed import _deps
 from angle_rt.embed.errors import InputError
+from angle_rt.embed.fs import Location
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv", ".txt": "txt"}
 _PIECE = 1024  # rows a reader hands over at a time, before rechunking
@@ -37,10 +39,10 @@ class Reader:
 
     kind = ""
 
-    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+    def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         self.path, self.text_column, self.id_column = path, text_column, id_column
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Location]:
         return [self.path]
 
     def count_rows(self) -> int | None:
@@ -52,12 +54,11 @@ class Reader:
         first and last 64 KiB (a Parquet file's footer, with its row groups' statistics,
         is in the last). Content, not mtime: a copy that keeps the bytes resumes, an edit
         that keeps the size and mtime does not."""
-        root = self.path.resolve()
         files = []
         for f in self.files():
-            name = "." if f == self.path else str(f.relative_to(self.path))
-            files.append([name, f.stat().st_size, head_tail_sha256(f)])
-        return {"path": str(root), "format": self.kind, "files": files}
+            name = "." if f == self.path else f.relative(self.path)
+            files.append([name, f.size(), head_tail_sha256(f)])
+        return {"path": self.path.resolved(), "format": self.kind, "files": files}
 
     def chunks(self, size: int, skip: int = 0) -> Iterator[Chunk]:
         """Chunks of `size` rows (the last may be shorter), from row `skip` on."""
@@ -91,18 +92,18 @@ class ParquetReader(Reader):
 
     kind = "parquet"
 
-    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+    def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         super().__init__(path, text_column, id_column)
         pa, pq = _deps.pyarrow(), _deps.parquet()
-        self._files = (sorted(p for p in path.rglob("*.parquet") if p.is_file()
-                              and not _hidden(p.relative_to(path)))
+        self._files = ([p for p in path.files() if p.name.endswith(".parquet")
+                        and not _hidden(Path(p.relative(path)))]
                        if path.is_dir() else [path])
         if not self._files:
             raise InputError(f"{path} holds no .parquet files")
         self._meta = []
         for f in self._files:
             try:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f.parquet_source())
             except (OSError, pa.ArrowException) as exc:
                 raise InputError(f"{f} is not a readable Parquet file ({exc})") from exc
             schema = pf.schema_arrow
@@ -117,10 +118,10 @@ class ParquetReader(Reader):
             self._meta.append([pf.metadata.row_group(i).num_rows
                                for i in range(pf.metadata.num_row_groups)])
             pf.close()
-        self.id_type = (pq.read_schema(self._files[0]).field(id_column).type
+        self.id_type = (pq.read_schema(self._files[0].parquet_source()).field(id_column).type
                         if id_column else None)
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Location]:
         return list(self._files)
 
     def count_rows(self) -> int:
@@ -138,7 +139,7 @@ class ParquetReader(Reader):
                     todo.append(i)
             if not todo:
                 continue
-            with pq.ParquetFile(f) as pf:
+            with pq.ParquetFile(f.parquet_source()) as pf:
                 for batch in self._batches(pf, todo, cols):
                     if skip:
                         cut = min(skip, batch.num_rows)
@@ -162,7 +163,7 @@ class JsonlReader(Reader):
 
     kind = "jsonl"
 
-    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+    def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         super().__init__(path, text_column, id_column)
         first_error = None
         for lineno, line in self._lines():
@@ -179,7 +180,7 @@ class JsonlReader(Reader):
         self.id_type = None
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
-        with open(self.path, "rb") as fh:
+        with self.path.open_read() as fh:
             for lineno, line in enumerate(fh, 1):
                 if line.strip():
                     yield lineno, line
@@ -222,7 +223,7 @@ class CsvReader(Reader):
 
     kind = "csv"
 
-    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+    def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         super().__init__(path, text_column, id_column)
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents exceed the 128 KB default
         with self._open() as fh:
@@ -237,10 +238,11 @@ class CsvReader(Reader):
     def _open(self) -> TextIO:
         # utf-8-sig: a byte-order mark is not part of the first column's name; bytes that are
         # not UTF-8 become lone surrogates, i.e. a bad row wherever they are
-        return open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(self.path.open_read(), encoding="utf-8-sig",
+                                errors="surrogateescape", newline="")
 
     def count_rows(self) -> int:
-        with open(self.path, "rb") as fh:
+        with self.path.open_read() as fh:
             return max(0, sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20),
                                                                     b"")) - 1)
 
@@ -273,7 +275,7 @@ class TxtReader(Reader):
 
     kind = "txt"
 
-    def __init__(self, path: Path, text_column: str, id_column: str | None) -> None:
+    def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         if id_column:
             raise InputError(f"{path} is plain text (one text per line): it has no columns, "
                              "so --id-column does not apply; ids are line numbers from 0")
@@ -282,14 +284,14 @@ class TxtReader(Reader):
 
     def count_rows(self) -> int:
         n, last = 0, b"\n"
-        with open(self.path, "rb") as fh:
+        with self.path.open_read() as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 n, last = n + block.count(b"\n"), block[-1:]
         return n + (last != b"\n")
 
     def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
         texts: list[Any] = []
-        with open(self.path, "rb") as fh:
+        with self.path.open_read() as fh:
             for row, line in enumerate(fh):
                 if row < skip:
                     continue
@@ -310,8 +312,9 @@ _READERS: dict[str, type[Reader]] = {"parquet": ParquetReader, "jsonl": JsonlRea
                                       "csv": CsvReader, "txt": TxtReader}
 
 
-def input_format(path: Path) -> str:
+def input_format(path: str | Path | Location) -> str:
     """'parquet', 'jsonl', 'csv' or 'txt' from the suffix (a directory: Parquet files)."""
+    path = Location.parse(path)
     if path.is_dir():
         return "parquet"
     if not path.exists():
@@ -323,17 +326,18 @@ def input_format(path: Path) -> str:
     return kind
 
 
-def open_input(path: str | Path, text_column: str = "text",
+def open_input(path: str | Path | Location, text_column: str = "text",
                id_column: str | None = None) -> Reader:
-    """The reader for `path`, its columns checked (a missing one names those present)."""
-    path = Path(path)
+    """The reader for `path` (a local path or a URI, see angle_rt.embed.fs), its columns
+    checked (a missing one names those present)."""
+    path = Location.parse(path)
     return _READERS[input_format(path)](path, text_column, id_column)
 
 
-def head_tail_sha256(path: Path, block: int = 1 << 16) -> str:
+def head_tail_sha256(path: Location, block: int = 1 << 16) -> str:
     """sha256 of a file's first and last `block` bytes (the whole file when smaller)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with Location.parse(path).open_read() as fh:
         digest.update(fh.read(block))
         size = fh.seek(0, 2)
         if size > block:

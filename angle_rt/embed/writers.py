@@ -25,6 +25,7 @@ import numpy as np
 
 from angle_rt.embed import _deps
 from angle_rt.embed.errors import InputError, OutputExistsError
+from angle_rt.embed.fs import Location
 
 META_KEY = "angle_rt.embed"
 DIR_META = "_angle_rt_embed.json"
@@ -107,6 +108,65 @@ class Writer:
     def _foreign(self, why: str) -> OutputExistsError:
         return OutputExistsError(f"{self.output} exists but {why}: it was not written by "
                                  "`angle-rt embed`; pass --overwrite to replace it")
+
+    # -- staging: the job's state and skipped-rows list ----------------------------------
+    def lock(self) -> Any:
+        """A context manager holding OUTPUT for this run (a second run refuses, exit 2)."""
+        from angle_rt.embed.lock import output_lock
+        return output_lock(self.output)
+
+    def load_state(self) -> dict[str, Any] | None:
+        path = self.staging / STATE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return None
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        atomic_write(self.staging / STATE, json.dumps(state).encode())
+
+    def staging_busy(self) -> bool:
+        return self.staging.exists() and any(self.staging.iterdir())
+
+    def clear_staging(self) -> None:
+        remove(self.staging)
+
+    def start_staging(self, skipping: bool) -> None:
+        self.staging.mkdir(parents=True)
+        if skipping:  # the list exists (maybe empty) whenever rows may be skipped
+            (self.staging / SKIPPED).touch()
+
+    def append_skipped(self, records: list[dict], state: dict[str, Any]) -> None:
+        """Add one chunk's skipped rows durably; `state` records how far the list goes."""
+        with open(self.staging / SKIPPED, "ab") as fh:
+            fh.write("".join(json.dumps(r, default=str) + "\n" for r in records).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+            state["skipped_bytes"] = fh.tell()
+
+    def cut_skipped(self, state: dict[str, Any]) -> None:
+        """Cut the skipped-rows list back to what `state` records (resume)."""
+        path = self.staging / SKIPPED
+        if path.exists():
+            with open(path, "rb+") as fh:
+                fh.truncate(state["skipped_bytes"])
+
+    def finish_side_files(self, skipping: bool) -> None:
+        """Move the skipped-rows list beside OUTPUT, then drop the staging directory."""
+        move_if_present(self.staging / SKIPPED, self.skipped_path())
+        remove(self.staging)
+
+    def skipped_path(self) -> Any:
+        return self.output.with_name(self.output.name + ".skipped.jsonl")
+
+    def output_present(self) -> bool:
+        """Whether OUTPUT or its side files exist."""
+        return any(p.exists() for p in [self.output, *self.side_files()])
+
+    def present_side_files(self) -> list[Any]:
+        return [p for p in self.side_files() if p.exists()]
 
 
 class _ParquetParts(Writer):
@@ -256,9 +316,10 @@ class ParquetDirWriter(_ParquetParts):
         parts = self._parts()
         tables = (_deps.parquet().read_table(p).replace_schema_metadata(record)
                   for p in parts) if parts else iter([self._empty(meta)])
-        files = _regroup(tables, self.rows_per_file or 1, final, self._options())
+        files = regroup(tables, self.rows_per_file or 1, Location.parse(final),
+                        self._options())
         for f in files:
-            with open(f, "rb+") as fh:
+            with open(f.path, "rb+") as fh:
                 os.fsync(fh.fileno())
         atomic_write(final / DIR_META, json.dumps(meta, indent=1).encode())
         move_if_present(self.staging / SKIPPED,
@@ -269,16 +330,19 @@ class ParquetDirWriter(_ParquetParts):
         fsync_dir(self.output.parent)
 
 
-def _regroup(tables: Any, rows: int, folder: Path, options: dict[str, Any]) -> list[Path]:
+def regroup(tables: Any, rows: int, folder: Location,
+            options: dict[str, Any]) -> list[Location]:
     """Write the rows of `tables` (in order) as part-NNNNNN.parquet files of `rows` rows."""
     pq = _deps.parquet()
-    files: list[Path] = []
+    files: list[Location] = []
     out, room = None, 0
     for table in tables:
         while table.num_rows or out is None:
             if out is None:
-                files.append(folder / f"part-{len(files):06d}.parquet")
-                out, room = pq.ParquetWriter(files[-1], table.schema, **options), rows
+                files.append(folder.child(f"part-{len(files):06d}.parquet"))
+                out = pq.ParquetWriter(files[-1].path, table.schema,
+                                       filesystem=files[-1].fs, **options)
+                room = rows
             take = min(room, table.num_rows)
             if take:
                 out.write_table(table.slice(0, take), row_group_size=take)
@@ -407,18 +471,43 @@ def check_compression(codec: str) -> str:
     return codec
 
 
-def open_writer(output: str | Path, id_name: str, id_type: Any = None,
-                compression: str | None = None, rows_per_file: int | None = None) -> Writer:
-    """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet);
-    `compression`: the Parquet codec (COMPRESSIONS; None: DEFAULT_COMPRESSION);
-    `rows_per_file`: a directory output's file size in rows (None: one file per chunk)."""
-    output = Path(output)
+def _remote_writer(output: Location, id_name: str, id_type: Any, compression: str | None,
+                   rows_per_file: int | None) -> Writer:
+    """Parquet output on a pyarrow FileSystem (see angle_rt.embed.remote)."""
+    from angle_rt.embed.remote import RemoteParquetWriter
+
     suffix = output.suffix.lower()
+    if suffix not in (".parquet", ""):
+        raise ValueError(f"{output}: remote output is Parquet, a .parquet file or a "
+                         f"directory (a path without a suffix), not {suffix!r}; write .npy "
+                         "to a local path")
+    _check_rows_per_file(rows_per_file, suffix, output.name)
+    writer = RemoteParquetWriter(output, id_name, id_type, single_file=bool(suffix))
+    writer.compression = check_compression(compression or DEFAULT_COMPRESSION)
+    writer.rows_per_file = rows_per_file
+    return writer
+
+
+def _check_rows_per_file(rows_per_file: int | None, suffix: str, name: str) -> None:
     if rows_per_file is not None and (suffix or isinstance(rows_per_file, bool)
                                       or not isinstance(rows_per_file, int)
                                       or rows_per_file < 1):
         raise ValueError("--rows-per-file takes a positive int and applies to a directory "
-                         f"OUTPUT (no suffix), got {rows_per_file!r} for {output.name}")
+                         f"OUTPUT (no suffix), got {rows_per_file!r} for {name}")
+
+
+def open_writer(output: str | Path, id_name: str, id_type: Any = None,
+                compression: str | None = None, rows_per_file: int | None = None) -> Writer:
+    """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet);
+    OUTPUT a local path or a URI (angle_rt.embed.fs; Parquet only);
+    `compression`: the Parquet codec (COMPRESSIONS; None: DEFAULT_COMPRESSION);
+    `rows_per_file`: a directory output's file size in rows (None: one file per chunk)."""
+    where = Location.parse(output)
+    if not where.local:
+        return _remote_writer(where, id_name, id_type, compression, rows_per_file)
+    output = Path(where.path)
+    suffix = output.suffix.lower()
+    _check_rows_per_file(rows_per_file, suffix, output.name)
     if compression is not None:
         check_compression(compression)
     if suffix == ".npy":

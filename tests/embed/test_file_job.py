@@ -194,11 +194,11 @@ def _crash_on(monkeypatch, target, name: str, call: int) -> None:
 
 
 CRASH_POINTS = [
-    ("chunk staged, state not saved", job_mod, "_save_state", 3),
+    ("chunk staged, state not saved", w.Writer, "save_state", 3),
     ("state saved, next chunk half done", job_mod, "quantize_embeddings", 3),
-    ("skipped list written, state not saved", job_mod, "_append_skipped", 2),
+    ("skipped list written, state not saved", w.Writer, "append_skipped", 2),
     ("during finalize", w, "move_if_present", 1),
-    ("after finalize, before cleanup", job_mod, "_finish_side_files", 1),
+    ("after finalize, before cleanup", w.Writer, "finish_side_files", 1),
 ]
 
 
@@ -272,7 +272,7 @@ def test_interrupted_run_with_other_arguments_is_refused(tiny_bert_bundle, corpu
     out = tmp_path / "out.parquet"
     src = corpus_dir / "corpus.parquet"
     with monkeypatch.context() as m:
-        _crash_on(m, job_mod, "_save_state", 3)
+        _crash_on(m, w.Writer, "save_state", 3)
         with pytest.raises(_Crash):
             embed_file(tiny_bert_bundle, src, out, chunk_size=500)
     with pytest.raises(OutputExistsError, match=r"interrupted run .*chunk_size"):
@@ -367,7 +367,7 @@ def test_a_failure_inside_the_first_chunk_resumes_to_the_same_output(
             if point.startswith("first write"):
                 _fail_inside_first_write(m, exc, 1 if "before" in point else 2)
             else:
-                _fail_on(m, job_mod, "_save_state", 2, exc)
+                _fail_on(m, w.Writer, "save_state", 2, exc)
             with pytest.raises(type(exc)):
                 embed_file(tiny_bert_bundle, src, out, **kw)
         r = embed_file(tiny_bert_bundle, src, out, **kw)
@@ -550,7 +550,7 @@ def test_default_artifact_vectors_ignore_chunking_and_resume(minilm_precisions, 
         assert cosine_rows(vecs, alone).min() >= 0.99999, chunk
     out = tmp_path / "resumed" / f"out{suffix}"
     with monkeypatch.context() as m:
-        _crash_on(m, job_mod, "_save_state", 3)  # two chunks done, the third staged
+        _crash_on(m, w.Writer, "save_state", 3)  # two chunks done, the third staged
         with pytest.raises(_Crash):
             embed_file(minilm_precisions, src, out, id_column="id", chunk_size=64)
     embed_file(minilm_precisions, src, out, id_column="id", chunk_size=64)
@@ -718,7 +718,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
     embed_file(tiny_bert_bundle, src, out, id_column="id", chunk_size=100)
     old = read_output(out)
     with monkeypatch.context() as m:
-        _crash_on(m, job_mod, "_save_state", 3)
+        _crash_on(m, w.Writer, "save_state", 3)
         with pytest.raises(_Crash):
             embed_file(tiny_bert_bundle, src, out, id_column="id", chunk_size=100,
                        normalize=True, overwrite=True)
@@ -743,7 +743,7 @@ def test_resume_follows_the_inputs_content_not_its_mtime(tiny_bert_bundle, corpu
 
     def interrupted() -> None:
         with monkeypatch.context() as m:
-            _crash_on(m, job_mod, "_save_state", 3)
+            _crash_on(m, w.Writer, "save_state", 3)
             with pytest.raises(_Crash):
                 embed_file(tiny_bert_bundle, src, out, chunk_size=100)
 
@@ -797,16 +797,16 @@ def test_rows_per_file_regroups_a_directory_output(tiny_bert_bundle, corpus_dir,
                                          id_column="id", chunk_size=100).output)
     assert plain == ids
     for name, target in [("files written, not renamed", "move_if_present"),
-                         ("regrouped, no record", "_regroup")]:
+                         ("regrouped, no record", "regroup")]:
         out = tmp_path / name.replace(" ", "_").replace(",", "")
         with monkeypatch.context() as m:
-            if target == "_regroup":
-                real = w._regroup
+            if target == "regroup":
+                real = w.regroup
 
                 def regroup_then_die(*a, _real=real, **k):
                     _real(*a, **k)
                     raise _Crash("after regrouping")
-                m.setattr(w, "_regroup", regroup_then_die)
+                m.setattr(w, "regroup", regroup_then_die)
             else:
                 _crash_on(m, w, target, 1)
             with pytest.raises(_Crash):

@@ -40,7 +40,7 @@ def deadline(seconds: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(s3_server):  # S3 env set before Ray starts its workers
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # loopback only
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -191,3 +191,38 @@ def test_ray_csv_types_all_bad_batches_and_bad_row_errors(local_ray, tiny_bert_b
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "null text" in err, err
     assert not (tmp_path / "strict.partial").exists()
+
+
+def test_ray_reads_and_writes_s3(local_ray, tiny_bert_bundle, corpus_dir, tmp_path,
+                                 s3_bucket):
+    """`--ray` with Parquet input (row numbers, one task per row group) and output on the
+    local S3 server, bad rows listed by the actors on S3: the local job's ids and vectors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from angle_rt.embed.cli import main
+    from angle_rt.embed.fs import Location
+    from tests.embed.test_remote import read_remote
+
+    texts = pq.read_table(corpus_dir / "corpus.parquet").column("text").to_pylist()[:1200]
+    texts[7] = None
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", row_group_size=400)
+    Location.parse(f"{s3_bucket}/in/a.parquet").write_bytes((tmp_path / "a.parquet").read_bytes())
+    flags = ["--on-bad-row", "skip", "--chunk-size", "300", "-q"]
+    assert main([str(tiny_bert_bundle), str(tmp_path / "a.parquet"),
+                 str(tmp_path / "local.parquet"), *flags]) == 0
+    out = f"{s3_bucket}/out/ray"
+    with deadline(180):
+        assert main([str(tiny_bert_bundle), f"{s3_bucket}/in", out, *flags, "--ray",
+                     "--ray-actors", "2"]) == 0
+    want_ids, want_vecs, _ = read_output(tmp_path / "local.parquet")
+    ids, vecs, meta = read_remote(out)
+    order = np.argsort(ids)
+    assert [ids[i] for i in order] == want_ids
+    # other batches than the local job's: equal to the invariance bound, not bit for bit
+    assert cosine_rows(vecs[order], want_vecs).min() >= 0.99999
+    assert meta["skipped"] == 1
+    skipped = Location.parse(out + ".skipped.jsonl").read_bytes().decode().splitlines()
+    assert [json.loads(x)["id"] for x in skipped] == [7]
+    assert not Location.parse(out + ".partial").exists()
+    assert main([str(tiny_bert_bundle), f"{s3_bucket}/in", out, *flags, "--ray"]) == 0
