@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from angle_rt import __version__
 from angle_rt.embed.cli import add_calibrate_parser, add_embed_parser, run_calibrate, run_embed
 from angle_rt.errors import AngleRTError
-from angle_rt.serve.config import add_serve_args, config_from_args
+from angle_rt.serve.config import add_serve_args, config_from_args, ray_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +48,26 @@ def run_serve(args: argparse.Namespace) -> int:
                      f"{', '.join(missing)})")
     try:
         config = config_from_args(args)
+        ray = ray_options(args) if args.ray else None
     except ValueError as exc:
         return _fail(str(exc))
+    if ray is not None:
+        return _serve_on_ray(config, ray, args.ray)
     from angle_rt.serve.server import serve
 
     try:
         return serve(config)
+    except (AngleRTError, OSError) as exc:
+        return _fail(str(exc))
+
+
+def _serve_on_ray(config: object, options: object, address: str) -> int:
+    from angle_rt.serve.ray_serve import serve_on_ray
+    from angle_rt.serve.server import setup_logging
+
+    setup_logging(config)  # type: ignore[arg-type]
+    try:
+        return serve_on_ray(config, options, address)  # type: ignore[arg-type]
     except (AngleRTError, OSError) as exc:
         return _fail(str(exc))
 

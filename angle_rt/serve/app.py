@@ -40,8 +40,12 @@ from angle_rt.serve.protocol import (
 
 JSON = "application/json"
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+TEI_PATHS = frozenset({"/embed", "/tokenize"})  # errors in TEI's {"error", "error_type"}
 ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/embed",
                     "/tokenize", "/info", "/health", "/ready", "/metrics"})
+HEALTH_FRESH_S = 10.0  # a batch that succeeded this recently vouches for the model
+HEALTH_PROBE_S = 5.0
+PROBE = EmbedRequest(["angle-rt health probe"], None, "input")
 access_log = logging.getLogger("angle_rt.serve.access")
 log = logging.getLogger("angle_rt.serve")
 
@@ -68,10 +72,23 @@ class ServerState:
         self.ready = ready
         self.metrics.ready.set(1 if ready and not self.draining else 0)
 
+    aborted: int = 0  # requests failed when the graceful timeout ran out
+
     def drain(self) -> None:
         """Shutdown began: /ready answers 503 from now on."""
         self.draining = True
         self.set_ready(self.ready)
+
+    def abort_in_flight(self) -> None:
+        """The grace period is over: every unfinished request answers a JSON 503 now,
+        before the server closes its connections."""
+        err = ClosedError("the server shut down (--graceful-timeout) before this request "
+                          "finished; retry on another replica")
+        for model in self.models.values():
+            self.aborted += model.batcher.abort(err)
+        if self.aborted:
+            log.warning("graceful timeout: requests aborted",
+                        extra={"fields": {"aborted": self.aborted}})
 
     def model(self, name: str | None) -> ServedModel:
         if name is None:
@@ -115,8 +132,9 @@ class Api:
     # -- embeddings ------------------------------------------------------------------------
 
     async def openai_embeddings(self, request: Request) -> Response:
+        body = await self._json(request)  # before admission: a slow upload holds no slot
         with self._admitted():
-            req = parse_openai(await self._json(request), self.cfg.max_client_batch_size)
+            req = await self._off_loop(parse_openai, body, self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
             # OpenAI's clients decode base64 as float32 and take dot products as cosines:
@@ -130,8 +148,9 @@ class Api:
             return _response(body, {**headers, "x-output-dtype": dtype})
 
     async def tei_embed(self, request: Request) -> Response:
+        body = await self._json(request)
         with self._admitted():
-            req = parse_tei_embed(await self._json(request), self.cfg.max_client_batch_size)
+            req = await self._off_loop(parse_tei_embed, body, self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
             dtype = model.check_output_dtype(req.output_dtype, req.dimensions)
@@ -142,10 +161,11 @@ class Api:
             return _response(body, timing.headers(model.encoder.artifact.precision))
 
     async def tokenize(self, request: Request) -> Response:
+        body = await self._json(request)
         with self._admitted():
-            req = parse_tokenize(await self._json(request), self.cfg.max_client_batch_size)
+            req = await self._off_loop(parse_tokenize, body, self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
-            truncate = True if req.truncate is None else req.truncate
+            truncate = False if req.truncate is None else req.truncate  # TEI: every token
             tokens = await self._off_loop(model.tokens, req, truncate)
             return _response(dumps(tokens))
 
@@ -157,6 +177,11 @@ class Api:
         timing.tokens = sum(map(len, rows))
         metrics = self.state.metrics
         metrics.tokenization.labels(model.name).observe(timing.tokenization_s)
+        if timing.tokens > self.cfg.max_request_tokens:
+            metrics.rejections.labels("request_tokens").inc()
+            raise ApiError(413, f"The request holds {timing.tokens} tokens; this server's "
+                                f"limit is {self.cfg.max_request_tokens} a request "
+                                "(--max-request-tokens): split it", code="too_many_tokens")
         try:
             ticket = timing.ticket = model.batcher.submit(rows)
         except Overloaded as exc:
@@ -166,7 +191,7 @@ class Api:
                            headers={"retry-after": str(exc.retry_after)}) from None
         except ClosedError as exc:
             raise ApiError(503, str(exc), code="shutting_down") from None
-        vecs = await self._wait(request, ticket)
+        vecs = await self._wait(request, ticket, timing.start + self.cfg.request_timeout)
         metrics.queue.labels(model.name).observe(ticket.queue_s)
         metrics.inputs.labels(model.name).inc(len(rows))
         metrics.tokens.labels(model.name).inc(timing.tokens)
@@ -174,42 +199,65 @@ class Api:
                                      "tokens": timing.tokens}
         return vecs, timing
 
-    async def _wait(self, request: Request, ticket: Ticket) -> np.ndarray:
-        """The ticket's vectors; if the client disconnects first, its queued inputs are
-        dropped (the ticket is cancelled)."""
+    async def _wait(self, request: Request, ticket: Ticket, deadline: float) -> np.ndarray:
+        """The ticket's vectors; if the client disconnects or the deadline passes first,
+        its queued inputs are dropped (the ticket is cancelled): ClientGone, or 504."""
         result = asyncio.wrap_future(ticket.future)
         watch = asyncio.ensure_future(_disconnect(request.receive))
         try:
-            await asyncio.wait((result, watch), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((result, watch), return_when=asyncio.FIRST_COMPLETED,
+                               timeout=max(0.0, deadline - time.perf_counter()))
         finally:
             watch.cancel()
-            if not result.done():  # the client left, or this task was cancelled
+            if not result.done():  # the client left, the deadline passed, or a cancel
                 result.cancel()
         if result.cancelled():
-            raise ClientGone
+            if watch.done() and not watch.cancelled():
+                raise ClientGone
+            self.state.metrics.rejections.labels("request_timeout").inc()
+            raise ApiError(504, f"The request did not finish within {self.cfg.request_timeout:g}"
+                                " s (--request-timeout); its inputs were dropped",
+                           code="timeout")
         try:
             return result.result()
         except ClosedError as exc:
             raise ApiError(503, str(exc), code="shutting_down") from None
         except Exception as exc:
+            # logged with its traceback here; the client gets no internals
             log.exception("batch failed")
-            raise ApiError(500, f"inference failed: {type(exc).__name__}: {exc}",
-                           code="inference_failed") from None
+            raise ApiError(500, f"inference failed ({type(exc).__name__}); the server "
+                                "logged the cause", code="inference_failed") from None
 
     async def _off_loop(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.state.tokenizer_pool, fn, *args)
 
     async def _json(self, request: Request) -> Any:
-        limit, chunks, size = self.cfg.payload_limit, [], 0
-        try:
+        """The parsed body: 415 unless it is sent as JSON, 413 past --payload-limit, 408 if
+        it takes longer than --body-timeout to arrive."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != JSON:
+            raise ApiError(415, f"Send the body as {JSON} (Content-Type was "
+                                f"{kind or 'missing'!r})", code="unsupported_media_type")
+        limit, chunks = self.cfg.payload_limit, []
+
+        async def read() -> None:
+            size = 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
                 chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.cfg.body_timeout)
         except ClientDisconnect:
             raise ClientGone from None
+        except asyncio.TimeoutError:
+            self.state.metrics.rejections.labels("body_timeout").inc()
+            raise ApiError(408, f"The request body did not arrive within "
+                                f"{self.cfg.body_timeout:g} s (--body-timeout)",
+                           code="request_timeout", headers={"connection": "close"}) from None
         return parse_json(b"".join(chunks))
 
     @contextmanager
@@ -239,7 +287,39 @@ class Api:
         return _response(dumps({**model.info(), "models": list(self.state.models)}))
 
     async def health(self, request: Request) -> Response:
+        """200 while every model can embed; 503 naming each model that cannot: a worker
+        stuck in one batch past --request-timeout, or (when idle and nothing succeeded in
+        the last HEALTH_FRESH_S) a probe through the real path that fails or times out."""
+        problems = {}
+        for model in self.state.models.values():
+            why = await self._model_problem(model)
+            if why is not None:
+                problems[model.name] = why
+        if problems:
+            return _response(dumps({"status": "unhealthy", "models": problems}), status=503)
         return _response(b'{"status":"ok"}')
+
+    async def _model_problem(self, model: ServedModel) -> str | None:
+        b = model.batcher
+        if b.closed:
+            return "shutting down"
+        if b.live_workers() < model.workers:
+            return f"{model.workers - b.live_workers()} of {model.workers} workers are dead"
+        stuck = b.stalled_s()
+        if stuck > self.cfg.request_timeout:
+            return f"a batch has been running for {stuck:.0f} s"
+        fresh = b.last_ok is not None and time.perf_counter() - b.last_ok < HEALTH_FRESH_S
+        if fresh or not b.idle:  # recent success, or busy and not stuck: alive
+            return None
+        try:
+            rows = await self._off_loop(model.rows, PROBE, True)
+            await asyncio.wait_for(asyncio.wrap_future(b.submit(rows).future), HEALTH_PROBE_S)
+        except asyncio.TimeoutError:
+            return f"a probe did not finish within {HEALTH_PROBE_S:g} s"
+        except Exception as exc:
+            log.exception("health probe failed")
+            return f"a probe failed ({type(exc).__name__})"
+        return None
 
     async def ready(self, request: Request) -> Response:
         s = self.state
@@ -309,7 +389,7 @@ class FrontDoor:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
         key = state.config.api_key
-        self._key = f"Bearer {key}".encode() if key else None
+        self._key = key.encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -333,7 +413,7 @@ class FrontDoor:
             if problem is None:
                 await self.app(scope, receive, send_with_id)
             else:
-                await _send_error(send_with_id, problem)
+                await _send_error(send_with_id, problem, path)
         finally:
             self._record(scope, path, status, time.perf_counter() - start, rid)
 
@@ -344,7 +424,8 @@ class FrontDoor:
                 return ApiError(401, "Missing API key: send `Authorization: Bearer KEY`",
                                 code="invalid_api_key",
                                 headers={"www-authenticate": "Bearer"})
-            if not hmac.compare_digest(given, self._key):
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
                 return ApiError(401, "Incorrect API key provided", code="invalid_api_key",
                                 headers={"www-authenticate": "Bearer"})
         length = headers.get(b"content-length")
@@ -388,14 +469,15 @@ def _response(body: bytes, headers: dict[str, str] | None = None,
     return Response(body, status_code=status, headers=headers, media_type=JSON)
 
 
-def _error_response(err: ApiError) -> Response:
-    return Response(err.body(), status_code=err.status, headers=err.headers, media_type=JSON)
+def _error_response(err: ApiError, path: str = "") -> Response:
+    return Response(err.body(tei=path in TEI_PATHS), status_code=err.status,
+                    headers=err.headers, media_type=JSON)
 
 
-async def _send_error(send: Send, err: ApiError) -> None:
+async def _send_error(send: Send, err: ApiError, path: str = "") -> None:
     headers = [(b"content-type", JSON.encode())]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in err.headers.items()]
-    body = err.body()
+    body = err.body(tei=path in TEI_PATHS)
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -403,7 +485,7 @@ async def _send_error(send: Send, err: ApiError) -> None:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return _error_response(exc)
+    return _error_response(exc, request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -413,12 +495,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                else f"{request.method} is not allowed on {request.url.path}"
                if exc.status_code == 405 else str(exc.detail))
     return _error_response(ApiError(exc.status_code, message, code=code,
-                                    headers=exc.headers))
+                                    headers=exc.headers), request.url.path)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return _error_response(ApiError(500, f"internal error: {type(exc).__name__}",
-                                    code="internal_error"))
+    log.exception("unhandled error")
+    return _error_response(ApiError(500, "internal error; the server logged the cause",
+                                    code="internal_error"), request.url.path)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

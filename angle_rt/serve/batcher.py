@@ -1,5 +1,5 @@
 """Dynamic batching across requests: one queue item per input, batches under a padded-token
-budget, length-sorted within a window at the head of the queue, FIFO between windows.
+budget, length-sorted within a window, requests interleaved between windows.
 
 No web framework and no torch here: the batcher runs plain callables (`Encoder.run_batch`
 and `Encoder.plan` in the server, fakes in the tests) on its own worker threads, and hands
@@ -7,13 +7,17 @@ each request a `concurrent.futures.Future` (asyncio code awaits it via `asyncio.
 
 How a batch is formed (the worker that is free takes the next one):
 
-1. Window: items are taken from the head of the queue, oldest first, until the window holds
-   `window_batches × max_batch_size` items or `window_batches × max_batch_tokens` tokens
-   (at least one item). Items of cancelled or failed requests are dropped on the way.
-2. The window is planned by `plan(lengths, max_batch_size)` — the Encoder's own planner, so
-   batches are length-sorted and padded exactly as `Encoder.encode` pads them — and its
-   batches run before anything that arrived later: FIFO between windows, so a flood of long
-   texts cannot starve a short one queued before it.
+1. Turns: a request's items are taken longest first, a turn at a time: ≤ max_batch_size
+   items and ≤ fair_quantum_tokens tokens (at least one item); started requests take turns
+   round-robin.
+2. New requests first: the first turn of every request not started yet (in arrival order,
+   up to `window_batches` batches) is planned apart and runs before queued turns — but
+   never twice in a row while a started request waits, so a stream of new requests
+   cannot starve a flood. A one-sentence request behind a flood thus waits for the batch
+   running, not for the flood (`benchmarks/serve_flood.py` measures it).
+3. Each window is planned by `plan(lengths, max_batch_size)` — the Encoder's own planner,
+   so batches are length-sorted and padded exactly as `Encoder.encode` pads them.
+   Cancelled or failed requests are dropped on the way.
 3. No artificial wait (`max_wait_ms=0`): a worker takes whatever is queued. With a wait, a
    worker holds off until a full batch is queued or the oldest item waited that long.
 """
@@ -64,6 +68,12 @@ class Ticket:
     remaining: int = 0  # items without a vector yet
     pending_items: int = 0  # items not yet in a running batch
     pending_tokens: int = 0  # their tokens
+    order: list[int] = field(default_factory=list)  # its items, longest first
+    cursor: int = 0  # items of `order` already taken into a window
+
+    @property
+    def untaken(self) -> bool:
+        return self.cursor < len(self.order)
 
     @property
     def queue_s(self) -> float:
@@ -99,6 +109,7 @@ class Batcher:
         max_wait_ms: float = 0.0,
         max_queued_tokens: int | None = None,
         window_batches: int = 16,
+        fair_quantum_tokens: int = 2048,
         on_batch: OnBatch | None = None,
         name: str = "batcher",
     ) -> None:
@@ -111,14 +122,21 @@ class Batcher:
         self.max_queued_tokens = max_queued_tokens
         self._window_items = window_batches * max_batch_size
         self._window_tokens = window_batches * max_batch_tokens
+        self.fair_quantum_tokens = fair_quantum_tokens
         self._on_batch = on_batch
         self._cond = threading.Condition()
-        self._queue: deque[Item] = deque()
-        self._planned: deque[list[Item]] = deque()
+        self._fresh: deque[Ticket] = deque()  # requests none of whose items ran yet
+        self._rotation: deque[Ticket] = deque()  # started requests with items left
+        self._planned: deque[list[Item]] = deque()  # batches of started requests' turns
+        self._planned_fresh: deque[list[Item]] = deque()  # batches of new requests
+        self._owe_turn = False  # a new request's batch ran; a turn runs before the next
         self._queued_items = self._queued_tokens = 0
         self._closing = False
         self._tokens_per_s = 0.0  # moving average, for Retry-After
         self.worker_restarts = 0  # batches that failed outside the model run (see _work)
+        self.last_ok: float | None = None  # perf_counter when a batch last succeeded
+        self._running: dict[int, float] = {}  # worker thread id → start of its batch
+        self._active: set[Ticket] = set()  # submitted, not yet resolved
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -143,7 +161,10 @@ class Batcher:
             if limit is not None and self._queued_items and self._queued_tokens + tokens > limit:
                 raise Overloaded(f"the queue holds {self._queued_tokens} tokens; this request "
                                  f"adds {tokens} (limit {limit})", self.retry_after())
-            self._queue.extend((ticket, i) for i in range(len(rows)))
+            self._active.add(ticket)
+            # longest first: a request's items come out length-sorted, as encode sorts them
+            ticket.order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+            self._fresh.append(ticket)
             self._queued_items += len(rows)
             self._queued_tokens += tokens
             self._cond.notify()
@@ -168,6 +189,7 @@ class Batcher:
     def _forget(self, ticket: Ticket) -> None:
         """A cancelled or failed request's queued items no longer count (they are skipped)."""
         with self._cond:
+            self._active.discard(ticket)
             self._queued_tokens -= ticket.pending_tokens
             self._queued_items -= ticket.pending_items
             ticket.pending_tokens = ticket.pending_items = 0
@@ -178,8 +200,12 @@ class Batcher:
         """A worker's loop, supervised: whatever a batch raises (the model, copying its rows,
         the metrics hook) fails that batch's unfinished requests and the loop goes on, so
         one error can never leave later requests waiting on a dead worker."""
-        while (batch := self._next_batch()) is not None:
+        while True:
+            batch: list[Item] = []
             try:
+                batch = self._next_batch() or []
+                if not batch:
+                    return
                 self._run(batch)
             except BaseException as exc:
                 with self._cond:
@@ -188,47 +214,112 @@ class Batcher:
                               "requests fail, the worker goes on", len(batch))
                 self._fail([t for t in dict.fromkeys(t for t, _ in batch)
                             if not t.future.done()], exc)
+            finally:
+                self._running.pop(threading.get_ident(), None)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def live_workers(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def stalled_s(self) -> float:
+        """How long the longest-running batch has been running (0: none running)."""
+        starts = list(self._running.values())
+        return time.perf_counter() - min(starts) if starts else 0.0
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and not self._queued_items
 
     def _next_batch(self) -> list[Item] | None:
         with self._cond:
             while True:
-                while self._planned:
-                    batch = [it for it in self._planned.popleft() if not it[0].future.done()]
-                    if batch:
-                        self._start(batch)
-                        return batch
-                if self._queue and not self._should_wait():
+                batch = self._pop_planned()
+                if batch:
+                    self._start(batch)
+                    return batch
+                if (self._fresh or self._rotation) and not self._should_wait():
                     self._take_window()
                     continue
-                if self._closing and not self._queue:
+                if self._closing and not (self._fresh or self._rotation):
                     self._cond.notify_all()
                     return None
                 self._cond.wait(self._wait_timeout())
 
+    def _pop_planned(self) -> list[Item] | None:
+        """The next planned batch: new requests' batches first, but never two in a row
+        while started requests wait for a turn (so a stream of new requests cannot starve
+        a flood); a new request that arrived meanwhile is planned ahead of queued turns."""
+        while True:
+            if self._fresh and not self._owe_turn and not self._should_wait():
+                self._plan_window(self._fresh_window(), self._planned_fresh)
+            if self._owe_turn and not self._planned and self._rotation:
+                self._plan_turn()
+            if self._owe_turn and self._planned:
+                queue, self._owe_turn = self._planned, False
+            elif self._planned_fresh:
+                queue = self._planned_fresh
+                self._owe_turn = bool(self._planned or self._rotation)
+            elif self._planned:
+                queue = self._planned
+            else:
+                return None
+            batch = [it for it in queue.popleft() if not it[0].future.done()]
+            if batch:
+                return batch
+
     def _should_wait(self) -> bool:
         if not self.max_wait_s or self._closing or self._queued_items >= self.max_batch_size:
             return False
-        return time.perf_counter() - self._queue[0][0].submitted < self.max_wait_s
+        return time.perf_counter() - self._oldest().submitted < self.max_wait_s
 
     def _wait_timeout(self) -> float | None:
-        if not self._queue or not self.max_wait_s:
+        if not (self._fresh or self._rotation) or not self.max_wait_s:
             return None
-        return max(0.0, self._queue[0][0].submitted + self.max_wait_s - time.perf_counter())
+        return max(0.0, self._oldest().submitted + self.max_wait_s - time.perf_counter())
+
+    def _oldest(self) -> Ticket:
+        return min((q[0] for q in (self._fresh, self._rotation) if q),
+                   key=lambda t: t.submitted)
 
     def _take_window(self) -> None:
-        """Move the head of the queue into planned batches (called holding the lock)."""
+        """Plan the next turn (called holding the lock, nothing planned). A turn is up to
+        max_batch_size items and `fair_quantum_tokens` tokens of one request (its items
+        come longest first, so a turn is as well sorted as a bigger window), round-robin:
+        a one-sentence request behind a flood waits for the batch running, and a request
+        alone pays little for the small turns on CPU (measured: docs/serving.md)."""
+        self._fresh = deque(t for t in self._fresh if not t.future.done())
+        self._rotation = deque(t for t in self._rotation if not t.future.done())
+        if self._fresh and not (self._owe_turn and self._rotation):
+            self._plan_window(self._fresh_window(), self._planned_fresh)
+        elif self._rotation:
+            self._plan_turn()
+
+    def _plan_turn(self) -> None:
+        """The next started request's turn, into the planned batches."""
+        ticket = self._rotation.popleft()
+        window = self._quantum(ticket, self.max_batch_size, self.fair_quantum_tokens)
+        if ticket.untaken:
+            self._rotation.append(ticket)  # its turn is over: to the back
+        self._plan_window(window, self._planned)
+
+    def _fresh_window(self) -> list[Item]:
+        """A first turn for each new request, in arrival order, up to a window."""
+        self._fresh = deque(t for t in self._fresh if not t.future.done())
+        budget = self.fair_quantum_tokens
         window: list[Item] = []
         tokens = 0
-        while self._queue and len(window) < self._window_items:
-            ticket, i = self._queue[0]
-            if ticket.future.done():  # cancelled or failed: already uncounted
-                self._queue.popleft()
-                continue
-            n = len(ticket.rows[i])
-            if window and tokens + n > self._window_tokens:
-                break
-            window.append(self._queue.popleft())
-            tokens += n
+        while self._fresh and len(window) < self._window_items \
+                and tokens < self._window_tokens:
+            ticket = self._fresh.popleft()
+            taken = self._quantum(ticket, self.max_batch_size, budget)
+            window += taken
+            tokens += sum(len(ticket.rows[i]) for _, i in taken)
+            if ticket.untaken:
+                self._rotation.append(ticket)
+        return window
+
+    def _plan_window(self, window: list[Item], into: deque[list[Item]]) -> None:
         if not window:
             return
         try:
@@ -236,7 +327,21 @@ class Batcher:
         except Exception as exc:  # a planner bug fails this window, not the worker
             self._fail(list(dict.fromkeys(t for t, _ in window)), exc)
             return
-        self._planned.extend([window[j] for j in idx] for idx in plan)
+        into.extend([window[j] for j in idx] for idx in plan)
+
+    def _quantum(self, ticket: Ticket, items: int, tokens: int) -> list[Item]:
+        """Up to `items` of the ticket's next items within `tokens` (at least one)."""
+        out: list[Item] = []
+        used = 0
+        while ticket.untaken and len(out) < items:
+            i = ticket.order[ticket.cursor]
+            n = len(ticket.rows[i])
+            if out and used + n > tokens:
+                break
+            out.append((ticket, i))
+            used += n
+            ticket.cursor += 1
+        return out
 
     def _start(self, batch: list[Item]) -> None:
         """The batch leaves the queue's accounting (called holding the lock)."""
@@ -253,7 +358,7 @@ class Batcher:
     def _run(self, batch: list[Item]) -> None:
         rows = [t.rows[i] for t, i in batch]
         tickets = list(dict.fromkeys(t for t, _ in batch))
-        start = time.perf_counter()
+        start = self._running[threading.get_ident()] = time.perf_counter()
         try:
             vecs = self._run_batch(rows)
         except BaseException as exc:  # a failing batch fails only its own requests
@@ -270,6 +375,7 @@ class Batcher:
                 if ticket.remaining == 0:
                     ticket.finished = time.perf_counter()
                     done.append(ticket)
+            self.last_ok = time.perf_counter()
             tokens = sum(len(r) for r in rows)
             rate = tokens / max(seconds, 1e-6)
             self._tokens_per_s = rate if not self._tokens_per_s else (
@@ -296,11 +402,14 @@ class Batcher:
         with self._cond:
             self._closing = True
             if not drain:
-                dropped = {t for t, _ in self._queue}
-                dropped.update(t for b in self._planned for t, _ in b)
+                dropped = set(self._rotation) | set(self._fresh)
+                dropped.update(t for q in (self._planned, self._planned_fresh)
+                               for b in q for t, _ in b)
                 for ticket in dropped:
                     ticket.pending_items = ticket.pending_tokens = 0
-                self._queue.clear()
+                self._rotation.clear()
+                self._fresh.clear()
+                self._planned_fresh.clear()
                 self._planned.clear()
                 self._queued_items = self._queued_tokens = 0
             self._cond.notify_all()
@@ -310,6 +419,16 @@ class Batcher:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout)
+
+    def abort(self, exc: BaseException) -> int:
+        """Fail every unresolved request with `exc` (queued or in a running batch, whose
+        result is then dropped); returns how many. For a shutdown past its grace period."""
+        with self._cond:
+            tickets = list(self._active)
+        for ticket in tickets:
+            _settle(ticket.future, exc=exc)
+        return sum(t.future.exception() is exc for t in tickets if t.future.done()
+                   and not t.future.cancelled())
 
     @property
     def closed(self) -> bool:

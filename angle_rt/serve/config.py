@@ -52,6 +52,10 @@ class ServeConfig:
     max_concurrent_requests: int = 512  # requests in flight, over all models (429 beyond)
     max_queued_tokens: int = 1_048_576  # tokens waiting per model (429 beyond)
     max_client_batch_size: int = 2048  # inputs per request (422 beyond)
+    max_request_tokens: int = 524_288  # tokens of one request after truncation (413 beyond)
+    fair_quantum_tokens: int | None = None  # tokens of a request's turn (None: by device)
+    request_timeout: float = 60.0  # seconds from arrival to answer (504 beyond)
+    body_timeout: float = 10.0  # seconds to receive a request body (408 beyond)
     workers: int | None = None  # inference threads per model (default: 1 CPU, 2 TensorRT)
     graceful_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     log_level: str = "info"
@@ -182,8 +186,36 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     batch.add_argument("--max-client-batch-size", metavar="N", type=pos_int, default=2048,
                        help="inputs per request (default: %(default)s; split into batches, "
                             "422 beyond)")
+    batch.add_argument("--max-request-tokens", metavar="N", type=pos_int, default=524_288,
+                       help="tokens of one request, after truncation (default: %(default)s, "
+                            "2,048 inputs of 256; 413 beyond)")
+    batch.add_argument("--fair-quantum-tokens", metavar="N", type=pos_int,
+                       help="tokens of one request's turn; requests take turns round-robin "
+                            "(default: 512 on CPU, 8192 on GPU; smaller: a light request "
+                            "waits less behind a flood, the flood runs slower)")
+    batch.add_argument("--request-timeout", metavar="S", type=pos_float, default=60.0,
+                       help="seconds from a request's arrival to its answer (default: 60; "
+                            "504 beyond, its queued inputs dropped)")
+    batch.add_argument("--body-timeout", metavar="S", type=pos_float, default=10.0,
+                       help="seconds to receive a request body (default: 10; 408 beyond)")
     batch.add_argument("--workers", metavar="N", type=pos_int,
                        help="inference threads per model (default: 1 on CPU, 2 on TensorRT)")
+    ray = p.add_argument_group("Ray Serve (past one machine; needs the [ray] extra)")
+    ray.add_argument("--ray", metavar="ADDRESS", nargs="?", const="local",
+                     help="serve as a Ray Serve deployment: on a Ray started here (no "
+                          "ADDRESS) or a cluster's ('auto', ray://…); --host/--port are "
+                          "its proxy's")
+    ray.add_argument("--ray-replicas", metavar="N", type=pos_int, default=1,
+                     help="replicas, each with its own models (default: 1)")
+    ray.add_argument("--ray-autoscale", metavar="MIN:MAX",
+                     help="autoscale between MIN and MAX replicas on ongoing requests "
+                          "(instead of --ray-replicas)")
+    ray.add_argument("--ray-target-ongoing", metavar="N", type=pos_float, default=32.0,
+                     help="ongoing requests per replica the autoscaler aims at (default: 32)")
+    ray.add_argument("--ray-cpus-per-replica", metavar="N", type=pos_float, default=1.0,
+                     help="CPUs per replica (default: 1; set --threads to match)")
+    ray.add_argument("--ray-gpus-per-replica", metavar="N", type=float, default=0.0,
+                     help="GPUs per replica (default: 0)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--graceful-timeout", metavar="S", type=pos_float, default=30.0,
                      help="seconds SIGTERM waits for in-flight requests (default: 30)")
@@ -213,6 +245,26 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_concurrent_requests=args.max_concurrent_requests,
         max_queued_tokens=args.max_queued_tokens,
-        max_client_batch_size=args.max_client_batch_size, workers=args.workers,
+        max_client_batch_size=args.max_client_batch_size,
+        max_request_tokens=args.max_request_tokens,
+        fair_quantum_tokens=args.fair_quantum_tokens, request_timeout=args.request_timeout,
+        body_timeout=args.body_timeout, workers=args.workers,
         graceful_timeout=args.graceful_timeout, log_level=args.log_level,
         log_format=args.log_format, access_log=args.access_log)
+
+
+def ray_options(args: argparse.Namespace) -> object:
+    """RayServeOptions from the --ray-* flags (ValueError for a bad --ray-autoscale)."""
+    from angle_rt.serve.ray_serve import RayServeOptions
+
+    opts = RayServeOptions(replicas=args.ray_replicas, cpus=args.ray_cpus_per_replica,
+                           gpus=args.ray_gpus_per_replica,
+                           target_ongoing_requests=args.ray_target_ongoing,
+                           max_ongoing_requests=args.max_concurrent_requests)
+    if args.ray_autoscale:
+        lo, sep, hi = args.ray_autoscale.partition(":")
+        if not (sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi)):
+            raise ValueError(f"--ray-autoscale takes MIN:MAX with 0 < MIN ≤ MAX, got "
+                             f"{args.ray_autoscale!r}")
+        opts.replicas, opts.min_replicas, opts.max_replicas = None, int(lo), int(hi)
+    return opts

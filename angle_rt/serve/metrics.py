@@ -26,7 +26,8 @@ DESCRIPTIONS = {
     "angle_rt_requests_total": "HTTP requests by route and status code",
     "angle_rt_request_duration_seconds": "HTTP request time by route",
     "angle_rt_requests_in_flight": "HTTP requests being served",
-    "angle_rt_rejections_total": "requests refused for load (429) by reason",
+    "angle_rt_rejections_total": ("requests refused (429 load, 413 tokens, 408 slow body, 504 "
+                                  "deadline) by reason"),
     "angle_rt_inputs_total": "inputs embedded",
     "angle_rt_tokens_total": "tokens embedded (after truncation, prompt included)",
     "angle_rt_tokenization_duration_seconds": "tokenization time per request",

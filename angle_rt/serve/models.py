@@ -22,6 +22,7 @@ from angle_rt.serve.protocol import EmbedRequest, invalid
 from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP
 
 _ITEM = re.compile(r"sentences\[(\d+)\]")
+FAIR_QUANTUM_CPU, FAIR_QUANTUM_GPU = 512, 8192
 
 
 class ServedModel:
@@ -33,13 +34,20 @@ class ServedModel:
         self.dim, self.max_length = encoder.dim, encoder.max_length
         self.normalized = bool(encoder.manifest.normalized)
         self.created = int(time.time())
+        gpu = encoder.session.name.startswith(("tensorrt", "onnxruntime-cuda"))
         self.workers = config.workers or (2 if encoder.session.name.startswith("tensorrt")
                                           else 1)
+        # measured on CPU (benchmarks/serve_flood.py, docs/serving.md); GPUs want bigger
+        # batches and run them in milliseconds (not measured here)
+        self.fair_quantum_tokens = config.fair_quantum_tokens or (
+            FAIR_QUANTUM_GPU if gpu else FAIR_QUANTUM_CPU)
         self.batcher = Batcher(encoder.run_batch, encoder.plan, encoder.dim,
                                max_batch_size=config.max_batch_size,
                                max_batch_tokens=encoder.max_batch_tokens,
                                workers=self.workers, max_wait_ms=config.max_wait_ms,
-                               max_queued_tokens=config.max_queued_tokens, on_batch=on_batch,
+                               max_queued_tokens=config.max_queued_tokens,
+                               fair_quantum_tokens=self.fair_quantum_tokens,
+                               on_batch=on_batch,
                                name=f"batch-{name}")
         backend = encoder.tokenizer.backend
         self._backend = backend
@@ -61,7 +69,7 @@ class ServedModel:
         request's token ids checked against the vocabulary. 422 names the bad input."""
         if req.texts is not None:
             return self._tokenize(req, truncate)
-        return self._check_ids(req.ids or [], truncate, req.field)
+        return self._check_ids(req.ids or [], truncate, req.field, req.truncation_direction)
 
     def _tokenize(self, req: EmbedRequest, truncate: bool) -> list[list[int]]:
         try:
@@ -79,7 +87,28 @@ class ServedModel:
                           param) from None
         if not truncate:
             self._refuse_truncated(texts, rows, template, req.field)
+        elif req.truncation_direction == "left":
+            rows = [self._left(text, row, template) for text, row in zip(texts, rows,
+                                                                          strict=True)]
         return rows
+
+    def _left(self, text: str, row: list[int], template: str | None) -> list[int]:
+        """A row that max_length cut, cut from the start of the text instead: its leading
+        special tokens and prompt, then the text's last tokens, then its closing ones."""
+        if len(row) < self.max_length:
+            return row
+        head, tail = split_prompt(template) if template else ("", "")
+        text = text[-self.max_length * CHARS_PER_TOKEN_CAP:]
+        full = self._backend.encode(head + text + tail)
+        if len(full.ids) <= self.max_length:
+            return list(full.ids)
+        mask = full.special_tokens_mask
+        lead = next(i for i, m in enumerate(mask) if not m)
+        lead += len(self._backend.encode(head, add_special_tokens=False).ids) if head else 0
+        trail = next(i for i, m in enumerate(reversed(mask)) if not m)
+        keep = self.max_length - lead - trail
+        end = len(full.ids) - trail
+        return [*full.ids[:lead], *full.ids[end - keep:end], *full.ids[end:]]
 
     def _refuse_truncated(self, texts: list[str], rows: list[list[int]],
                           template: str | None, field: str) -> None:
@@ -101,7 +130,8 @@ class ServedModel:
                           f"{self.max_length}, and truncation is off; shorten it or send "
                           "truncate", field, "input_too_long")
 
-    def _check_ids(self, ids: list[list[int]], truncate: bool, field: str) -> list[list[int]]:
+    def _check_ids(self, ids: list[list[int]], truncate: bool, field: str,
+                   direction: str = "right") -> list[list[int]]:
         out = []
         for i, row in enumerate(ids):
             if max(row) >= self.vocab_size:
@@ -116,12 +146,16 @@ class ServedModel:
                     raise invalid(f"{field}[{i}] is {len(row)} tokens, over this model's "
                                   f"max_length {self.max_length}, and truncation is off",
                                   field, "input_too_long")
-                row = self._cut(row)
+                row = self._cut(row, direction)
             out.append(row)
         return out
 
-    def _cut(self, row: list[int]) -> list[int]:
-        """max_length ids, keeping a closing special token ([SEP], </s>) in place."""
+    def _cut(self, row: list[int], direction: str = "right") -> list[int]:
+        """max_length ids, keeping an opening and a closing special token ([CLS], [SEP])
+        in place; `direction` left drops the first tokens instead of the last."""
+        if direction == "left":
+            lead = 1 if row[0] in self.special_ids else 0
+            return [*row[:lead], *row[len(row) - self.max_length + lead:]]
         if row[-1] in self.special_ids:
             return [*row[: self.max_length - 1], row[-1]]
         return row[: self.max_length]
@@ -157,7 +191,8 @@ class ServedModel:
         """TEI's `/tokenize` answer: the ids the model gets, with their token strings and,
         for text inputs, each token's character span in the text (None for special and
         prompt tokens, and for token-id inputs)."""
-        rows = self.rows(req, truncate)
+        plain = req.texts is not None and not (truncate and req.add_special_tokens)
+        rows = self._plain_rows(req, truncate) if plain else self.rows(req, truncate)
         spans = self._spans(req, rows) if req.texts is not None else [[None] * len(r)
                                                                        for r in rows]
         out = []
@@ -169,6 +204,19 @@ class ServedModel:
                         if req.add_special_tokens or t not in self.special_ids])
         return out
 
+    def _plain_rows(self, req: EmbedRequest, truncate: bool) -> list[list[int]]:
+        """`/tokenize` rows: every token of the prompted text (TEI does not truncate here),
+        special tokens only with `add_special_tokens`; cut at max_length if asked."""
+        try:
+            head, tail = split_prompt(self.encoder.template(req.prompt, req.prompt_name) or "")
+        except ValueError as exc:
+            raise invalid(str(exc), "prompt_name") from None
+        rows = [self._backend.encode(head + t + tail,
+                                     add_special_tokens=req.add_special_tokens).ids
+                for t in req.texts or []]
+        return [self._cut(r) if len(r) > self.max_length else r for r in rows] if truncate \
+            else rows
+
     def _spans(self, req: EmbedRequest, rows: list[list[int]]) -> list[list[Any]]:
         """(start, stop) in each text per token of its row: the row is a subsequence of the
         untruncated encoding of the prompted text (truncation only drops tokens), matched in
@@ -176,8 +224,10 @@ class ServedModel:
         head, tail = split_prompt(self.encoder.template(req.prompt, req.prompt_name) or "")
         out = []
         for text, row in zip(req.texts or [], rows, strict=True):
-            text = text[: self.max_length * CHARS_PER_TOKEN_CAP]  # what the rows were cut from
-            enc = self._backend.encode(head + text + tail)
+            if len(row) <= self.max_length:  # what a truncated row was cut from
+                text = text[: self.max_length * CHARS_PER_TOKEN_CAP]
+            enc = self._backend.encode(head + text + tail,
+                                       add_special_tokens=req.add_special_tokens)
             marks = iter(zip(enc.ids, enc.offsets, enc.special_tokens_mask, strict=True))
             spans: list[Any] = []
             for t in row:
@@ -206,7 +256,7 @@ class ServedModel:
             "model_sha": m.source.get("revision"),
             "model_dtype": enc.artifact.precision,
             "model_type": {"embedding": {"pooling": m.pooling}},
-            "source": m.source.get("model"),
+            "source": _public_source(m.source.get("model")),
             "dim": self.dim,
             "max_input_length": self.max_length,
             "max_length": self.max_length,
@@ -228,6 +278,9 @@ class ServedModel:
             "max_batch_requests": cfg.max_batch_size,
             "max_client_batch_size": cfg.max_client_batch_size,
             "max_queued_tokens": cfg.max_queued_tokens,
+            "max_request_tokens": cfg.max_request_tokens,
+            "fair_quantum_tokens": self.fair_quantum_tokens,
+            "request_timeout": cfg.request_timeout,
             "auto_truncate": cfg.truncate,
             "workers": self.workers,
             "version": angle_rt.__version__,
@@ -237,3 +290,11 @@ class ServedModel:
         """Run what is queued, then release the Encoder."""
         self.batcher.close(drain=True, timeout=timeout)
         self.encoder.close()
+
+
+def _public_source(source: str | None) -> str | None:
+    """A hub id as it is; a local model directory by its name only (/info must not show
+    the server's file system)."""
+    if not source or not (source.startswith(("/", "~", ".")) or "\\" in source):
+        return source
+    return source.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]

@@ -20,6 +20,11 @@ _TYPES = {401: "invalid_request_error", 404: "invalid_request_error",
           503: "server_error"}
 
 
+# TEI's error_type values (text-embeddings-inference's ErrorType)
+_TEI_TYPES = {401: "Unauthorized", 429: "Overloaded", 500: "Backend", 503: "Unhealthy",
+              504: "Backend"}
+
+
 class ApiError(Exception):
     """An HTTP error answered in OpenAI's shape; `headers` go on the response."""
 
@@ -31,7 +36,11 @@ class ApiError(Exception):
         self.type = type or _TYPES.get(status, "invalid_request_error")
         self.headers = dict(headers or {})
 
-    def body(self) -> bytes:
+    def body(self, tei: bool = False) -> bytes:
+        """OpenAI's error object, or with `tei` TEI's ``{"error", "error_type"}``."""
+        if tei:
+            return orjson.dumps({"error": self.message,
+                                 "error_type": _TEI_TYPES.get(self.status, "Validation")})
         return orjson.dumps({"error": {"message": self.message, "type": self.type,
                                        "param": self.param, "code": self.code}})
 
@@ -57,6 +66,7 @@ class EmbedRequest:
     truncate: bool | None = None  # TEI; None: the server's --truncate
     add_special_tokens: bool = True  # /tokenize
     output_dtype: str | None = None  # quantized vectors (angle_rt.quantization); None: server's
+    truncation_direction: str = "right"  # TEI: "left" keeps a text's end
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.ids or ())
@@ -101,10 +111,12 @@ def parse_tei_embed(data: Any, max_inputs: int) -> EmbedRequest:
     """TEI's `POST /embed`: inputs, normalize, truncate, prompt_name, dimensions."""
     obj = _object(data)
     texts, ids = parse_inputs(obj.get("inputs"), "inputs", max_inputs)
-    direction = _optional(obj, "truncation_direction", str)
-    if direction is not None and direction.lower() != "right":
-        raise invalid("only truncation_direction 'right' is supported", "truncation_direction")
+    direction = (_optional(obj, "truncation_direction", str) or "right").lower()
+    if direction not in ("left", "right"):
+        raise invalid(f"truncation_direction must be 'left' or 'right', got {direction!r}",
+                      "truncation_direction")
     return EmbedRequest(texts, ids, "inputs", model=_optional(obj, "model", str),
+                        truncation_direction=direction,
                         dimensions=_dimensions(obj.get("dimensions")),
                         prompt_name=_optional(obj, "prompt_name", str),
                         normalize=_optional(obj, "normalize", bool),
@@ -140,16 +152,16 @@ def parse_inputs(value: Any, name: str, max_inputs: int
                       f"{_kind(value)}", name)
     if not value:
         raise invalid(f"{name} is an empty list; send at least one item", name)
+    first = value[0]
+    if _is_id(first):  # one token-id array: one input, however long
+        return None, [_ids(value, name)]
     if len(value) > max_inputs:
         raise invalid(f"{name} has {len(value)} items; this server takes at most {max_inputs} "
                       "per request (--max-client-batch-size)", name, "too_many_inputs")
-    first = value[0]
     if isinstance(first, str):
         return [_text(v, f"{name}[{i}]") if isinstance(v, str) else _not(v, f"{name}[{i}]",
                                                                        "a string")
                 for i, v in enumerate(value)], None
-    if _is_id(first):
-        return None, [_ids(value, name)]
     if isinstance(first, list):
         return None, [_ids(v, f"{name}[{i}]") if isinstance(v, list) else
                       _not(v, f"{name}[{i}]", "a token-id array") for i, v in enumerate(value)]

@@ -51,8 +51,9 @@ def serve(config: ServeConfig) -> int:
     log.info("listening", extra={"fields": {"url": f"http://{_netloc(host, port)}",
                                             "models": list(state.models)}})
     server.run(sockets=[sock])
-    log.info("stopped", extra={"fields": {"clean": server.started}})
-    return 0 if server.started else 1
+    clean = server.started and not state.aborted
+    log.info("stopped", extra={"fields": {"clean": clean, "aborted": state.aborted}})
+    return 0 if clean else 1
 
 
 # idle intra-op threads sleep: between batches the cores go to the event loop and tokenizing
@@ -105,6 +106,12 @@ class DrainingServer(uvicorn.Server):
         if not self.state.draining:
             log.info("draining", extra={"fields": {"signal": signal.Signals(sig).name,
                                                    "in_flight": self.state.in_flight}})
+            # just before uvicorn cancels what is left (a plain-text 500), answer it in JSON
+            grace = self.state.config.graceful_timeout
+            timer = threading.Timer(max(0.0, grace - min(0.5, grace / 4)),
+                                    self.state.abort_in_flight)
+            timer.daemon = True
+            timer.start()
         self.state.drain()
         super().handle_exit(sig, frame)
 

@@ -89,8 +89,14 @@ def test_tokenize_info_and_models(tiny, enc):
     for text, row in zip(TEXTS[:2], toks, strict=True):  # spans point into the input text
         pieces = [text[t["start"]:t["stop"]].lower() for t in row if not t["special"]]
         assert pieces == [t["text"].removeprefix("##") for t in row if not t["special"]]
-    long = "word " * 200  # truncated: the spans still index the kept tokens
-    cut = client.post("/tokenize", json={"inputs": long, "prompt": "Q: {text}"}).json()[0]
+    long = "word " * 200  # TEI's /tokenize: every token unless truncate is asked for
+    whole = client.post("/tokenize", json={"inputs": long}).json()[0]
+    assert len(whole) == 202 and whole[-1]["text"] == "[SEP]"
+    bare = client.post("/tokenize", json={"inputs": long, "add_special_tokens": False}).json()
+    assert [t["id"] for t in bare[0]] == [t["id"] for t in whole[1:-1]]  # tokenized, not filtered
+    # truncated: the spans still index the kept tokens
+    cut = client.post("/tokenize", json={"inputs": long, "prompt": "Q: {text}",
+                                         "truncate": True}).json()[0]
     assert len(cut) == 64 and cut[-1]["text"] == "[SEP]"
     text_tokens = [t for t in cut if t["start"] is not None]
     assert text_tokens and all(long[t["start"]:t["stop"]] == "word" for t in text_tokens)

@@ -247,3 +247,28 @@ def test_concurrent_requests_on_a_real_encoder_equal_encode(tiny_bert_bundle, st
             for i, ticket in tickets:
                 np.testing.assert_allclose(ticket.future.result(30), want[i:i + 3],
                                            atol=2e-6)
+
+
+def test_a_one_sentence_request_behind_a_flood_runs_in_the_next_window():
+    """Two requests of 400 long items each are queued; a one-item request sent after them
+    runs right after the window already planned, and the floods then share the worker
+    round-robin (neither waits for the other to finish)."""
+    fake = FakeSession()
+    with make(fake, budget=64, window_batches=2, fair_quantum_tokens=64) as b:
+        hold(fake, b)
+        flood_a = b.submit([[1] * 30] * 400)
+        flood_b = b.submit([[2] * 30] * 400)
+        time.sleep(0.05)
+        short = b.submit([[7, 7]])
+        fake.gate.set()
+        short.future.result(10)
+        flood_a.future.result(30)
+        flood_b.future.result(30)
+    first = {}
+    for n, batch in enumerate(fake.batches):
+        for row in batch:
+            first.setdefault(row[0], n)
+    assert first[7] <= 6  # in the first window, not after 800 long items (400 batches)
+    last = {k: max(n for n, batch in enumerate(fake.batches) for row in batch if row[0] == k)
+            for k in (1, 2)}
+    assert abs(last[1] - last[2]) <= 2  # interleaved: both finish at the end

@@ -145,7 +145,7 @@ def test_openai_errors_401_404_413(minilm_server, client):
     e = error_of(r)
     assert r.status_code == 404 and e["param"] == "model" and "minilm" in e["message"]
 
-    auth = {"authorization": f"Bearer {API_KEY}"}
+    auth = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
     big = b'{"input": "' + b"a" * 2_100_000 + b'"}'
     r = httpx.post(url, content=big, headers=auth)
     assert r.status_code == 413 and error_of(r)["code"] == "payload_too_large"
@@ -189,7 +189,7 @@ BAD = [
 @pytest.mark.parametrize(("body", "status", "param"), BAD)
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(tiny_server, body, status,
                                                                param):
-    auth = {"authorization": f"Bearer {API_KEY}"}
+    auth = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
     r = httpx.post(f"{tiny_server.url}/v1/embeddings", content=body, headers=auth)
     assert r.status_code == status, r.text
     assert error_of(r)["param"] == param

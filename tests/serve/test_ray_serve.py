@@ -1,0 +1,74 @@
+"""`angle-rt serve --ray`: the same app as a Ray Serve deployment with 2 replicas on a local
+Ray (127.0.0.1 only), called by the official openai client; a replica killed mid-load
+loses no request a client can retry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from angle_rt import Encoder
+from tests.serve.conftest import serve
+
+pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.slow  # a Ray cluster, its Serve controller, proxy and 2 replicas
+
+
+def _replica_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("ServeReplica" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_two_replicas_serve_encode_vectors_and_survive_a_killed_replica(tiny_bert_bundle,
+                                                                         stsb_test, tmp_path):
+    texts = list(dict.fromkeys(stsb_test.sentences))[:400]
+    with Encoder(tiny_bert_bundle) as enc:
+        want = enc.encode(texts, normalize_embeddings=True)
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    with serve(tmp_path, f"tiny={tiny_bert_bundle}", "--ray", "--ray-replicas", "2",
+               "--threads", "1", env=env, timeout=240) as server:
+        info = httpx.get(f"{server.url}/info", timeout=30).json()
+        assert info["model_id"] == "tiny"
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=60,
+                               max_retries=5)  # the client's own retries (5xx, resets)
+        deadline = time.monotonic() + 120
+        while len(_replica_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pids = _replica_pids()
+        assert len(pids) == 2, pids
+        got: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+
+        def load(part: int) -> None:
+            try:
+                for k in range(part, len(texts), 4):
+                    r = client.embeddings.create(model="tiny", input=texts[k])
+                    got[k] = np.array(r.data[0].embedding, dtype=np.float32)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load, args=(p,)) for p in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.kill(pids[0], signal.SIGKILL)  # one replica dies mid-load
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert sorted(got) == list(range(len(texts)))
+        vecs = np.stack([got[k] for k in range(len(texts))])
+        cos = (vecs * want).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() >= 0.99999
+        deadline = time.monotonic() + 120  # Ray Serve replaces the dead replica
+        while len(_replica_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(_replica_pids()) == 2
