@@ -251,3 +251,23 @@ def test_documented_commands_parse_as_written() -> None:
             if problem and "required" not in problem:  # a fragment may omit --model
                 bad.append(f"{page_id(page)}: {program} {text.strip()} → {problem}")
     assert not bad, "\n".join(bad)
+
+
+def test_kubernetes_example_matches_the_server() -> None:
+    """docs/serving.md's Deployment parses, probes the routes the server answers, and gives
+    the pod longer than the server's graceful timeout; its args parse as `angle-rt`."""
+    yaml = pytest.importorskip("yaml")
+    from angle_rt.cli import build_parser
+
+    text = (ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)]
+    docs = [d for b in blocks for d in yaml.safe_load_all(b)]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    assert any(d["kind"] == "Service" for d in docs)
+    pod = deploy["spec"]["template"]["spec"]
+    box = pod["containers"][0]
+    assert box["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert box["livenessProbe"]["httpGet"]["path"] == "/health"
+    args = build_parser().parse_args(box["args"])
+    assert args.graceful_timeout < pod["terminationGracePeriodSeconds"]
+    assert box["ports"][0]["containerPort"] == args.port
