@@ -313,7 +313,8 @@ def embed_files_on_ray(
         skipped_dir.mkdir()
         ray = init_ray(address, num_cpus, progress)
         id_name = id_column or "id"
-        ds = _read(ray, reader, kind, text_column, id_column)
+        ds = _read(ray, reader, kind, text_column, id_column,
+                   ShortCsvRows(skipped_dir.uri, on_bad_row))
         ds = embed_dataset(ds, bundle, text_column, batch_size=chunk_size,
                            concurrency=concurrency, num_cpus_per_actor=num_cpus_per_actor,
                            num_gpus_per_actor=num_gpus_per_actor, precision=precision,
@@ -367,11 +368,35 @@ def _input_error(exc: BaseException) -> str | None:
         found = re.findall(r"InputError: (.+)", str(e))
         if found:
             return found[-1].strip()
+        csv = re.search(r"Failed to read CSV file: (\S+?)\.? Please", str(e))
+        if csv:  # Ray's message for pyarrow's parse error (the row's own is not kept)
+            return (f"{csv.group(1)}: a row's column count is not the header's (or the "
+                    "file is not CSV); fix the input, or pass --on-bad-row skip to leave "
+                    "such rows out (listed in OUTPUT.skipped.jsonl)")
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
 
 
-def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None) -> Any:
+class ShortCsvRows:
+    """pyarrow's invalid_row_handler for `--ray` CSV: a row with another column count than
+    the header is a bad row — listed under `skipped_dir` and skipped with
+    ``on_bad_row="skip"``, else the read fails and the job exits 1 naming its line."""
+
+    def __init__(self, skipped_dir: str | None, on_bad_row: str) -> None:
+        self.skipped_dir, self.on_bad_row = skipped_dir, on_bad_row
+
+    def __call__(self, row: Any) -> str:
+        if self.on_bad_row != "skip" or not self.skipped_dir:
+            return "error"
+        rec = {"id": None, "line": row.number, "reason": f"CSV row has {row.actual_columns} "
+               f"columns, the header {row.expected_columns}"}
+        Location.parse(self.skipped_dir).child(f"{uuid.uuid4().hex}.jsonl").write_bytes(
+            (json.dumps(rec) + "\n").encode())
+        return "skip"
+
+
+def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None,
+          bad_rows: ShortCsvRows | None = None) -> Any:
     """The input as a Dataset of [id, text]: Ray Data's readers, or (Parquet without an id
     column) one task per row group adding row numbers."""
     paths = [p.path for p in reader.files()]
@@ -388,8 +413,10 @@ def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | N
     else:  # every CSV value a string, as the local reader has it: id "007" stays "007"
         pa_csv = __import__("pyarrow.csv", fromlist=["ConvertOptions"])
         types = {id_column: _deps.pyarrow().string(), text_column: _deps.pyarrow().string()}
-        ds = ray.data.read_csv(paths, filesystem=fs, num_cpus=0,
-                               convert_options=pa_csv.ConvertOptions(column_types=types))
+        ds = ray.data.read_csv(
+            paths, filesystem=fs, num_cpus=0,
+            convert_options=pa_csv.ConvertOptions(column_types=types),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows))
     return ds.select_columns([id_column, text_column])
 
 
@@ -470,5 +497,6 @@ def _collect_skipped(folder: Location) -> list[dict[str, Any]]:
     for f in folder.files():
         for line in f.read_bytes().decode().splitlines():
             rec = json.loads(line)
-            seen[json.dumps(rec["id"], default=str)] = rec
-    return sorted(seen.values(), key=lambda r: (type(r["id"]).__name__, r["id"]))
+            seen[json.dumps([rec["id"], rec.get("line")], default=str)] = rec
+    return sorted(seen.values(), key=lambda r: (type(r["id"]).__name__, str(r["id"]),
+                                                r.get("line") or 0))

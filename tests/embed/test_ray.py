@@ -191,6 +191,19 @@ def test_ray_csv_types_all_bad_batches_and_bad_row_errors(local_ray, tiny_bert_b
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "null text" in err, err
     assert not (tmp_path / "strict.partial").exists()
+    short = tmp_path / "short.csv"  # a row without its text column
+    short.write_text("id,text\na,first\nb\nc,third\n")
+    with deadline(180):
+        code = main([str(tiny_bert_bundle), str(short), str(tmp_path / "short"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "column" in err, err
+    with deadline(180):
+        assert main([str(tiny_bert_bundle), str(short), str(tmp_path / "short"), *flags,
+                     "--on-bad-row", "skip"]) == 0
+    ids, _, meta = read_output(tmp_path / "short")
+    assert sorted(ids) == ["a", "c"] and meta["skipped"] == 1
+    listed = json.loads((tmp_path / "short.skipped.jsonl").read_text())
+    assert listed["line"] == 3 and "columns" in listed["reason"]
 
 
 def test_ray_reads_and_writes_s3(local_ray, tiny_bert_bundle, corpus_dir, tmp_path,
