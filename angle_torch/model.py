@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from angle_torch.billm import apply_billm, check_start
 from angle_torch.lora import adapter_base, is_peft_model, merge_lora, save_adapter
 from angle_torch.pooling import check_strategy, pool
 from angle_torch.settings import ANGLE_CONFIG_FILE, AngleSettings, read_settings
+
+log = logging.getLogger("angle_torch")
 
 
 class AngleModel(nn.Module):
@@ -191,6 +194,9 @@ class AngleModel(nn.Module):
         self.hf_tokenizer.save_pretrained(out)
         cfg = self.settings.to_angle_config(self.name)
         (out / ANGLE_CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        if not is_peft_model(self.backbone):
+            write_sentence_transformers_files(out, self.settings,
+                                              self.backbone.config.hidden_size)
         return out
 
 
@@ -237,3 +243,48 @@ def _check_padding(s: AngleSettings, config: Any) -> None:
         raise ValueError(f"left padding is not supported for encoder model "
                          f"{config.model_type!r}: its absolute positions would shift with "
                          "each batch's padding; use padding_side='right'")
+
+
+# AnglE pooling → sentence-transformers' Pooling mode; cls_avg, cls_max and a token index
+# have no Pooling equivalent (ST concatenates modes where AnglE averages them)
+ST_POOLING = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+              "avg": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+              "last": "pooling_mode_lasttoken"}
+
+
+def write_sentence_transformers_files(out: Path, s: AngleSettings, dim: int) -> bool:
+    """modules.json, sentence_bert_config.json, 1_Pooling/ (and 2_Normalize/ when the model
+    normalizes) so `SentenceTransformer(out)` pools as AnglE does instead of silently
+    falling back to mean pooling. False (nothing written, a warning) for a pooling ST
+    cannot express."""
+    mode = ST_POOLING.get(s.pooling) if isinstance(s.pooling, str) else None
+    if mode is None:
+        log.warning("pooling %r has no sentence-transformers equivalent: no modules.json "
+                    "written (load the model with angle_torch or angle-export)", s.pooling)
+        return False
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}]
+    if s.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": dim, "include_prompt": True,
+               **{m: False for m in ("pooling_mode_cls_token", "pooling_mode_mean_tokens",
+                                     "pooling_mode_max_tokens", "pooling_mode_lasttoken",
+                                     "pooling_mode_mean_sqrt_len_tokens",
+                                     "pooling_mode_weightedmean_tokens")},
+               mode: True}
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": s.max_length, "do_lower_case": False}, indent=2) + "\n")
+    # AnglE prompts are templates; those that end in {text} are ST's prefix prompts
+    prompts = {k: v[: -len("{text}")] for k, v in s.prompts.items() if v.endswith("{text}")}
+    default = next((k for k, v in s.prompts.items() if v == s.default_prompt), None)
+    (out / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": prompts, "default_prompt_name": default if default in prompts else None,
+         "similarity_fn_name": "cosine"}, indent=2) + "\n")
+    return True

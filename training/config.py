@@ -57,6 +57,9 @@ class TrainConfig:
     eval_steps: int = 0  # also evaluate every N steps (always after each epoch)
     save_steps: int = 0  # also write checkpoint.pt every N steps (always after each epoch)
     logging_steps: int = 10
+    # under torchrun / accelerate: every rank's vectors join each micro-batch's loss as
+    # in-batch negatives (all_gather with gradients), so the pool grows with the devices
+    gather_negatives: bool = False
     # continue exactly from output_dir/checkpoint.pt: trainable weights, AdamW state, GradScaler,
     # step/epoch/micro-batch position (same data order, checked), best score and history, and
     # the Python, numpy, torch CPU, CUDA and collator RNGs; see _Trainer._load_checkpoint

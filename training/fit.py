@@ -29,6 +29,14 @@ from angle_torch.sts import sts_spearman
 from training.config import TrainConfig, build_parser, get_lr, seed_everything, valid_pairs
 from training.data import AngleCollator, Batch, detect_format, load_records
 from training.depth import depth_layers, distill_depths, init_layers
+from training.distributed import (
+    World,
+    average_gradients,
+    gather_rows,
+    mean_over_ranks,
+    setup,
+    teardown,
+)
 from training.ese import matryoshka_loss
 from training.lora import add_lora, merged_copy
 from training.losses import distillation_loss
@@ -36,6 +44,7 @@ from training.losses import distillation_loss
 log = logging.getLogger("angle_rt.fit")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best-checkpoint"
+TRAIN_LOG = "train_log.jsonl"  # the training loss every --logging-steps
 
 
 @dataclass
@@ -49,8 +58,11 @@ class FitResult:
 def fit(cfg: TrainConfig) -> FitResult:
     """Train as `cfg` says; returns where the model went and the evaluation history."""
     _check(cfg)
-    seed_everything(cfg.seed)
-    device = cfg.torch_device()
+    cfg = _master_weights(cfg)
+    seed_everything(cfg.seed)  # the same on every rank: identical LoRA init, data order
+    world, device = setup(cfg.torch_device())
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)  # one process logs
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 on CPU")
     load: dict[str, Any] = {}
@@ -86,9 +98,10 @@ def fit(cfg: TrainConfig) -> FitResult:
     teacher = _teacher(cfg, model, device)
     collate = AngleCollator(model.tokenizer, fmt, model.pad_token_id, model.settings.padding_side,
                             *cfg.prompt_templates(model), cfg.filter_duplicate, cfg.seed)
-    result = _Trainer(cfg, model, teacher, collate, records, valid, device).run()
+    result = _Trainer(cfg, model, teacher, collate, records, valid, device, world).run()
     layers = depth_layers(cfg.distill_layers)
-    if layers:  # students of the model angle-export reads from output_dir
+    teardown(world)
+    if layers and world.main:  # students of the model angle-export reads from output_dir
         merged = cfg.lora or cfg.lora_path
         teacher = result.output_dir / "merged" if merged else result.output_dir
         distill_depths(cfg, teacher, layers, result.output_dir)
@@ -98,13 +111,21 @@ def fit(cfg: TrainConfig) -> FitResult:
 class _Trainer:
     """The loop: micro-batches, accumulation, schedule, evaluation, checkpoints."""
 
-    def __init__(self, cfg, model, teacher, collate, records, valid, device) -> None:
+    def __init__(self, cfg, model, teacher, collate, records, valid, device,
+                 world: World | None = None) -> None:
         self.cfg, self.model, self.teacher, self.collate = cfg, model, teacher, collate
         self.records, self.valid, self.device = records, valid, device
+        self.world = world or World()
         self.out = Path(cfg.output_dir)
         self.loss_fn = cfg.loss()
         self.ese, self.dims = cfg.ese_loss(), cfg.dims()
-        self.per_epoch = math.ceil(len(records) / cfg.batch_size)
+        # micro-batches of the epoch's order; rank r takes r, r + W, r + 2W, … (a tail
+        # that not every rank would get is dropped, as DistributedSampler(drop_last))
+        self.global_per_epoch = math.ceil(len(records) / cfg.batch_size)
+        self.per_epoch = self.global_per_epoch // self.world.size
+        if self.per_epoch < 1:
+            raise ValueError(f"{len(records)} rows make {self.global_per_epoch} micro-batches "
+                             f"of {cfg.batch_size}: fewer than the {self.world.size} processes")
         self.lengths = np.array([_chars(r) for r in records]) if cfg.group_by_length else None
         steps_per_epoch = math.ceil(self.per_epoch / cfg.gradient_accumulation_steps)
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
@@ -112,14 +133,19 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.step, self.epoch, self.micro, self.best = 0, 0, 0, -math.inf
         self.history: list[dict[str, float]] = []
+        self._losses: list[float] = []  # micro-batch losses since the last log line
+        self._board: Any = None  # a tensorboard SummaryWriter (False: not installed)
 
     def run(self) -> FitResult:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             self._load_checkpoint()
+        else:  # a fresh run's log starts empty; a resumed one goes on
+            (self.out / TRAIN_LOG).unlink(missing_ok=True)
         from tqdm.auto import tqdm
 
-        with tqdm(total=self.total, initial=self.step, desc="train", unit="step") as bar:
+        with tqdm(total=self.total, initial=self.step, desc="train", unit="step",
+                  disable=not self.world.main) as bar:
             while self.step < self.total:
                 self._epoch(bar)
         if not self.history or self.history[-1]["step"] != self.step:
@@ -131,14 +157,17 @@ class _Trainer:
         size, accum = self.cfg.batch_size, self.cfg.gradient_accumulation_steps
         order = self._order(self.epoch)
         for i in range(self.micro, self.per_epoch):  # resumed: skip the batches already done
-            batch = self.collate([self.records[j] for j in order[i * size:(i + 1) * size]])
+            g = i * self.world.size + self.world.rank  # this rank's share of the order
+            batch = self.collate([self.records[j] for j in order[g * size:(g + 1) * size]])
             loss = self._micro_step(batch)
+            self._losses.append(loss)
             self.micro = i + 1
             if self.micro % accum and self.micro < self.per_epoch:
                 continue
-            self._optimizer_step()
+            lr = self._optimizer_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self._log_loss(lr)
             self._periodic()
             if self.step >= self.total:
                 return
@@ -170,6 +199,10 @@ class _Trainer:
             else:  # every layer's states: the ESE terms pool each of them
                 hidden = self.model.hidden_states(ids, mask)
                 emb = self.model.pool(hidden[-1], mask)
+        if self.cfg.gather_negatives and self.world.active:
+            emb = gather_rows(emb, self.world)  # every rank's vectors: a W× larger pool
+            if labels is not None:
+                labels = gather_rows(labels, self.world)
         if self.ese is None:
             loss = objective(emb)
         else:
@@ -185,13 +218,14 @@ class _Trainer:
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return float(loss.detach())
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> float:
         lr = get_lr(self.step, self.cfg.learning_rate, self.cfg.warmup_steps, self.total)
         for group in self.opt.param_groups:
             group["lr"] = lr
         if self.scaler:
             self.scaler.unscale_(self.opt)
         params = [p for g in self.opt.param_groups for p in g["params"]]
+        average_gradients(params, self.world)
         torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.opt)
@@ -200,6 +234,27 @@ class _Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
+        return lr
+
+    def _log_loss(self, lr: float) -> None:
+        """Every --logging-steps optimizer steps: the mean training loss since the last
+        line, appended to OUTPUT_DIR/train_log.jsonl (and tensorboard where installed)."""
+        every = self.cfg.logging_steps
+        if not every or self.step % every or not self._losses:
+            return
+        loss = mean_over_ranks(float(np.mean(self._losses)), self.world)
+        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "learning_rate": lr}
+        self._losses = []
+        if not self.world.main:
+            return
+        with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        log.info("step %d: loss %.4f (lr %.2e)", self.step, rec["loss"], lr)
+        if self._board is None:
+            self._board = _tensorboard(self.out)
+        if self._board:
+            self._board.add_scalar("train/loss", rec["loss"], self.step)
+            self._board.add_scalar("train/learning_rate", lr, self.step)
 
     def _periodic(self) -> None:
         if self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
@@ -208,6 +263,8 @@ class _Trainer:
             self._save_checkpoint()
 
     def _evaluate(self) -> None:
+        if not self.world.main:  # rank 0 evaluates and keeps the best; the others go on
+            return
         if self.valid is None or (self.history and self.history[-1]["step"] == self.step):
             return
         emb = self.model.encode(self.valid.sentences, batch_size=64, prompt=self.cfg.text_prompt)
@@ -229,6 +286,8 @@ class _Trainer:
         """Write output_dir/checkpoint.pt (via a temporary file, so a crash while writing
         leaves the previous one whole) with what `_load_checkpoint` restores. Called only
         after an optimizer step, so no half-accumulated gradient is ever lost."""
+        if not self.world.main:  # the ranks hold the same weights: rank 0 writes them
+            return
         trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in self.model.state_dict().items() if k in trainable}
         path = self.out / CHECKPOINT
@@ -238,6 +297,7 @@ class _Trainer:
                     "step": self.step, "epoch": self.epoch, "micro": self.micro,
                     "data_order": self._order_digest(self.epoch), "best": self.best,
                     "history": self.history, "rng": _rng_states(self.collate),
+                    "world_size": self.world.size,
                     "config": dataclasses.asdict(self.cfg)}, tmp)
         os.replace(tmp, path)
 
@@ -272,6 +332,11 @@ class _Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: {path} does not exist")
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        saved_world = ck.get("world_size", 1)
+        if saved_world != self.world.size:  # the micro-batch position is per rank
+            raise ValueError(f"--resume: {path} was written by {saved_world} process(es); "
+                             f"resume it with {saved_world} (now {self.world.size}): the "
+                             "position in the epoch and the data shards depend on it")
         changed = sorted(k for k, v in ck.get("config", {}).items()
                          if k != "resume" and getattr(self.cfg, k, v) != v)
         if changed:
@@ -304,6 +369,10 @@ class _Trainer:
                  self.micro)
 
     def _finish(self) -> FitResult:
+        if self._board:
+            self._board.close()
+        if not self.world.main:  # rank 0 writes the model, once
+            return FitResult(self.out, self.step, None, [])
         self._save_model(self.out)
         if self.cfg.merge and (self.cfg.lora or self.cfg.lora_path):
             if self.cfg.load_kbit:  # never merge into quantized weights: the fp32 base + adapter
@@ -379,6 +448,27 @@ def _save_prompts(cfg: TrainConfig, model: AngleModel) -> None:
         s.prompts.update({k: v for k, v in (("query", query), ("document", doc)) if v})
 
 
+def _tensorboard(out: Path) -> Any:
+    """A SummaryWriter under OUTPUT_DIR/runs when tensorboard is installed, else False."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return False
+    return SummaryWriter(str(out / "runs"))
+
+
+def _master_weights(cfg: TrainConfig) -> TrainConfig:
+    """Full fine-tuning keeps fp32 weights: AdamW's updates (lr × ~1) are far below bf16's
+    resolution on weights of magnitude ~0.05 (tiny BERT, 4 steps at 1e-5: 0.1% of bf16
+    weights moved). `--dtype bf16` without LoRA therefore means fp32 master weights and bf16
+    compute (autocast); LoRA keeps bf16 base weights (they are frozen)."""
+    if cfg.dtype != "bf16" or cfg.lora or cfg.lora_path:
+        return cfg
+    log.info("--dtype bf16 without LoRA: training fp32 master weights under bf16 autocast "
+             "(--precision bf16); bf16 weights would not take AdamW's small updates")
+    return dataclasses.replace(cfg, dtype="fp32", precision="bf16")
+
+
 def _check(cfg: TrainConfig) -> None:
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
@@ -402,6 +492,9 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.distill_layers and (cfg.lora or cfg.lora_path) and not cfg.merge:
         raise ValueError("--distill-layers with LoRA needs --merge: the students are full "
                          "models distilled from the merged weights")
+    if cfg.gather_negatives and cfg.ese:
+        raise ValueError("--gather-negatives does not combine with --ese (its layer terms "
+                         "pool each rank's own hidden states)")
     if cfg.merge and not (cfg.lora or cfg.lora_path):
         raise ValueError("--merge needs --lora (or --lora-path): there is no adapter to merge")
 
@@ -480,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"training.fit: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps,
-                      "best_spearman": result.best_spearman}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one result line
+        print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps,
+                          "best_spearman": result.best_spearman,
+                          "processes": int(os.environ.get("WORLD_SIZE", "1"))}))
     return 0
 
 
