@@ -148,10 +148,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def valid_pairs(cfg: TrainConfig) -> StsPairs | None:
-    if not cfg.valid_data:
+def valid_pairs(cfg: TrainConfig, data: Any = None) -> StsPairs | None:
+    """The format-A evaluation pairs of --valid-data (or of `data`, in memory)."""
+    if data is None and not cfg.valid_data:
         return None
-    rows = load_records(cfg.valid_data, cfg.column_rename, cfg.valid_split)
+    rows = load_records(cfg.valid_data if data is None else data, cfg.column_rename,
+                        cfg.valid_split)
     for cols in (("text1", "text2", "label"), ("sentence1", "sentence2", "score")):
         if set(cols) <= rows[0].keys():
             a, b, y = cols

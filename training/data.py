@@ -69,11 +69,17 @@ def detect_format(columns: Iterable[str]) -> str:
     raise ValueError(msg)
 
 
-def load_records(source: str | Path, rename: str | dict[str, str] | None = None,
+def load_records(source: Any, rename: str | dict[str, str] | None = None,
                  split: str = "train") -> list[dict[str, Any]]:
-    """Rows from a .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder or a hub dataset."""
+    """Rows from a .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, a hub dataset,
+    or an in-memory `datasets.Dataset` / `DatasetDict` (its `split`) / list of dicts."""
     import datasets
 
+    if isinstance(source, list):
+        return [_renamed(dict(r), rename) for r in source]
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        ds = source[split] if isinstance(source, datasets.DatasetDict) else source
+        return _columns(ds, rename).to_list()
     path = Path(source)
     kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if path.is_file():
@@ -88,6 +94,10 @@ def load_records(source: str | Path, rename: str | dict[str, str] | None = None,
         raise ValueError(f"{path} is neither a data file nor a datasets.save_to_disk folder")
     else:
         ds = datasets.load_dataset(str(source), split=split)
+    return _columns(ds, rename).to_list()
+
+
+def _columns(ds: Any, rename: str | dict[str, str] | None) -> Any:
     # one mapping may serve train and valid data: rename what is present; a typo shows up
     # as a missing column in detect_format
     mapping = {k: v for k, v in parse_rename(rename).items() if k in ds.column_names}
@@ -95,7 +105,16 @@ def load_records(source: str | Path, rename: str | dict[str, str] | None = None,
         ds = ds.rename_columns(mapping)
     if "query" in ds.column_names and "text" not in ds.column_names:
         ds = ds.rename_column("query", "text")
-    return ds.to_list()
+    return ds
+
+
+def _renamed(row: dict[str, Any], rename: str | dict[str, str] | None) -> dict[str, Any]:
+    for old, new in parse_rename(rename).items():
+        if old in row:
+            row[new] = row.pop(old)
+    if "query" in row and "text" not in row:
+        row["text"] = row.pop("query")
+    return row
 
 
 @dataclass

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,10 @@ class FitResult:
     history: list[dict[str, float]]
 
 
-def fit(cfg: TrainConfig) -> FitResult:
-    """Train as `cfg` says; returns where the model went and the evaluation history."""
+def fit(cfg: TrainConfig, *, train: Any = None, valid: Any = None) -> FitResult:
+    """Train as `cfg` says; returns where the model went and the evaluation history.
+    `train` / `valid`: in-memory data (a `datasets.Dataset`, `DatasetDict` or list of
+    dicts) in place of `cfg.train_data` / `cfg.valid_data`."""
     _check(cfg)
     cfg = _master_weights(cfg)
     seed_everything(cfg.seed)  # the same on every rank: identical LoRA init, data order
@@ -89,12 +92,13 @@ def fit(cfg: TrainConfig) -> FitResult:
     if not cfg.load_kbit:  # a quantized model was placed by device_map
         model.to(device)
     model.train()
-    records = load_records(cfg.train_data, cfg.column_rename, cfg.train_split)
+    records = load_records(cfg.train_data if train is None else train, cfg.column_rename,
+                           cfg.train_split)
     if not records:
         raise ValueError(f"{cfg.train_data} has no rows")
     fmt = detect_format(records[0].keys())
     log.info("train data: %d rows, format %s", len(records), fmt)
-    valid = valid_pairs(cfg)
+    valid = valid_pairs(cfg, valid)
     teacher = _teacher(cfg, model, device)
     collate = AngleCollator(model.tokenizer, fmt, model.pad_token_id, model.settings.padding_side,
                             *cfg.prompt_templates(model), cfg.filter_duplicate, cfg.seed)
@@ -561,6 +565,39 @@ def _teacher(cfg: TrainConfig, student: AngleModel, device: torch.device) -> Ang
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()
+
+
+def train_model(model: str | Path, train: Any, valid: Any = None, **settings: Any) -> Path:
+    """The Python API, also as `training.fit(...)`: fine-tune `model` (a hub id or a local
+    directory) on `train` — a `datasets.Dataset` / `DatasetDict`, a list of dicts, or a
+    path `--train-data` takes — evaluating on `valid` likewise; `settings` are TrainConfig
+    fields (output_dir, batch_size, learning_rate, lora, …). Returns the output directory.
+
+    Example (docs/training.md)::
+
+        import training
+        out = training.fit("all-MiniLM-L6-v2", train=ds, output_dir="out", epochs=1,
+                           column_rename="sentence1:text1,sentence2:text2,score:label")
+    """
+    on_disk = (str, Path)
+    cfg = TrainConfig(model=str(model),
+                      train_data=str(train) if isinstance(train, on_disk) else "<in memory>",
+                      valid_data=str(valid) if isinstance(valid, on_disk) else
+                      ("<in memory>" if valid is not None else None), **settings)
+    result = fit(cfg, train=None if isinstance(train, on_disk) else train,
+                 valid=None if valid is None or isinstance(valid, on_disk) else valid)
+    return result.output_dir
+
+
+class _CallableModule(types.ModuleType):
+    """`training.fit(model, train=..., ...)` calls `train_model`; the module stays the
+    module (`python -m training.fit`, `from training.fit import fit, TrainConfig`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        return train_model(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,3 +231,25 @@ def test_bf16_full_fine_tuning_moves_the_weights_and_the_loss_is_logged(tiny_ber
              .splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
     assert all(np.isfinite(r["loss"]) and r["learning_rate"] > 0 for r in lines)
+
+
+def test_python_api_takes_a_datasets_dataset(tiny_bert_dir, shared_data, tmp_path):
+    """`training.fit(model, train=Dataset, valid=Dataset, **settings)` returns the output
+    directory; the module stays importable and runnable as before."""
+    import datasets
+
+    import training
+    from training.fit import TrainConfig as Cfg
+
+    rows = [json.loads(x) for x in
+            (shared_data / "sts" / "stsb-train.jsonl").read_text().splitlines()[:48]]
+    dev = [json.loads(x) for x in
+           (shared_data / "sts" / "stsb-dev.jsonl").read_text().splitlines()[:40]]
+    out = training.fit(tiny_bert_dir, train=datasets.Dataset.from_list(rows),
+                       valid=datasets.Dataset.from_list(dev), column_rename=STS_RENAME,
+                       output_dir=str(tmp_path / "api"), batch_size=8, max_steps=2,
+                       warmup_steps=1)
+    assert out == tmp_path / "api" and (out / "angle_config.json").is_file()
+    assert (out / "best-checkpoint").is_dir()  # evaluated on the in-memory dev set
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["train_data"] == "<in memory>" and Cfg is TrainConfig
