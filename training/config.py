@@ -60,6 +60,10 @@ class TrainConfig:
     # under torchrun / accelerate: every rank's vectors join each micro-batch's loss as
     # in-batch negatives (all_gather with gradients), so the pool grows with the devices
     gather_negatives: bool = False
+    # read --train-data (.jsonl/.parquet/.csv) as training goes, through a shuffle buffer of
+    # this many rows, instead of loading it whole (bounded memory for NLI-scale data)
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
     # continue exactly from output_dir/checkpoint.pt: trainable weights, AdamW state, GradScaler,
     # step/epoch/micro-batch position (same data order, checked), best score and history, and
     # the Python, numpy, torch CPU, CUDA and collator RNGs; see _Trainer._load_checkpoint

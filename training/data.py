@@ -9,8 +9,10 @@ angle_emb 0.6 writes `query` for `text`; both are accepted.
 
 from __future__ import annotations
 
+import csv
+import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,3 +201,81 @@ class AngleCollator:
             keep.append(i)
         return keep
 
+
+
+class StreamingData:
+    """`--streaming`: rows read from a .jsonl / .parquet / .csv file as training consumes
+    them, through a shuffle buffer, so memory holds `buffer` rows whatever the file's size.
+
+    Each epoch reads the file again in order; a row enters the buffer and a random one (from
+    random.Random(seed + epoch)) leaves it, so an epoch is a permutation of the file, local
+    within `buffer` rows. The row count comes from a first pass (the file's metadata for
+    Parquet) and fixes the steps per epoch."""
+
+    KINDS = (".jsonl", ".parquet", ".csv")
+
+    def __init__(self, path: str | Path, rename: str | dict[str, str] | None = None,
+                 buffer: int = 10_000) -> None:
+        self.path, self.rename, self.buffer = Path(path), rename, buffer
+        if self.path.suffix not in self.KINDS or not self.path.is_file():
+            raise ValueError(f"--streaming reads a {', '.join(self.KINDS)} file; "
+                             f"{path} is not one")
+        if buffer < 1:
+            raise ValueError(f"--shuffle-buffer must be ≥ 1, got {buffer}")
+        self._len = self._count()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def first(self) -> dict[str, Any]:
+        return next(iter(self.rows()))
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The file's rows in order, renamed as --column-rename says."""
+        if self.path.suffix == ".jsonl":
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        yield _renamed(json.loads(line), self.rename)
+        elif self.path.suffix == ".csv":
+            with open(self.path, encoding="utf-8-sig", newline="") as fh:
+                for row in csv.DictReader(fh):
+                    yield _renamed(dict(row), self.rename)
+        else:
+            import pyarrow.parquet as pq
+
+            with pq.ParquetFile(self.path) as pf:
+                for batch in pf.iter_batches(batch_size=1024):
+                    for row in batch.to_pylist():
+                        yield _renamed(row, self.rename)
+
+    def batches(self, epoch: int, size: int, seed: int) -> Iterator[list[dict[str, Any]]]:
+        """The epoch's micro-batches of `size` rows (the last may be shorter)."""
+        rng = random.Random(seed + epoch)
+        pool: list[dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
+        for row in self.rows():
+            if len(pool) < self.buffer:
+                pool.append(row)
+                continue
+            k = rng.randrange(len(pool))
+            pool[k], row = row, pool[k]
+            out.append(row)
+            if len(out) == size:
+                yield out
+                out = []
+        rng.shuffle(pool)
+        for row in pool:
+            out.append(row)
+            if len(out) == size:
+                yield out
+                out = []
+        if out:
+            yield out
+
+    def _count(self) -> int:
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.path).metadata.num_rows
+        return sum(1 for _ in self.rows())

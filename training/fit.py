@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ import torch
 from angle_torch.model import AngleModel
 from angle_torch.sts import sts_spearman
 from training.config import TrainConfig, build_parser, get_lr, seed_everything, valid_pairs
-from training.data import AngleCollator, Batch, detect_format, load_records
+from training.data import (
+    AngleCollator,
+    Batch,
+    StreamingData,
+    detect_format,
+    load_records,
+)
 from training.depth import depth_layers, distill_depths, init_layers
 from training.distributed import (
     World,
@@ -92,11 +99,16 @@ def fit(cfg: TrainConfig, *, train: Any = None, valid: Any = None) -> FitResult:
     if not cfg.load_kbit:  # a quantized model was placed by device_map
         model.to(device)
     model.train()
-    records = load_records(cfg.train_data if train is None else train, cfg.column_rename,
-                           cfg.train_split)
-    if not records:
+    if cfg.streaming:
+        if train is not None:
+            raise ValueError("--streaming reads --train-data from its file, not in-memory data")
+        records: Any = StreamingData(cfg.train_data, cfg.column_rename, cfg.shuffle_buffer)
+    else:
+        records = load_records(cfg.train_data if train is None else train,
+                               cfg.column_rename, cfg.train_split)
+    if not len(records):
         raise ValueError(f"{cfg.train_data} has no rows")
-    fmt = detect_format(records[0].keys())
+    fmt = detect_format((records.first() if cfg.streaming else records[0]).keys())
     log.info("train data: %d rows, format %s", len(records), fmt)
     valid = valid_pairs(cfg, valid)
     teacher = _teacher(cfg, model, device)
@@ -130,6 +142,7 @@ class _Trainer:
         if self.per_epoch < 1:
             raise ValueError(f"{len(records)} rows make {self.global_per_epoch} micro-batches "
                              f"of {cfg.batch_size}: fewer than the {self.world.size} processes")
+        self.streaming = isinstance(records, StreamingData)
         self.lengths = np.array([_chars(r) for r in records]) if cfg.group_by_length else None
         steps_per_epoch = math.ceil(self.per_epoch / cfg.gradient_accumulation_steps)
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
@@ -158,12 +171,9 @@ class _Trainer:
 
     def _epoch(self, bar) -> None:
         """The rest of the current epoch (all of it unless resumed mid-way)."""
-        size, accum = self.cfg.batch_size, self.cfg.gradient_accumulation_steps
-        order = self._order(self.epoch)
-        for i in range(self.micro, self.per_epoch):  # resumed: skip the batches already done
-            g = i * self.world.size + self.world.rank  # this rank's share of the order
-            batch = self.collate([self.records[j] for j in order[g * size:(g + 1) * size]])
-            loss = self._micro_step(batch)
+        accum = self.cfg.gradient_accumulation_steps
+        for i, rows in self._micro_batches():
+            loss = self._micro_step(self.collate(rows))
             self._losses.append(loss)
             self.micro = i + 1
             if self.micro % accum and self.micro < self.per_epoch:
@@ -179,6 +189,24 @@ class _Trainer:
         self._evaluate()
         self._save_checkpoint()
 
+    def _micro_batches(self) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """(i, rows) of this rank's micro-batches i of the epoch, from self.micro on (a
+        resumed run skips those done: not collated, so the collator RNG stays restored).
+        Rank r takes the epoch's micro-batches r, r + W, r + 2W, …"""
+        size, w = self.cfg.batch_size, self.world
+        if self.streaming:
+            for g, rows in enumerate(self.records.batches(self.epoch, size, self.cfg.seed)):
+                i, owner = divmod(g, w.size)
+                if i >= self.per_epoch:
+                    return
+                if owner == w.rank and i >= self.micro:
+                    yield i, rows
+            return
+        order = self._order(self.epoch)
+        for i in range(self.micro, self.per_epoch):
+            g = i * w.size + w.rank
+            yield i, [self.records[j] for j in order[g * size:(g + 1) * size]]
+
     def _order(self, epoch: int) -> np.ndarray:
         """The sample order of `epoch`: a function of (seed, epoch, the data, batch_size,
         group_by_length) only, from its own np.random.default_rng(seed + epoch)."""
@@ -189,6 +217,9 @@ class _Trainer:
         return order
 
     def _order_digest(self, epoch: int) -> str:
+        if self.streaming:  # the order is a function of these (and of the file's rows)
+            key = f"{len(self.records)}:{self.cfg.shuffle_buffer}:{self.cfg.seed + epoch}"
+            return hashlib.sha256(key.encode()).hexdigest()
         return hashlib.sha256(self._order(epoch).astype(np.int64).tobytes()).hexdigest()
 
     def _micro_step(self, batch: Batch) -> float:
@@ -496,6 +527,9 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.distill_layers and (cfg.lora or cfg.lora_path) and not cfg.merge:
         raise ValueError("--distill-layers with LoRA needs --merge: the students are full "
                          "models distilled from the merged weights")
+    if cfg.streaming and cfg.group_by_length:
+        raise ValueError("--group-by-length sorts the whole data; with --streaming batches "
+                         "come from the shuffle buffer (drop one of them)")
     if cfg.gather_negatives and cfg.ese:
         raise ValueError("--gather-negatives does not combine with --ese (its layer terms "
                          "pool each rank's own hidden states)")
