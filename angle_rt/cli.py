@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from angle_rt import __version__
 from angle_rt.embed.cli import add_calibrate_parser, add_embed_parser, run_calibrate, run_embed
 from angle_rt.errors import AngleRTError
-from angle_rt.serve.config import add_serve_args, config_from_args, ray_options
+from angle_rt.serve.config import add_serve_args, config_from_args
+from angle_rt.serve.ray_serve import ray_options
 
 
 def build_parser() -> argparse.ArgumentParser:

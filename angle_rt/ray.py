@@ -328,7 +328,7 @@ def embed_files_on_ray(
                 staging.child("data").path, filesystem=staging.fs,
                 min_rows_per_file=rows_per_file or ROWS_PER_FILE,
                 ray_remote_args={"num_cpus": 0},
-                compression=None if codec == "none" else codec)
+                **w.parquet_options(codec, id_name, output_dtype))
         except Exception as exc:  # a failed Ray run restarts from scratch: nothing staged
             staging.remove()
             bad = _input_error(exc)

@@ -11,6 +11,7 @@ URI's query (``s3://bucket/key?endpoint_override=host:port&scheme=http``).
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -153,7 +154,6 @@ class Location:
     def write_bytes(self, data: bytes) -> None:
         """Put `data` whole: the file holds the old bytes or the new, never a part."""
         if self.local:
-            from angle_rt.embed.writers import atomic_write
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(self.path), data)
             return
@@ -197,3 +197,22 @@ class Location:
             shutil.copyfile(self.path, dst.path)
         else:
             self.fs.copy_file(self.path, dst.path)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` durably: a temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

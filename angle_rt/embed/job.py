@@ -21,6 +21,7 @@ import numpy as np
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
 from angle_rt.embed.fs import Location
+from angle_rt.embed.outputs import open_writer
 from angle_rt.embed.readers import BadRow, Chunk, Reader, bad_reason, open_input
 from angle_rt.encoder import Encoder
 from angle_rt.manifest import MANIFEST_FILE, sha256_file
@@ -122,7 +123,7 @@ def embed_file(
                          "vector column; rename it")
     ranges = given_ranges(output_ranges, output_dtype)
     reader = open_input(input, text_column, id_column)
-    writer = w.open_writer(output, id_column or "id", getattr(reader, "id_type", None),
+    writer = open_writer(output, id_column or "id", getattr(reader, "id_type", None),
                            compression, rows_per_file)
     own = not isinstance(bundle, Encoder)
     enc = Encoder(bundle, precision=precision, backend=backend,

@@ -119,7 +119,7 @@ class RemoteParquetWriter(w._ParquetParts):
         table = self._table(ids, vectors, meta)
         part = self._part(len(self._parts()))
         with part.open_write() as fh:
-            _deps.parquet().write_table(table, fh, **self._options())
+            _deps.parquet().write_table(table, fh, **self._options(meta))
         part.commit_write()
         return {}
 
@@ -173,7 +173,7 @@ class RemoteParquetWriter(w._ParquetParts):
         tables = self._tables(meta)
         first = next(tables)
         with self.output.open_write() as fh, \
-                pq.ParquetWriter(fh, first.schema, **self._options()) as out:
+                pq.ParquetWriter(fh, first.schema, **self._options(meta)) as out:
             for table in itertools.chain([first], tables):  # one part in memory at a time
                 out.write_table(table, row_group_size=max(1, table.num_rows))
         self.output.commit_write()
@@ -183,13 +183,13 @@ class RemoteParquetWriter(w._ParquetParts):
             final = self.staging.child("final")
             final.remove()
             final.mkdir()
-            files = w.regroup(self._tables(meta), self.rows_per_file, final, self._options())
+            files = w.regroup(self._tables(meta), self.rows_per_file, final, self._options(meta))
         elif self._parts():
             files = self._parts()
         else:  # an empty result is still a readable dataset
             files = [self.staging.child("empty").child(self._part(0).name)]
             with files[0].open_write() as fh:
-                _deps.parquet().write_table(self._empty(meta), fh, **self._options())
+                _deps.parquet().write_table(self._empty(meta), fh, **self._options(meta))
             files[0].commit_write()
         self.output.remove()  # this run's own files, from a run killed while publishing
         self.output.mkdir()

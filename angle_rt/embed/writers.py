@@ -25,7 +25,7 @@ import numpy as np
 
 from angle_rt.embed import _deps
 from angle_rt.embed.errors import InputError, OutputExistsError
-from angle_rt.embed.fs import Location
+from angle_rt.embed.fs import Location, atomic_write, fsync_dir
 
 META_KEY = "angle_rt.embed"
 DIR_META = "_angle_rt_embed.json"
@@ -35,25 +35,6 @@ EMBEDDING = "embedding"
 _NPY_HEADER = 128
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
 DEFAULT_COMPRESSION = "zstd"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` durably: a temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def move_if_present(src: Path, dst: Path) -> None:
@@ -195,7 +176,7 @@ class _ParquetParts(Writer):
         table = self._table(ids, vectors, meta)
         i = len(self._parts())
         tmp = self._part(i).with_suffix(".tmp")
-        pq.write_table(table, tmp, **self._options())
+        pq.write_table(table, tmp, **self._options(meta))
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self._part(i))
@@ -214,13 +195,9 @@ class _ParquetParts(Writer):
         return pa.table({self.id_name: id_arr, EMBEDDING: emb}).replace_schema_metadata(
             {META_KEY: json.dumps(meta, sort_keys=True)})
 
-    def _options(self) -> dict[str, Any]:
-        # Parquet has no 8-bit physical type: int8/uint8 are stored as INT32, 4 bytes a value,
-        # which a codec brings back to about one; vectors have no useful statistics or
-        # dictionaries
-        codec = self.compression or DEFAULT_COMPRESSION
-        return {"compression": None if codec == "none" else codec,
-                "use_dictionary": [self.id_name], "write_statistics": [self.id_name]}
+    def _options(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return parquet_options(self.compression or DEFAULT_COMPRESSION, self.id_name,
+                               meta["output_dtype"])
 
     def _empty(self, meta: dict[str, Any]) -> Any:
         """A table of no rows with the output's schema (a job that embedded nothing)."""
@@ -254,7 +231,7 @@ class ParquetFileWriter(_ParquetParts):
         record = {META_KEY: json.dumps(meta, sort_keys=True)}
         schema = (pq.read_schema(parts[0]) if parts else self._empty(meta).schema)
         schema = schema.with_metadata(record)
-        with pq.ParquetWriter(tmp, schema, **self._options()) as out:
+        with pq.ParquetWriter(tmp, schema, **self._options(meta)) as out:
             for part in parts:
                 table = pq.read_table(part).replace_schema_metadata(record)
                 out.write_table(table, row_group_size=max(1, table.num_rows))
@@ -295,7 +272,7 @@ class ParquetDirWriter(_ParquetParts):
             self._finalize_grouped(meta)
             return
         if not self._parts():  # an empty result is still a readable dataset
-            _deps.parquet().write_table(self._empty(meta), self._part(0), **self._options())
+            _deps.parquet().write_table(self._empty(meta), self._part(0), **self._options(meta))
         atomic_write(self.staging / DIR_META, json.dumps(meta, indent=1).encode())
         # side files go beside the dataset, never into it (readers would take them for data)
         move_if_present(self.staging / SKIPPED,
@@ -317,7 +294,7 @@ class ParquetDirWriter(_ParquetParts):
         tables = (_deps.parquet().read_table(p).replace_schema_metadata(record)
                   for p in parts) if parts else iter([self._empty(meta)])
         files = regroup(tables, self.rows_per_file or 1, Location.parse(final),
-                        self._options())
+                        self._options(meta))
         for f in files:
             with open(f.path, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -422,6 +399,21 @@ class NpyWriter(Writer):
                      json.dumps(meta, indent=1).encode())
 
 
+def parquet_options(codec: str, id_name: str, output_dtype: str) -> dict[str, Any]:
+    """pyarrow.parquet writer options for an output of `output_dtype` vectors."""
+    opts: dict[str, Any] = {"compression": None if codec == "none" else codec,
+                            "use_dictionary": [id_name], "write_statistics": [id_name]}
+    leaf = f"{EMBEDDING}.list.element"
+    if output_dtype in ("int8", "uint8"):
+        # Parquet has no 8-bit physical type (INT32 holds each code); a dictionary of at
+        # most 256 codes stores one byte a value before the codec: smaller than .npy
+        opts["use_dictionary"] = [id_name, leaf]
+    elif output_dtype == "float32":
+        # sign/exponent bytes apart from mantissa bytes: zstd gains ~9% on vectors
+        opts["use_byte_stream_split"] = [leaf]
+    return opts
+
+
 def vector_column(vectors: np.ndarray, output_dtype: str) -> Any:
     """The `embedding` column: fixed_size_list<float32|float16|int8|uint8>, or for packed
     sign bits (binary, ubinary) fixed_size_binary(width), one byte a byte."""
@@ -469,58 +461,3 @@ def check_compression(codec: str) -> str:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got "
                          f"{codec!r}")
     return codec
-
-
-def _remote_writer(output: Location, id_name: str, id_type: Any, compression: str | None,
-                   rows_per_file: int | None) -> Writer:
-    """Parquet output on a pyarrow FileSystem (see angle_rt.embed.remote)."""
-    from angle_rt.embed.remote import RemoteParquetWriter
-
-    suffix = output.suffix.lower()
-    if suffix not in (".parquet", ""):
-        raise ValueError(f"{output}: remote output is Parquet, a .parquet file or a "
-                         f"directory (a path without a suffix), not {suffix!r}; write .npy "
-                         "to a local path")
-    _check_rows_per_file(rows_per_file, suffix, output.name)
-    writer = RemoteParquetWriter(output, id_name, id_type, single_file=bool(suffix))
-    writer.compression = check_compression(compression or DEFAULT_COMPRESSION)
-    writer.rows_per_file = rows_per_file
-    return writer
-
-
-def _check_rows_per_file(rows_per_file: int | None, suffix: str, name: str) -> None:
-    if rows_per_file is not None and (suffix or isinstance(rows_per_file, bool)
-                                      or not isinstance(rows_per_file, int)
-                                      or rows_per_file < 1):
-        raise ValueError("--rows-per-file takes a positive int and applies to a directory "
-                         f"OUTPUT (no suffix), got {rows_per_file!r} for {name}")
-
-
-def open_writer(output: str | Path, id_name: str, id_type: Any = None,
-                compression: str | None = None, rows_per_file: int | None = None) -> Writer:
-    """The writer for OUTPUT's suffix: .parquet, .npy, or none (a directory of Parquet);
-    OUTPUT a local path or a URI (angle_rt.embed.fs; Parquet only);
-    `compression`: the Parquet codec (COMPRESSIONS; None: DEFAULT_COMPRESSION);
-    `rows_per_file`: a directory output's file size in rows (None: one file per chunk)."""
-    where = Location.parse(output)
-    if not where.local:
-        return _remote_writer(where, id_name, id_type, compression, rows_per_file)
-    output = Path(where.path)
-    suffix = output.suffix.lower()
-    _check_rows_per_file(rows_per_file, suffix, output.name)
-    if compression is not None:
-        check_compression(compression)
-    if suffix == ".npy":
-        if compression is not None:
-            raise ValueError("--compression applies to Parquet output, not .npy")
-        return NpyWriter(output, id_name, id_type)
-    if suffix in (".parquet", ""):
-        _deps.parquet()  # fail before any work without pyarrow
-        cls = ParquetFileWriter if suffix else ParquetDirWriter
-        writer = cls(output, id_name, id_type)
-        writer.compression = compression or DEFAULT_COMPRESSION
-        if rows_per_file is not None:
-            writer.rows_per_file = rows_per_file
-        return writer
-    raise ValueError(f"{output}: unknown output format {suffix!r}; write a .parquet file, "
-                     "a .npy array, or a directory (a path without a suffix)")

@@ -251,20 +251,3 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         body_timeout=args.body_timeout, workers=args.workers,
         graceful_timeout=args.graceful_timeout, log_level=args.log_level,
         log_format=args.log_format, access_log=args.access_log)
-
-
-def ray_options(args: argparse.Namespace) -> object:
-    """RayServeOptions from the --ray-* flags (ValueError for a bad --ray-autoscale)."""
-    from angle_rt.serve.ray_serve import RayServeOptions
-
-    opts = RayServeOptions(replicas=args.ray_replicas, cpus=args.ray_cpus_per_replica,
-                           gpus=args.ray_gpus_per_replica,
-                           target_ongoing_requests=args.ray_target_ongoing,
-                           max_ongoing_requests=args.max_concurrent_requests)
-    if args.ray_autoscale:
-        lo, sep, hi = args.ray_autoscale.partition(":")
-        if not (sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi)):
-            raise ValueError(f"--ray-autoscale takes MIN:MAX with 0 < MIN ≤ MAX, got "
-                             f"{args.ray_autoscale!r}")
-        opts.replicas, opts.min_replicas, opts.max_replicas = None, int(lo), int(hi)
-    return opts

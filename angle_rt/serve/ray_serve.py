@@ -16,6 +16,7 @@ metrics cluster-wide); `/ready` is a replica's readiness.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -62,6 +63,21 @@ class RayServeOptions:
         else:
             opts["num_replicas"] = self.replicas or 1
         return opts
+
+
+def ray_options(args: argparse.Namespace) -> RayServeOptions:
+    """RayServeOptions from the --ray-* flags (ValueError for a bad --ray-autoscale)."""
+    opts = RayServeOptions(replicas=args.ray_replicas, cpus=args.ray_cpus_per_replica,
+                           gpus=args.ray_gpus_per_replica,
+                           target_ongoing_requests=args.ray_target_ongoing,
+                           max_ongoing_requests=args.max_concurrent_requests)
+    if args.ray_autoscale:
+        lo, sep, hi = args.ray_autoscale.partition(":")
+        if not (sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi)):
+            raise ValueError(f"--ray-autoscale takes MIN:MAX with 0 < MIN ≤ MAX, got "
+                             f"{args.ray_autoscale!r}")
+        opts.replicas, opts.min_replicas, opts.max_replicas = None, int(lo), int(hi)
+    return opts
 
 
 class Replica:
