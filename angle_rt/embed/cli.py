@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--chunk-size", type=int, default=4096,
                        help="rows per chunk: a row group, the resume step (4096)")
     model.add_argument("--threads", type=int, default=None,
-                       help="ONNX Runtime threads (default: physical cores)")
+                       help="ONNX Runtime threads, one batch at a time (default: one "
+                            "batch a physical core side by side, one thread each)")
     model.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "cuda", "cpu"))
     run = parser.add_argument_group("running")
     bar = run.add_mutually_exclusive_group()

@@ -46,6 +46,8 @@ ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/
 HEALTH_FRESH_S = 10.0  # a batch that succeeded this recently vouches for the model
 HEALTH_PROBE_S = 5.0
 PROBE = EmbedRequest(["angle-rt health probe"], None, "input")
+ABORTED = ("the server shut down (--graceful-timeout) before this request finished; retry "
+           "on another replica")
 access_log = logging.getLogger("angle_rt.serve.access")
 log = logging.getLogger("angle_rt.serve")
 
@@ -73,6 +75,7 @@ class ServerState:
         self.metrics.ready.set(1 if ready and not self.draining else 0)
 
     aborted: int = 0  # requests failed when the graceful timeout ran out
+    aborting: bool = False  # the graceful timeout ran out: what uvicorn cancels answers 503
 
     def drain(self) -> None:
         """Shutdown began: /ready answers 503 from now on."""
@@ -82,8 +85,8 @@ class ServerState:
     def abort_in_flight(self) -> None:
         """The grace period is over: every unfinished request answers a JSON 503 now,
         before the server closes its connections."""
-        err = ClosedError("the server shut down (--graceful-timeout) before this request "
-                          "finished; retry on another replica")
+        self.aborting = True
+        err = ClosedError(ABORTED)
         for model in self.models.values():
             self.aborted += model.batcher.abort(err)
         if self.aborted:
@@ -395,14 +398,15 @@ class FrontDoor:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500
+        start, status, started = time.perf_counter(), 500, False
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         path = scope["path"]
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()),
                                       (b"x-request-id", rid.encode("latin-1"))]
@@ -414,6 +418,12 @@ class FrontDoor:
                 await self.app(scope, receive, send_with_id)
             else:
                 await _send_error(send_with_id, problem, path)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is left at --graceful-timeout (a request still reading its
+            # body or tokenizing): answer in JSON like the ones abort_in_flight failed
+            if not self.state.aborting or started:
+                raise
+            await _send_error(send_with_id, ApiError(503, ABORTED, code="shutting_down"), path)
         finally:
             self._record(scope, path, status, time.perf_counter() - start, rid)
 

@@ -132,6 +132,7 @@ class Batcher:
         self._owe_turn = False  # a new request's batch ran; a turn runs before the next
         self._queued_items = self._queued_tokens = 0
         self._closing = False
+        self._aborted: BaseException | None = None  # abort()'s error: later submits get it
         self._tokens_per_s = 0.0  # moving average, for Retry-After
         self.worker_restarts = 0  # batches that failed outside the model run (see _work)
         self.last_ok: float | None = None  # perf_counter when a batch last succeeded
@@ -155,6 +156,8 @@ class Batcher:
             ticket.future.set_result(ticket.out)
             return ticket
         with self._cond:
+            if self._aborted is not None:  # tokenized while abort() ran: fail it the same way
+                raise type(self._aborted)(*self._aborted.args)
             if self._closing:
                 raise ClosedError("the server is shutting down; retry on another replica")
             limit = self.max_queued_tokens
@@ -422,8 +425,10 @@ class Batcher:
 
     def abort(self, exc: BaseException) -> int:
         """Fail every unresolved request with `exc` (queued or in a running batch, whose
-        result is then dropped); returns how many. For a shutdown past its grace period."""
+        result is then dropped), and every request submitted after it; returns how many it
+        failed now. For a shutdown past its grace period."""
         with self._cond:
+            self._aborted = exc
             tickets = list(self._active)
         for ticket in tickets:
             _settle(ticket.future, exc=exc)

@@ -56,7 +56,7 @@ class ServeConfig:
     fair_quantum_tokens: int | None = None  # tokens of a request's turn (None: by device)
     request_timeout: float = 60.0  # seconds from arrival to answer (504 beyond)
     body_timeout: float = 10.0  # seconds to receive a request body (408 beyond)
-    workers: int | None = None  # inference threads per model (default: 1 CPU, 2 TensorRT)
+    workers: int | None = None  # inference threads per model (default: CPU cores, 2 TensorRT)
     graceful_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     log_level: str = "info"
     log_format: str = "json"
@@ -156,8 +156,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                        help="serve the depth-K variant of ESE bundles (angle-export --layers) "
                             "that have no @K of their own")
     model.add_argument("--threads", metavar="N", type=pos_int,
-                       help="ONNX Runtime intra-op threads (default: the physical cores; "
-                            "with --spin one fewer, min 1)")
+                       help="ONNX Runtime intra-op threads a batch (default: 1 a worker, "
+                            "the workers one a core; with --workers N cores/N; with --spin "
+                            "one worker on the cores but one)")
     model.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
                        help="let ONNX Runtime's idle threads spin-wait (default: off, they "
                             "sleep and leave the cores to the event loop)")
@@ -199,7 +200,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     batch.add_argument("--body-timeout", metavar="S", type=pos_float, default=10.0,
                        help="seconds to receive a request body (default: 10; 408 beyond)")
     batch.add_argument("--workers", metavar="N", type=pos_int,
-                       help="inference threads per model (default: 1 on CPU, 2 on TensorRT)")
+                       help="inference threads per model (default: on CPU one a physical "
+                            "core, each on one ONNX Runtime thread, or 1 with --threads "
+                            "or --spin; 2 on TensorRT)")
     ray = p.add_argument_group("Ray Serve (past one machine; needs the [ray] extra)")
     ray.add_argument("--ray", metavar="ADDRESS", nargs="?", const="local",
                      help="serve as a Ray Serve deployment: on a Ray started here (no "

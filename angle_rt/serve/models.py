@@ -35,8 +35,9 @@ class ServedModel:
         self.normalized = bool(encoder.manifest.normalized)
         self.created = int(time.time())
         gpu = encoder.session.name.startswith(("tensorrt", "onnxruntime-cuda"))
+        # CPU: as many as the batches the Encoder runs side by side (one a core by default)
         self.workers = config.workers or (2 if encoder.session.name.startswith("tensorrt")
-                                          else 1)
+                                          else encoder.streams)
         # measured on CPU (benchmarks/serve_flood.py, docs/serving.md); GPUs want bigger
         # batches and run them in milliseconds (not measured here)
         self.fair_quantum_tokens = config.fair_quantum_tokens or (

@@ -67,7 +67,7 @@ def open_models(config: ServeConfig, metrics: Metrics) -> dict[str, ServedModel]
         for spec in config.models:
             start = time.perf_counter()
             enc = Encoder(spec.path, precision=config.precision, backend=config.backend,
-                          intra_op_threads=config.threads or default_threads(config.spin),
+                          intra_op_threads=cpu_threads(config),
                           max_batch_tokens=config.max_batch_tokens,
                           layers=spec.layers or config.layers,
                           ort_config=None if config.spin else NO_SPIN)
@@ -84,6 +84,20 @@ def open_models(config: ServeConfig, metrics: Metrics) -> dict[str, ServedModel]
             model.close()
         raise
     return models
+
+
+def cpu_threads(config: ServeConfig) -> int | None:
+    """ONNX Runtime threads a batch: --threads; with --spin, default_threads; with --workers
+    N, the cores shared among them; else None: the Encoder's CPU default, one worker a
+    physical core on one thread each (they serve more than one worker on every core at 8
+    clients and more, and answer a lone short text as fast: docs/serving.md)."""
+    if config.threads:
+        return config.threads
+    if config.spin:
+        return default_threads(True)
+    if config.workers:
+        return max(1, physical_cores() // config.workers)
+    return None
 
 
 def default_threads(spin: bool = False) -> int:

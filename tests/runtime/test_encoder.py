@@ -152,3 +152,58 @@ def test_ort_config_reaches_the_session_and_keeps_vectors(tiny_bert_bundle):
         with pytest.raises(RuntimeError, match="does not have configuration"):
             plain.session.inference_session.get_session_options().get_session_config_entry(key)
         np.testing.assert_array_equal(calm.encode(texts), plain.encode(texts))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
+def test_streams_give_the_vectors_of_one_batch_at_a_time(minilm_precisions, precision):
+    """Batches run side by side (the CPU default: one a core, one ORT thread each) give
+    bit-identical vectors to one batch at a time on every thread, at any batch size."""
+    texts = (SENTENCES * 3)[:150]
+    with Encoder(minilm_precisions, precision=precision, intra_op_threads=2) as one, \
+            Encoder(minilm_precisions, precision=precision, streams=3,
+                    intra_op_threads=1) as three:
+        assert (one.streams, three.streams) == (1, 3)
+        for bs in (1, 7, 64):
+            np.testing.assert_array_equal(three.encode(texts, batch_size=bs),
+                                          one.encode(texts, batch_size=bs))
+        np.testing.assert_array_equal(three.encode(texts, show_progress_bar=True),
+                                      one.encode(texts))
+        assert three._pool is not None
+    assert three._pool is None  # close() shut its threads down
+
+
+def test_streams_default_and_bad_values(minilm_bundle, monkeypatch):
+    import angle_rt.encoder as encoder
+
+    monkeypatch.setattr(encoder, "physical_cores", lambda: 4)
+    assert encoder._parallelism("cpu", None, None) == (1, 4)  # one batch a core
+    assert encoder._parallelism("cpu", 2, None) == (2, 1)  # threads named: as before
+    assert encoder._parallelism("cpu", None, 2) == (2, 2)
+    assert encoder._parallelism("cuda", None, None) == (None, 1)
+    with pytest.raises(ValueError, match="runs on cuda"):
+        encoder._parallelism("cuda", None, 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="streams must be a positive int"):
+            Encoder(minilm_bundle, streams=bad)
+
+
+def test_a_failing_batch_fails_the_call_and_the_encoder_goes_on(minilm_bundle):
+    """An error in one of the side-by-side batches reaches the caller (nothing half-written
+    is returned), the batches not started are dropped, and the next call works."""
+    texts = SENTENCES[:64]
+    with Encoder(minilm_bundle, streams=2, intra_op_threads=1) as enc:
+        ref = enc.encode(texts, batch_size=4)
+        real, calls = enc._run_rows, []
+
+        def flaky(rows):
+            calls.append(len(rows))
+            if len(calls) == 3:
+                raise RuntimeError("backend failed")
+            return real(rows)
+
+        enc._run_rows = flaky
+        with pytest.raises(RuntimeError, match="backend failed"):
+            enc.encode(texts, batch_size=4)
+        assert len(calls) < 16  # the rest of the 16 batches were dropped
+        enc._run_rows = real
+        np.testing.assert_array_equal(enc.encode(texts, batch_size=4), ref)

@@ -253,3 +253,45 @@ def test_quantized_output_dtypes(tiny_bert_bundle, enc, tmp_path):
     with app_for({"tiny": tiny_bert_bundle}) as (client, _):
         r = client.post("/v1/embeddings", json={"input": "x", "output_dtype": "int8"})
         assert r.status_code == 422 and "--output-ranges" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("aborting", [False, True])
+def test_a_request_cancelled_at_the_graceful_timeout_gets_json_503(tiny, aborting):
+    """uvicorn cancels what is still running when --graceful-timeout ends (a request
+    reading its body or tokenizing, which abort_in_flight cannot fail): once the server is
+    aborting, that request answers TEI's JSON 503, not uvicorn's plain-text 500; any other
+    cancel propagates."""
+    import asyncio
+
+    from angle_rt.serve.app import FrontDoor
+
+    _, state = tiny
+    sent: list[dict] = []
+
+    async def stuck(scope, receive, send):
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def drive():
+        scope = {"type": "http", "path": "/embed", "headers": [], "method": "POST"}
+        task = asyncio.ensure_future(FrontDoor(stuck, state)(scope, receive, send))
+        await asyncio.sleep(0.01)
+        state.aborting = aborting
+        task.cancel()
+        return await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        (outcome,) = asyncio.run(drive())
+    finally:
+        state.aborting = False
+    if not aborting:
+        assert isinstance(outcome, asyncio.CancelledError) and not sent
+        return
+    assert outcome is None and sent[0]["status"] == 503
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error_type"] == "Unhealthy" and "graceful-timeout" in body["error"]

@@ -213,6 +213,24 @@ def test_close_without_drain_fails_what_is_queued():
     b.close()
 
 
+def test_abort_fails_what_is_in_flight_and_every_later_request():
+    """Past the graceful timeout: queued and running requests fail with abort()'s error, and
+    so does a request that was still tokenizing when abort() ran (it submits after), so its
+    client gets the same JSON 503 instead of uvicorn's plain-text 500 at the cancel."""
+    fake = FakeSession()
+    b = make(fake)
+    hold(fake, b)
+    queued = b.submit([[5], [6]])
+    gone = ClosedError("the server shut down")
+    assert b.abort(gone) == 2  # the held one and the queued one
+    with pytest.raises(ClosedError, match="shut down"):
+        queued.future.result(1)
+    with pytest.raises(ClosedError, match="the server shut down"):
+        b.submit([[7]])
+    fake.gate.set()
+    b.close()
+
+
 def test_max_wait_collects_a_batch_and_two_workers_overlap():
     fake = FakeSession(delay=0.05)
     with make(fake, max_wait_ms=200, max_batch_size=4, workers=2) as b:

@@ -73,7 +73,8 @@ def test_model_names_and_sizes(tmp_path):
 
 @pytest.mark.parametrize("spin", [False, True])
 def test_onnx_runtime_threads_and_spinning(tiny_bert_bundle, spin):
-    """Default: every physical core, idle threads sleep; --spin: one core fewer, spinning."""
+    """Default: one worker a physical core on one thread each, idle threads sleep; --spin:
+    one worker on one core fewer, spinning."""
     pytest.importorskip("prometheus_client")
     from angle_rt._system import physical_cores
     from angle_rt.serve.config import ServeConfig, config_from_args
@@ -88,9 +89,10 @@ def test_onnx_runtime_threads_and_spinning(tiny_bert_bundle, spin):
     assert isinstance(config, ServeConfig) and config.spin is spin
     models = open_models(config, Metrics())
     try:
-        opts = next(iter(models.values())).encoder.session.inference_session \
-            .get_session_options()
-        assert opts.intra_op_num_threads == max(1, physical_cores() - spin)
+        model = next(iter(models.values()))
+        opts = model.encoder.session.inference_session.get_session_options()
+        assert opts.intra_op_num_threads == (max(1, physical_cores() - 1) if spin else 1)
+        assert model.workers == (1 if spin else physical_cores())
         if spin:
             with pytest.raises(RuntimeError, match="does not have configuration"):
                 opts.get_session_config_entry(key)

@@ -158,17 +158,18 @@ def test_slow_uploads_hold_no_slot_and_get_408(tiny_bert_bundle, tmp_path):
 def test_graceful_timeout_answers_json_503_and_exits_nonzero(tiny_bert_bundle, tmp_path):
     with serve(tmp_path, str(tiny_bert_bundle), "--served-model-name", "tiny",
                "--graceful-timeout", "1", "--max-batch-size", "1",
-               "--max-concurrent-requests", "8") as server:
+               "--max-concurrent-requests", "8",
+               "--max-queued-tokens", "4194304") as server:
         results: list[httpx.Response] = []
 
         def big() -> None:
-            body = {"inputs": [f"sentence number {i} " * 8 for i in range(2048)]}
+            body = {"inputs": [f"sentence number {i} " * 32 for i in range(2048)]}
             results.append(httpx.post(f"{server.url}/embed", json=body, timeout=60))
 
-        threads = [threading.Thread(target=big) for _ in range(3)]
+        threads = [threading.Thread(target=big) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # in flight: 6,144 one-input batches queued
+        time.sleep(1.0)  # in flight: 16,384 one-input batches queued
         server.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
