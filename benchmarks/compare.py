@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -207,6 +208,14 @@ def remote_runners(args, model_dir: Path, bundle: Path, texts: list[str], lat: l
     return runners, workers, {k: v for k, v in skipped.items() if k not in kinds}
 
 
+def keep(runners: list, pattern: str | None, default: str) -> list:
+    """The runners --systems selects (all without it), the reference and default always."""
+    if pattern is None:
+        return runners
+    wanted = re.compile(pattern)
+    return [r for r in runners if r.name in (REFERENCE, default) or wanted.search(r.name)]
+
+
 def measure(runners: list[Runner], texts: list[str], lat: list[str], repeats: int) -> None:
     for r in runners:
         r.warm(texts[:128])
@@ -303,10 +312,12 @@ def run(args: argparse.Namespace) -> dict:
     model_dir, bundle = MODELS[args.model](), bundle_for(args.model)
     texts, source = benchmark_sentences()
     lat = texts[:: max(1, len(texts) // args.latency_n)][: args.latency_n]
-    runners = local_runners(model_dir, bundle, args.threads, args.batch_size)
+    runners = keep(local_runners(model_dir, bundle, args.threads, args.batch_size),
+                   args.systems, f"angle_rt {Encoder(bundle).artifact.precision}")
     with tempfile.TemporaryDirectory(dir="build") as tmp:
         remote, workers, skipped = remote_runners(args, model_dir, bundle, texts, lat,
                                                   Path(tmp), {r.name for r in runners})
+        remote = keep(remote, args.systems, "")
         try:
             measure(runners + remote, texts, lat, args.repeats)
         finally:
@@ -353,10 +364,16 @@ def main() -> None:
     p.add_argument("--anchor-python", action="append", default=[],
                    help="python of another environment for anchor_worker.py (repeatable)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--systems", metavar="REGEX",
+                   help="run only the systems whose name matches (sentence-transformers "
+                        "torch fp32, the reference, and the default artifact always run): "
+                        "more repeats of a few, e.g. 'bf16|quantize_dynamic'")
     args = p.parse_args()
     res = run(args)
     show(res)
-    stem = Path(__file__).parent / "results" / f"compare-{args.model}-{res['date'][:10]}"
+    res["systems"] = args.systems
+    part = "-some" if args.systems else ""
+    stem = Path(__file__).parent / "results" / f"compare-{args.model}{part}-{res['date'][:10]}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {stem.with_suffix('.json')}")
     if not args.no_plot and plot(res, stem.with_suffix(".png")):
