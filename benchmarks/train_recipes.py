@@ -5,6 +5,8 @@
 stsb  all-MiniLM-L6-v2, full fine-tune on STS-B train (format A), dev for selection
 lora  the same with LoRA, then merged, exported, and the bundle scored through angle_rt
 nli   NLI triples (format B) to completion; STS-B test before and after
+ddp   the stsb recipe as 1 process (batch 32, 2 threads) and as 2 torchrun processes on the
+      same CPU (batch 16 each, 1 thread each: the same global batch), both as command lines
 Each prints STS-B test Spearman×100 and seconds per epoch, and appends to
 benchmarks/results/train-<date>.json.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -89,6 +93,33 @@ def nli() -> dict:
             **info}
 
 
+def ddp() -> dict:
+    """The stsb recipe as `python -m training.fit` (1 process, batch 32) and under `torchrun
+    --nproc_per_node=2` (batch 16 each): the same global batch and steps."""
+    runs = {}
+    for procs in (1, 2):
+        cfg = sts_config(f"minilm-stsb-ddp{procs}", batch_size=32 // procs)
+        flags = ["--model", cfg.model, "--train-data", cfg.train_data, "--valid-data",
+                 cfg.valid_data, "--column-rename", RENAME, "--output-dir", cfg.output_dir,
+                 "--epochs", "2", "--batch-size", str(cfg.batch_size), "--learning-rate",
+                 "2e-5", "--warmup-steps", "36", "--cosine-w", "1", "--ibn-w", "0",
+                 "--angle-w", "0.02", "--eval-steps", "90", "--group-by-length",
+                 "--device", "cpu"]
+        launch = [sys.executable] if procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node=2"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(2 // procs),
+               "TOKENIZERS_PARALLELISM": "false"}
+        start = time.perf_counter()
+        subprocess.run([*launch, "-m", "training.fit", *flags], check=True, env=env)
+        seconds = time.perf_counter() - start
+        runs[procs] = {"seconds": seconds, "batch_size_per_process": cfg.batch_size,
+                       "test_after": test_score(Path(cfg.output_dir) / "best-checkpoint")}
+    return {"recipe": "ddp", "runs": runs, "wall_ratio_2_over_1":
+            runs[2]["seconds"] / runs[1]["seconds"],
+            "test_difference": runs[2]["test_after"] - runs[1]["test_after"]}
+
+
 def _args(cfg: TrainConfig) -> dict:
     keep = ("epochs", "batch_size", "learning_rate", "cosine_w", "ibn_w", "cln_w", "angle_w",
             "group_by_length", "lora", "lora_r", "lora_alpha")
@@ -97,8 +128,8 @@ def _args(cfg: TrainConfig) -> dict:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    recipes = {"stsb": stsb, "lora": lora, "nli": nli}
-    chosen = sys.argv[1:] or list(recipes)
+    recipes = {"stsb": stsb, "lora": lora, "nli": nli, "ddp": ddp}
+    chosen = sys.argv[1:] or ["stsb", "lora", "nli"]
     out = Path(__file__).parent / "results" / f"train-{datetime.now(timezone.utc):%Y-%m-%d}.json"
     results = json.loads(out.read_text()) if out.is_file() else []
     for name in chosen:
