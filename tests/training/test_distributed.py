@@ -47,7 +47,8 @@ def pairs(shared_data, tmp_path_factory) -> Path:
     return out
 
 
-def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str) -> list[str]:
+def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str,
+         launcher: str = "torchrun") -> list[str]:
     args = ["-m", "training.fit", "--model", str(model), "--train-data", str(data),
             "--column-rename", STS_RENAME, "--output-dir", str(out), "--max-steps", "3",
             "--warmup-steps", "1", "--learning-rate", "5e-4", "--seed", "3",
@@ -55,6 +56,10 @@ def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str) -> list[st
     cmd = [sys.executable, *args] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={procs}", *args]
+    if launcher == "accelerate":  # --multi_gpu picks its torchrun-style launcher; no GPU needed
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(procs), "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", "0", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -119,6 +124,18 @@ def test_gathered_negatives_equal_one_process_on_the_joined_batch(no_dropout_ber
                                                            rel=1e-4)
     local = _update(_weights(tmp_path / "local"), before)
     assert float((local - b).norm() / b.norm()) > 0.1  # measured 0.44 (gathered: 0.0065)
+
+
+def test_accelerate_launch_trains_like_torchrun(no_dropout_bert, pairs, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m training.fit ... --device cpu`
+    (2 gloo processes from accelerate's launcher) trains exactly as torchrun does."""
+    pytest.importorskip("accelerate")
+    lines = _fit(no_dropout_bert, pairs, tmp_path / "acc", 2, "--batch-size", "4",
+                 launcher="accelerate")
+    assert len(lines) == 1 and json.loads(lines[0])["processes"] == 2
+    _fit(no_dropout_bert, pairs, tmp_path / "run", 2, "--batch-size", "4")
+    assert _close(_weights(tmp_path / "acc"), _weights(tmp_path / "run")) < 1e-6
+    assert _close(_weights(tmp_path / "acc"), _weights_of(no_dropout_bert)) > 1e-3
 
 
 def _weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
