@@ -114,10 +114,12 @@ def ddp() -> dict:
         subprocess.run([*launch, "-m", "training.fit", *flags], check=True, env=env)
         seconds = time.perf_counter() - start
         runs[procs] = {"seconds": seconds, "batch_size_per_process": cfg.batch_size,
-                       "test_after": test_score(Path(cfg.output_dir) / "best-checkpoint")}
+                       "test_after": test_score(Path(cfg.output_dir) / "best-checkpoint"),
+                       "test_final": test_score(cfg.output_dir)}
     return {"recipe": "ddp", "runs": runs, "wall_ratio_2_over_1":
             runs[2]["seconds"] / runs[1]["seconds"],
-            "test_difference": runs[2]["test_after"] - runs[1]["test_after"]}
+            "test_difference": runs[2]["test_after"] - runs[1]["test_after"],
+            "test_final_difference": runs[2]["test_final"] - runs[1]["test_final"]}
 
 
 def _args(cfg: TrainConfig) -> dict:
