@@ -84,6 +84,7 @@ class Encoder:
         self._state = threading.Condition()
         self._running, self._closed = 0, False
         intra_op_threads, self.streams = _parallelism(device, intra_op_threads, streams)
+        self.threads = intra_op_threads  # ONNX Runtime threads a batch (None: its default)
         self._pool: ThreadPoolExecutor | None = None
         self.session = open_session(self.bundle / self.artifact.file, device,
                                     self.manifest.embedding_dim, intra_op_threads,

@@ -192,8 +192,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                             "2,048 inputs of 256; 413 beyond)")
     batch.add_argument("--fair-quantum-tokens", metavar="N", type=pos_int,
                        help="tokens of one request's turn; requests take turns round-robin "
-                            "(default: 512 on CPU, 8192 on GPU; smaller: a light request "
-                            "waits less behind a flood, the flood runs slower)")
+                            "(default: 256 a thread of a worker on CPU, 8192 on GPU; "
+                            "smaller: a light request waits less behind a flood, the flood "
+                            "runs slower)")
     batch.add_argument("--request-timeout", metavar="S", type=pos_float, default=60.0,
                        help="seconds from a request's arrival to its answer (default: 60; "
                             "504 beyond, its queued inputs dropped)")

@@ -22,7 +22,10 @@ from angle_rt.serve.protocol import EmbedRequest, invalid
 from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP
 
 _ITEM = re.compile(r"sentences\[(\d+)\]")
-FAIR_QUANTUM_CPU, FAIR_QUANTUM_GPU = 512, 8192
+# a turn's tokens: on CPU per ONNX Runtime thread of a worker, so a turn takes about as long
+# whatever the split (measured, benchmarks/serve_flood.py: 512 for one worker on 2 threads,
+# 256 for workers on 1 thread each); GPUs want bigger batches (not measured here)
+FAIR_QUANTUM_CPU_PER_THREAD, FAIR_QUANTUM_GPU = 256, 8192
 
 
 class ServedModel:
@@ -38,10 +41,8 @@ class ServedModel:
         # CPU: as many as the batches the Encoder runs side by side (one a core by default)
         self.workers = config.workers or (2 if encoder.session.name.startswith("tensorrt")
                                           else encoder.streams)
-        # measured on CPU (benchmarks/serve_flood.py, docs/serving.md); GPUs want bigger
-        # batches and run them in milliseconds (not measured here)
         self.fair_quantum_tokens = config.fair_quantum_tokens or (
-            FAIR_QUANTUM_GPU if gpu else FAIR_QUANTUM_CPU)
+            FAIR_QUANTUM_GPU if gpu else FAIR_QUANTUM_CPU_PER_THREAD * (encoder.threads or 1))
         self.batcher = Batcher(encoder.run_batch, encoder.plan, encoder.dim,
                                max_batch_size=config.max_batch_size,
                                max_batch_tokens=encoder.max_batch_tokens,

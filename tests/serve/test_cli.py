@@ -93,6 +93,8 @@ def test_onnx_runtime_threads_and_spinning(tiny_bert_bundle, spin):
         opts = model.encoder.session.inference_session.get_session_options()
         assert opts.intra_op_num_threads == (max(1, physical_cores() - 1) if spin else 1)
         assert model.workers == (1 if spin else physical_cores())
+        # a turn of about the same time whatever the split: 256 tokens a worker's thread
+        assert model.fair_quantum_tokens == 256 * opts.intra_op_num_threads
         if spin:
             with pytest.raises(RuntimeError, match="does not have configuration"):
                 opts.get_session_config_entry(key)
