@@ -230,7 +230,8 @@ class Encoder:
             out[idx] = self._run_rows([ids[i] for i in idx])
             return len(idx)
 
-        futures = [self._executor().submit(run, idx) for idx in batches]
+        pool = self._executor()
+        futures = [pool.submit(run, idx) for idx in batches]
         bar = _bar(progress, len(out))
         try:
             for fut in as_completed(futures):

@@ -38,7 +38,7 @@ class ServeConfig:
     port: int = 8080
     precision: str | None = None
     backend: str = "auto"
-    threads: int | None = None  # ONNX Runtime intra-op threads (default: see default_threads)
+    threads: int | None = None  # ONNX Runtime threads a batch (default: server.cpu_threads)
     spin: bool = False  # ONNX Runtime's idle intra-op threads spin-wait (off: they sleep)
     layers: int | None = None  # depth variant for bundles without their own @K
     output_dtype: str = "float32"  # vectors' dtype when a request names none

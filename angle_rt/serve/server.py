@@ -87,25 +87,19 @@ def open_models(config: ServeConfig, metrics: Metrics) -> dict[str, ServedModel]
 
 
 def cpu_threads(config: ServeConfig) -> int | None:
-    """ONNX Runtime threads a batch: --threads; with --spin, default_threads; with --workers
-    N, the cores shared among them; else None: the Encoder's CPU default, one worker a
-    physical core on one thread each (they serve more than one worker on every core at 8
-    clients and more, and answer a lone short text as fast: docs/serving.md)."""
+    """ONNX Runtime threads a batch: --threads; with --spin the cores but one, which stays
+    with the event loop and tokenization (spin-waiting threads compete with it for every
+    core: on 2 cores, 2 spinning threads served half of what 1 did); with --workers N, the
+    cores shared among them; else None: the Encoder's CPU default, one worker a physical
+    core on one thread each (they serve more than one worker on every core at 8 clients
+    and more, and answer a lone short text as fast: docs/serving.md)."""
     if config.threads:
         return config.threads
     if config.spin:
-        return default_threads(True)
+        return max(1, physical_cores() - 1)
     if config.workers:
         return max(1, physical_cores() // config.workers)
     return None
-
-
-def default_threads(spin: bool = False) -> int:
-    """ONNX Runtime threads when --threads is not given: the physical cores; with --spin the
-    cores but one, which stays with the event loop and tokenization (spin-waiting threads
-    compete with it for every core: on 2 cores, 2 spinning threads served half of what 1
-    did)."""
-    return max(1, physical_cores() - (1 if spin else 0))
 
 
 class DrainingServer(uvicorn.Server):
