@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -132,7 +133,8 @@ def merge_lora(backbone: nn.Module, adapter: str | Path) -> tuple[nn.Module, Ada
     return model.merge_and_unload(), report
 
 
-def save_adapter(model: nn.Module, out: str | Path, causal_lm: bool) -> Path:
+def save_adapter(model: nn.Module, out: str | Path, causal_lm: bool,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save the adapter of a peft-wrapped headless backbone as angle_emb saves its own: for
     an LLM (`causal_lm`) as a CAUSAL_LM adapter of `AutoModelForCausalLM` (tensor keys under
     the causal LM's inner model, e.g. base_model.model.model.layers...), so that
@@ -142,7 +144,10 @@ def save_adapter(model: nn.Module, out: str | Path, causal_lm: bool) -> Path:
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
-    model.save_pretrained(str(out))
+    if state_dict is None:
+        model.save_pretrained(str(out))
+    else:  # the whole model's weights (e.g. gathered from FSDP shards): peft picks the adapter
+        model.save_pretrained(str(out), state_dict=state_dict)
     cfg_path = out / ADAPTER_CONFIG
     cfg = json.loads(cfg_path.read_text())
     cfg["task_type"] = "CAUSAL_LM" if causal_lm else "FEATURE_EXTRACTION"

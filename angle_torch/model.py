@@ -182,14 +182,21 @@ class AngleModel(nn.Module):
         ids, mask = pad_ids(rows, self.pad_token_id, self.settings.padding_side)
         return ids.to(device), mask.to(device)
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """A normal HF directory + angle_config.json that angle-export reads unprompted."""
+    def save_pretrained(self, out_dir: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """A normal HF directory + angle_config.json that angle-export reads unprompted.
+        `state_dict`: this model's weights as given (e.g. gathered from FSDP shards)
+        instead of its parameters'."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        weights = None if state_dict is None else {
+            k.removeprefix("backbone."): v for k, v in state_dict.items()
+            if k.startswith("backbone.")}
         if is_peft_model(self.backbone):  # the adapter only, in angle_emb's layout
-            save_adapter(self.backbone, out, causal_lm=self.settings.is_decoder)
+            save_adapter(self.backbone, out, causal_lm=self.settings.is_decoder,
+                         state_dict=weights)
         else:
-            self.backbone.save_pretrained(out)
+            self.backbone.save_pretrained(out, state_dict=weights)
         self.hf_tokenizer.padding_side = self.settings.padding_side
         self.hf_tokenizer.save_pretrained(out)
         cfg = self.settings.to_angle_config(self.name)

@@ -1,12 +1,13 @@
 """Real fine-tuning runs on this CPU (run by hand; results go in the README).
 
-    python benchmarks/train_recipes.py [stsb] [lora] [nli]
+    python benchmarks/train_recipes.py [stsb] [lora] [nli] [ddp] [fsdp]
 
 stsb  all-MiniLM-L6-v2, full fine-tune on STS-B train (format A), dev for selection
 lora  the same with LoRA, then merged, exported, and the bundle scored through angle_rt
 nli   NLI triples (format B) to completion; STS-B test before and after
 ddp   the stsb recipe as 1 process (batch 32, 2 threads) and as 2 torchrun processes on the
       same CPU (batch 16 each, 1 thread each: the same global batch), both as command lines
+fsdp  as ddp, the 2 processes sharding the model (--fsdp, PyTorch FSDP2)
 Each prints STS-B test Spearman×100 and seconds per epoch, and appends to
 benchmarks/results/train-<date>.json.
 """
@@ -96,15 +97,25 @@ def nli() -> dict:
 def ddp() -> dict:
     """The stsb recipe as `python -m training.fit` (1 process, batch 32) and under `torchrun
     --nproc_per_node=2` (batch 16 each): the same global batch and steps."""
+    return {"recipe": "ddp", **_one_versus_two("ddp")}
+
+
+def fsdp() -> dict:
+    """As ddp, the 2 processes sharding the model (--fsdp): each holds half the weights,
+    gradients and AdamW state; gathered per block for its forward and backward."""
+    return {"recipe": "fsdp", **_one_versus_two("fsdp", "--fsdp")}
+
+
+def _one_versus_two(name: str, *two_flags: str) -> dict:
     runs = {}
     for procs in (1, 2):
-        cfg = sts_config(f"minilm-stsb-ddp{procs}", batch_size=32 // procs)
+        cfg = sts_config(f"minilm-stsb-{name}{procs}", batch_size=32 // procs)
         flags = ["--model", cfg.model, "--train-data", cfg.train_data, "--valid-data",
                  cfg.valid_data, "--column-rename", RENAME, "--output-dir", cfg.output_dir,
                  "--epochs", "2", "--batch-size", str(cfg.batch_size), "--learning-rate",
                  "2e-5", "--warmup-steps", "36", "--cosine-w", "1", "--ibn-w", "0",
                  "--angle-w", "0.02", "--eval-steps", "90", "--group-by-length",
-                 "--device", "cpu"]
+                 "--device", "cpu", *(two_flags if procs == 2 else ())]
         launch = [sys.executable] if procs == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc_per_node=2"]
@@ -114,10 +125,10 @@ def ddp() -> dict:
         subprocess.run([*launch, "-m", "training.fit", *flags], check=True, env=env)
         seconds = time.perf_counter() - start
         runs[procs] = {"seconds": seconds, "batch_size_per_process": cfg.batch_size,
+                       "flags": list(two_flags) if procs == 2 else [],
                        "test_after": test_score(Path(cfg.output_dir) / "best-checkpoint"),
                        "test_final": test_score(cfg.output_dir)}
-    return {"recipe": "ddp", "runs": runs, "wall_ratio_2_over_1":
-            runs[2]["seconds"] / runs[1]["seconds"],
+    return {"runs": runs, "wall_ratio_2_over_1": runs[2]["seconds"] / runs[1]["seconds"],
             "test_difference": runs[2]["test_after"] - runs[1]["test_after"],
             "test_final_difference": runs[2]["test_final"] - runs[1]["test_final"]}
 
@@ -130,7 +141,7 @@ def _args(cfg: TrainConfig) -> dict:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    recipes = {"stsb": stsb, "lora": lora, "nli": nli, "ddp": ddp}
+    recipes = {"stsb": stsb, "lora": lora, "nli": nli, "ddp": ddp, "fsdp": fsdp}
     chosen = sys.argv[1:] or ["stsb", "lora", "nli"]
     out = Path(__file__).parent / "results" / f"train-{datetime.now(timezone.utc):%Y-%m-%d}.json"
     results = json.loads(out.read_text()) if out.is_file() else []

@@ -60,6 +60,9 @@ class TrainConfig:
     # under torchrun / accelerate: every rank's vectors join each micro-batch's loss as
     # in-batch negatives (all_gather with gradients), so the pool grows with the devices
     gather_negatives: bool = False
+    # under torchrun / accelerate: shard weights, gradients and AdamW state across the
+    # processes (PyTorch FSDP2), for models that do not fit one device; see training.distributed
+    fsdp: bool = False
     # read --train-data (.jsonl/.parquet/.csv) as training goes, through a shuffle buffer of
     # this many rows, instead of loading it whole (bounded memory for NLI-scale data)
     streaming: bool = False

@@ -6,15 +6,26 @@ through more than one forward (hidden states, pooling), and DDP only syncs what 
 its own `forward`. The gradients are averaged instead, once per optimizer step, in one flat
 buffer — the same arithmetic as DDP (its overlap with the backward pass aside), and exactly
 a single process's gradient accumulation over the ranks' micro-batches.
+
+`--fsdp` shards instead (`shard`), for models whose weights, gradients and AdamW state do
+not fit one device. The engine is PyTorch's own FSDP2 (`fully_shard`), not DeepSpeed ZeRO-3:
+it ships with torch (no extra package or compiled ops), shards per parameter as DTensors
+that keep their names (so LoRA's frozen/trainable mix, our checkpoints and the rank-0 model
+files work unchanged), runs on gloo (tested on this CPU) as on NCCL, and is what
+`accelerate`'s FSDP plugin (fsdp_version 2) drives; ZeRO-3 would take over the optimizer and
+the loop. Its hooks sit on each module's forward, and every path here (forward, ESE's
+hidden states, encode) goes through the backbone's, which is the root unit.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -102,3 +113,69 @@ def teardown(world: World) -> None:
     if world.active and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def shard(backbone: nn.Module, world: World, device: torch.device) -> tuple[int, int]:
+    """FSDP2 over every process: each transformer block (the model's `_no_split_modules`
+    classes, as accelerate's auto-wrap picks them) is a unit, gathered for its own forward
+    and backward and freed after; the backbone holds the rest (embeddings, final norm).
+    Gradients are reduce-scattered (averaged) in backward, AdamW's state is per shard.
+    The shards go to `device` (this process's GPU, or the CPU under gloo).
+    Returns (values this rank holds, values in the model)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    kinds = set(getattr(backbone, "_no_split_modules", None) or ())
+    for module in [m for m in backbone.modules() if type(m).__name__ in kinds]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(backbone, mesh=mesh)
+    params = list(backbone.parameters())
+    return sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
+
+
+def _full() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict on rank 0's CPU ({} on the others); every rank
+    must call it (it gathers)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full())
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of a sharded model, whole, keyed by parameter name, on rank 0
+    ({} elsewhere); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=_full())
+
+
+def load_full_states(model: nn.Module, opt: torch.optim.Optimizer,
+                     weights: dict[str, torch.Tensor], optim: dict[str, Any]) -> list[str]:
+    """Scatter whole (unsharded) weights — a subset is fine — and optimizer state into a
+    sharded model, each rank keeping its shard. Returns the keys `model` does not have."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    result = set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, opt, optim, options=options)
+    return list(result.unexpected_keys)
+
+
+def from_rank0(value: float, world: World) -> float:
+    """Rank 0's `value` on every rank (so all ranks take the same branch after it)."""
+    if not world.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])

@@ -40,9 +40,14 @@ from training.depth import depth_layers, distill_depths, init_layers
 from training.distributed import (
     World,
     average_gradients,
+    from_rank0,
+    full_optimizer_state,
+    full_state_dict,
     gather_rows,
+    load_full_states,
     mean_over_ranks,
     setup,
+    shard,
     teardown,
 )
 from training.ese import matryoshka_loss
@@ -96,7 +101,9 @@ def fit(cfg: TrainConfig, *, train: Any = None, valid: Any = None) -> FitResult:
         model.backbone = add_lora(model.backbone, cfg)
     if checkpointing:
         _enable_checkpointing(model)
-    if not cfg.load_kbit:  # a quantized model was placed by device_map
+    if cfg.fsdp:  # each device receives only its shard
+        _shard(cfg, model, world, device)
+    elif not cfg.load_kbit:  # a quantized model was placed by device_map
         model.to(device)
     model.train()
     if cfg.streaming:
@@ -132,6 +139,7 @@ class _Trainer:
         self.cfg, self.model, self.teacher, self.collate = cfg, model, teacher, collate
         self.records, self.valid, self.device = records, valid, device
         self.world = world or World()
+        self.sharded = cfg.fsdp and self.world.active  # fit's _shard made it so
         self.out = Path(cfg.output_dir)
         self.loss_fn = cfg.loss()
         self.ese, self.dims = cfg.ese_loss(), cfg.dims()
@@ -260,7 +268,8 @@ class _Trainer:
         if self.scaler:
             self.scaler.unscale_(self.opt)
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        average_gradients(params, self.world)
+        if not self.sharded:  # FSDP already averaged them (reduce-scatter in backward)
+            average_gradients(params, self.world)
         torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.opt)
@@ -298,7 +307,9 @@ class _Trainer:
             self._save_checkpoint()
 
     def _evaluate(self) -> None:
-        if not self.world.main:  # rank 0 evaluates and keeps the best; the others go on
+        # rank 0 evaluates and keeps the best, the others go on; sharded, every rank runs the
+        # same forwards (each gathers every block from all ranks) and takes rank 0's score
+        if not (self.world.main or self.sharded):
             return
         if self.valid is None or (self.history and self.history[-1]["step"] == self.step):
             return
@@ -306,6 +317,8 @@ class _Trainer:
         self.model.train()
         n = len(self.valid.text1)
         score = sts_spearman(emb[:n], emb[n:], self.valid.scores)
+        if self.sharded:
+            score = from_rank0(score, self.world)
         self.history.append({"step": self.step, "epoch": self.epoch, "spearman": score})
         log.info("step %d: valid Spearman %.2f", self.step, score)
         if score > self.best:
@@ -313,7 +326,11 @@ class _Trainer:
             self._save_model(self.out / BEST)
 
     def _save_model(self, where: Path) -> None:
-        self.model.save_pretrained(where)
+        """Rank 0 writes; sharded, every rank joins the gather of the whole weights."""
+        state = full_state_dict(self.model) if self.sharded else None
+        if not self.world.main:
+            return
+        self.model.save_pretrained(where, state_dict=state)
         (where / "training_args.json").write_text(
             json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
 
@@ -321,13 +338,18 @@ class _Trainer:
         """Write output_dir/checkpoint.pt (via a temporary file, so a crash while writing
         leaves the previous one whole) with what `_load_checkpoint` restores. Called only
         after an optimizer step, so no half-accumulated gradient is ever lost."""
-        if not self.world.main:  # the ranks hold the same weights: rank 0 writes them
+        if self.sharded:  # gathered whole on rank 0 (optimizer state keyed by name)
+            weights = full_state_dict(self.model)
+            optim = full_optimizer_state(self.model, self.opt)
+        elif self.world.main:  # the ranks hold the same weights: rank 0 writes them
+            weights, optim = self.model.state_dict(), self.opt.state_dict()
+        if not self.world.main:
             return
         trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in self.model.state_dict().items() if k in trainable}
+        state = {k: v for k, v in weights.items() if k in trainable}
         path = self.out / CHECKPOINT
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"model": state, "optimizer": self.opt.state_dict(),
+        torch.save({"model": state, "optimizer": optim, "fsdp": self.sharded,
                     "scaler": self.scaler.state_dict() if self.scaler else None,
                     "step": self.step, "epoch": self.epoch, "micro": self.micro,
                     "data_order": self._order_digest(self.epoch), "best": self.best,
@@ -377,10 +399,16 @@ class _Trainer:
         if changed:
             log.warning("--resume: config differs from the checkpoint's in %s; the "
                         "continuation is not the same run", ", ".join(changed))
-        missing = self.model.load_state_dict(ck["model"], strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"{path} does not fit this model: {missing.unexpected_keys[:3]}")
-        self.opt.load_state_dict(ck["optimizer"])
+        if ck.get("fsdp", False) != self.sharded:  # the optimizer state's layout differs
+            raise ValueError(f"--resume: {path} was written "
+                             f"{'with' if ck.get('fsdp') else 'without'} --fsdp; resume it so")
+        if self.sharded:
+            unexpected = load_full_states(self.model, self.opt, ck["model"], ck["optimizer"])
+        else:
+            unexpected = self.model.load_state_dict(ck["model"], strict=False).unexpected_keys
+            self.opt.load_state_dict(ck["optimizer"])
+        if unexpected:
+            raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
         if self.scaler is not None:
             if ck.get("scaler"):
                 self.scaler.load_state_dict(ck["scaler"])
@@ -406,11 +434,12 @@ class _Trainer:
     def _finish(self) -> FitResult:
         if self._board:
             self._board.close()
-        if not self.world.main:  # rank 0 writes the model, once
+        self._save_model(self.out)  # rank 0 writes the model, once
+        if not self.world.main:
             return FitResult(self.out, self.step, None, [])
-        self._save_model(self.out)
         if self.cfg.merge and (self.cfg.lora or self.cfg.lora_path):
-            if self.cfg.load_kbit:  # never merge into quantized weights: the fp32 base + adapter
+            # never merge into quantized weights (the fp32 base + adapter) nor sharded ones
+            if self.cfg.load_kbit or self.sharded:
                 merged = AngleModel.from_pretrained(self.out)
                 merged.name = self.cfg.model
             else:
@@ -502,6 +531,22 @@ def _master_weights(cfg: TrainConfig) -> TrainConfig:
     log.info("--dtype bf16 without LoRA: training fp32 master weights under bf16 autocast "
              "(--precision bf16); bf16 weights would not take AdamW's small updates")
     return dataclasses.replace(cfg, dtype="fp32", precision="bf16")
+
+
+def _shard(cfg: TrainConfig, model: AngleModel, world: World, device: torch.device) -> None:
+    """--fsdp: shard the backbone across the processes (training.distributed.shard)."""
+    if not world.active:
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun "
+                         "--nproc_per_node N (or accelerate launch --num_processes N)")
+    if cfg.load_kbit:
+        raise ValueError("--fsdp does not shard bitsandbytes-quantized weights; run QLoRA "
+                         "(--load-kbit) as data parallel, without --fsdp")
+    if cfg.precision == "fp16":
+        raise ValueError("--fsdp trains with --precision bf16 or fp32: fp16's GradScaler "
+                         "does not unscale sharded gradients")
+    held, total = shard(model.backbone, world, device)
+    log.info("FSDP over %d processes: rank 0 holds %d of the %d parameter values",
+             world.size, held, total)
 
 
 def _check(cfg: TrainConfig) -> None:

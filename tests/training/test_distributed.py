@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,23 @@ def pairs(shared_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def dev(shared_data, tmp_path_factory) -> Path:
+    lines = (shared_data / "sts" / "stsb-dev.jsonl").read_text().splitlines()[:40]
+    out = tmp_path_factory.mktemp("dev") / "dev.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str,
          launcher: str = "torchrun") -> list[str]:
+    done = _launch(model, data, out, procs, *flags, launcher=launcher)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _launch(model: Path, data: Path, out: Path, procs: int, *flags: str,
+            launcher: str = "torchrun") -> subprocess.CompletedProcess:
     args = ["-m", "training.fit", "--model", str(model), "--train-data", str(data),
             "--column-rename", STS_RENAME, "--output-dir", str(out), "--max-steps", "3",
             "--warmup-steps", "1", "--learning-rate", "5e-4", "--seed", "3",
@@ -62,9 +78,7 @@ def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str,
                "no", "--dynamo_backend", "no", "--main_process_port", "0", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -136,6 +150,60 @@ def test_accelerate_launch_trains_like_torchrun(no_dropout_bert, pairs, tmp_path
     _fit(no_dropout_bert, pairs, tmp_path / "run", 2, "--batch-size", "4")
     assert _close(_weights(tmp_path / "acc"), _weights(tmp_path / "run")) < 1e-6
     assert _close(_weights(tmp_path / "acc"), _weights_of(no_dropout_bert)) > 1e-3
+
+
+def test_fsdp_shards_the_model_and_trains_like_one_process(no_dropout_bert, pairs, dev,
+                                                           tmp_path):
+    """--fsdp: each of 2 processes holds half the weights (and their AdamW state), yet the
+    run equals 1 process with gradient accumulation 2: losses, weights, evaluation and the
+    best checkpoint; rank 0 writes whole HF weights; a checkpoint resumes exactly."""
+    flags = ("--batch-size", "4", "--valid-data", str(dev), "--eval-steps", "2",
+             "--save-steps", "2")
+    run = _launch(no_dropout_bert, pairs, tmp_path / "fsdp", 2, *flags, "--fsdp")
+    assert run.returncode == 0, run.stderr[-3000:]
+    held, total = map(int, re.search(r"rank 0 holds (\d+) of the (\d+)", run.stderr).groups())
+    assert total == sum(t.numel() for t in _weights_of(no_dropout_bert).values())
+    assert held <= total // 2 + 64  # its shard: half of each weight, rounded up
+    result = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("{")))
+    ref = json.loads(_fit(no_dropout_bert, pairs, tmp_path / "accum", 1, *flags,
+                          "--gradient-accumulation-steps", "2")[0])
+    assert result["steps"] == ref["steps"] == 3
+    assert result["best_spearman"] == pytest.approx(ref["best_spearman"], abs=1e-6)
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "accum"), rel=1e-5)
+    fsdp = _weights(tmp_path / "fsdp")
+    assert _close(fsdp, _weights_of(no_dropout_bert)) > 1e-3  # it trained
+    assert _close(fsdp, _weights(tmp_path / "accum")) < 1e-5
+    assert _close(_weights(tmp_path / "fsdp" / "best-checkpoint"),
+                  _weights(tmp_path / "accum" / "best-checkpoint")) < 1e-5
+    # checkpoint.pt was written at step 2 (max_steps 3 stops inside the epoch): resuming
+    # scatters it back into the shards and step 3 lands on the same weights
+    _fit(no_dropout_bert, pairs, tmp_path / "fsdp", 2, *flags, "--fsdp", "--resume")
+    assert _close(_weights(tmp_path / "fsdp"), fsdp) < 1e-6
+    plain = _launch(no_dropout_bert, pairs, tmp_path / "fsdp", 2, *flags, "--resume")
+    assert plain.returncode != 0 and "written with --fsdp" in plain.stderr  # torchrun: 1
+    alone = _launch(no_dropout_bert, pairs, tmp_path / "one", 1, *flags, "--fsdp")
+    assert alone.returncode == 2 and "--fsdp shards the model across processes" in alone.stderr
+
+
+def test_fsdp_trains_a_lora_adapter_like_one_process(no_dropout_bert, pairs, tmp_path):
+    """Frozen base and trainable adapter weights share FSDP units; rank 0 writes the adapter
+    (angle_emb's layout) and the merged model."""
+    from angle_torch.model import AngleModel
+
+    flags = ("--batch-size", "4", "--lora", "--lora-r", "4", "--lora-dropout", "0")
+    _fit(no_dropout_bert, pairs, tmp_path / "fsdp", 2, *flags, "--fsdp", "--merge")
+    _fit(no_dropout_bert, pairs, tmp_path / "accum", 1, *flags,
+         "--gradient-accumulation-steps", "2")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("fsdp", "accum"))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert _close(a, b) < 1e-5
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    texts = ["A man is playing a guitar.", "Two dogs run through the snow."]
+    merged = AngleModel.from_pretrained(tmp_path / "fsdp" / "merged").encode(texts)
+    adapted = AngleModel.from_pretrained(tmp_path / "accum").encode(texts)
+    assert float(abs(merged - adapted).max()) < 1e-4
 
 
 def _weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
