@@ -43,6 +43,10 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 TEI_PATHS = frozenset({"/embed", "/tokenize"})  # errors in TEI's {"error", "error_type"}
 ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/embed",
                     "/tokenize", "/info", "/health", "/ready", "/metrics"})
+# bodies up to this size are parsed and tokenized on the event loop (measured: a thread hop
+# each way cost more than the work for one-sentence requests; docs/serving.md)
+INLINE_BYTES = 4096
+BODY_BYTES = "angle_rt.body_bytes"
 HEALTH_FRESH_S = 10.0  # a batch that succeeded this recently vouches for the model
 HEALTH_PROBE_S = 5.0
 PROBE = EmbedRequest(["angle-rt health probe"], None, "input")
@@ -137,7 +141,8 @@ class Api:
     async def openai_embeddings(self, request: Request) -> Response:
         body = await self._json(request)  # before admission: a slow upload holds no slot
         with self._admitted():
-            req = await self._off_loop(parse_openai, body, self.cfg.max_client_batch_size)
+            req = await self._cpu(request, parse_openai, body,
+                                  self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
             # OpenAI's clients decode base64 as float32 and take dot products as cosines:
@@ -153,7 +158,8 @@ class Api:
     async def tei_embed(self, request: Request) -> Response:
         body = await self._json(request)
         with self._admitted():
-            req = await self._off_loop(parse_tei_embed, body, self.cfg.max_client_batch_size)
+            req = await self._cpu(request, parse_tei_embed, body,
+                                  self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             model.check_dimensions(req.dimensions)
             dtype = model.check_output_dtype(req.output_dtype, req.dimensions)
@@ -166,16 +172,17 @@ class Api:
     async def tokenize(self, request: Request) -> Response:
         body = await self._json(request)
         with self._admitted():
-            req = await self._off_loop(parse_tokenize, body, self.cfg.max_client_batch_size)
+            req = await self._cpu(request, parse_tokenize, body,
+                                  self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             truncate = False if req.truncate is None else req.truncate  # TEI: every token
-            tokens = await self._off_loop(model.tokens, req, truncate)
+            tokens = await self._cpu(request, model.tokens, req, truncate)
             return _response(dumps(tokens))
 
     async def _embed(self, request: Request, model: ServedModel, req: EmbedRequest,
                      truncate: bool) -> tuple[np.ndarray, Timing]:
         timing = Timing(characters=sum(map(len, req.texts)) if req.texts else 0)
-        rows = await self._off_loop(model.rows, req, truncate)
+        rows = await self._cpu(request, model.rows, req, truncate)
         timing.tokenization_s = time.perf_counter() - timing.start
         timing.tokens = sum(map(len, rows))
         metrics = self.state.metrics
@@ -231,6 +238,14 @@ class Api:
             raise ApiError(500, f"inference failed ({type(exc).__name__}); the server "
                                 "logged the cause", code="inference_failed") from None
 
+    async def _cpu(self, request: Request, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` for this request: on the event loop for a small body (a few sentences
+        parse and tokenize in tens of µs, less than a thread hop costs), else on the
+        tokenizer pool so a large one cannot stall other requests."""
+        if request.scope.get(BODY_BYTES, INLINE_BYTES + 1) <= INLINE_BYTES:
+            return fn(*args)
+        return await self._off_loop(fn, *args)
+
     async def _off_loop(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.state.tokenizer_pool, fn, *args)
@@ -261,7 +276,9 @@ class Api:
             raise ApiError(408, f"The request body did not arrive within "
                                 f"{self.cfg.body_timeout:g} s (--body-timeout)",
                            code="request_timeout", headers={"connection": "close"}) from None
-        return parse_json(b"".join(chunks))
+        body = b"".join(chunks)
+        request.scope[BODY_BYTES] = len(body)
+        return parse_json(body)
 
     @contextmanager
     def _admitted(self) -> Iterator[None]:

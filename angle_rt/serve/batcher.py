@@ -16,9 +16,10 @@ How a batch is formed (the worker that is free takes the next one):
    cannot starve a flood. A one-sentence request behind a flood thus waits for the batch
    running, not for the flood (`benchmarks/serve_flood.py` measures it).
 3. Each window is planned by `plan(lengths, max_batch_size)` — the Encoder's own planner,
-   so batches are length-sorted and padded exactly as `Encoder.encode` pads them.
-   Cancelled or failed requests are dropped on the way.
-3. No artificial wait (`max_wait_ms=0`): a worker takes whatever is queued. With a wait, a
+   so batches are length-sorted and padded exactly as `Encoder.encode` pads them. New
+   requests' first turns not started yet are re-planned with each arrival into one window
+   (the batch with the oldest request first). Cancelled or failed requests are dropped.
+4. No artificial wait (`max_wait_ms=0`): a worker takes whatever is queued. With a wait, a
    worker holds off until a full batch is queued or the oldest item waited that long.
 """
 
@@ -255,7 +256,7 @@ class Batcher:
         a flood); a new request that arrived meanwhile is planned ahead of queued turns."""
         while True:
             if self._fresh and not self._owe_turn and not self._should_wait():
-                self._plan_window(self._fresh_window(), self._planned_fresh)
+                self._replan_fresh()
             if self._owe_turn and not self._planned and self._rotation:
                 self._plan_turn()
             if self._owe_turn and self._planned:
@@ -294,9 +295,31 @@ class Batcher:
         self._fresh = deque(t for t in self._fresh if not t.future.done())
         self._rotation = deque(t for t in self._rotation if not t.future.done())
         if self._fresh and not (self._owe_turn and self._rotation):
-            self._plan_window(self._fresh_window(), self._planned_fresh)
+            self._replan_fresh()
         elif self._rotation:
             self._plan_turn()
+
+    def _replan_fresh(self) -> None:
+        """Plan new requests' first turns together with those planned but not started, while
+        they fit one window: one window of everything waiting sorts and splits better than
+        one per arrival (arrivals trickle in between batches; measured: docs/serving.md).
+        The batch holding the oldest request goes first, so re-planning never starves it;
+        past a window, new requests get a window of their own, after (FIFO between windows)."""
+        planned = self._planned_fresh
+        waiting = [it for batch in planned for it in batch if not it[0].future.done()]
+        tokens = sum(len(t.rows[i]) for t, i in waiting)
+        if len(waiting) >= self._window_items or tokens >= self._window_tokens:
+            self._plan_window(self._fresh_window(), planned)
+            return
+        planned.clear()
+        self._plan_window(waiting + self._fresh_window(len(waiting), tokens), planned)
+        if len(planned) > 1:
+            ages = [min(t.submitted for t, _ in batch) for batch in planned]
+            first = ages.index(min(ages))
+            if first:
+                batch = planned[first]
+                del planned[first]
+                planned.appendleft(batch)
 
     def _plan_turn(self) -> None:
         """The next started request's turn, into the planned batches."""
@@ -306,13 +329,13 @@ class Batcher:
             self._rotation.append(ticket)  # its turn is over: to the back
         self._plan_window(window, self._planned)
 
-    def _fresh_window(self) -> list[Item]:
-        """A first turn for each new request, in arrival order, up to a window."""
+    def _fresh_window(self, items: int = 0, tokens: int = 0) -> list[Item]:
+        """A first turn for each new request, in arrival order, up to a window (of which
+        `items` and `tokens` are taken already)."""
         self._fresh = deque(t for t in self._fresh if not t.future.done())
         budget = self.fair_quantum_tokens
         window: list[Item] = []
-        tokens = 0
-        while self._fresh and len(window) < self._window_items \
+        while self._fresh and items + len(window) < self._window_items \
                 and tokens < self._window_tokens:
             ticket = self._fresh.popleft()
             taken = self._quantum(ticket, self.max_batch_size, budget)

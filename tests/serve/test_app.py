@@ -295,3 +295,27 @@ def test_a_request_cancelled_at_the_graceful_timeout_gets_json_503(tiny, abortin
     assert outcome is None and sent[0]["status"] == 503
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
     assert body["error_type"] == "Unhealthy" and "graceful-timeout" in body["error"]
+
+
+def test_small_bodies_tokenize_on_the_loop_large_ones_on_the_pool(tiny, enc, monkeypatch):
+    """A one-sentence request is parsed and tokenized on the event loop (a thread hop each
+    way cost more than the work); a body past INLINE_BYTES goes to the tokenizer pool, so
+    it cannot stall other requests. Same vectors either way."""
+    from angle_rt.serve import app as app_module
+
+    client, state = tiny
+    hops = []
+    submit = state.tokenizer_pool.submit
+
+    def counted(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", str(fn)))
+        return submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(state.tokenizer_pool, "submit", counted)
+    small = client.post("/embed", json={"inputs": TEXTS[:1], "normalize": False})
+    assert small.status_code == 200 and hops == []
+    many = TEXTS[:1] * (app_module.INLINE_BYTES // len(TEXTS[0]) + 1)
+    large = client.post("/embed", json={"inputs": many, "normalize": False})
+    assert large.status_code == 200 and hops == ["parse_tei_embed", "rows"]
+    np.testing.assert_allclose(large.json()[0], small.json()[0], atol=1e-6)
+    np.testing.assert_allclose(small.json(), enc.encode(TEXTS[:1]), atol=2e-6)

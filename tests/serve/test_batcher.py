@@ -290,3 +290,25 @@ def test_a_one_sentence_request_behind_a_flood_runs_in_the_next_window():
     last = {k: max(n for n, batch in enumerate(fake.batches) for row in batch if row[0] == k)
             for k in (1, 2)}
     assert abs(last[1] - last[2]) <= 2  # interleaved: both finish at the end
+
+
+def test_new_requests_waiting_are_planned_as_one_window_oldest_first():
+    """Arrivals trickle in between batches: a new request is planned together with the new
+    requests' batches not started yet (so a short text joins the short ones already
+    waiting rather than running alone), and the batch holding the oldest request runs
+    first (re-planning longest-first never starves it). Before, each arrival was planned
+    apart: B, then D, then C each alone."""
+    fake = FakeSession(delay=0.2)
+    plan = lambda lengths, bs: plan_batches(lengths, bs, 1000, batch_cost=16)  # noqa: E731
+    with Batcher(fake.run_batch, plan, DIM, max_batch_size=8, max_batch_tokens=1000) as b:
+        hold(fake, b)
+        a, short_b = b.submit([[1] * 40]), b.submit([[2] * 3])  # planned apart: 40 vs 3
+        fake.gate.set()
+        deadline = time.monotonic() + 5
+        while len(fake.batches) < 2 and time.monotonic() < deadline:  # [A] is running
+            time.sleep(0.001)
+        assert fake.batches[1] == [[1] * 40]
+        short_c, long_d = b.submit([[3] * 3]), b.submit([[4] * 40])
+        for t in (a, short_b, short_c, long_d):
+            t.future.result(10)
+    assert fake.batches[2:] == [[[2] * 3, [3] * 3], [[4] * 40]]
