@@ -144,10 +144,9 @@ def save_adapter(model: nn.Module, out: str | Path, causal_lm: bool,
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
-    if state_dict is None:
-        model.save_pretrained(str(out))
-    else:  # the whole model's weights (e.g. gathered from FSDP shards): peft picks the adapter
-        model.save_pretrained(str(out), state_dict=state_dict)
+    # state_dict: the whole model's weights (e.g. gathered from FSDP shards), of which peft
+    # saves the adapter's; None: the model's own
+    model.save_pretrained(str(out), state_dict=state_dict)
     cfg_path = out / ADAPTER_CONFIG
     cfg = json.loads(cfg_path.read_text())
     cfg["task_type"] = "CAUSAL_LM" if causal_lm else "FEATURE_EXTRACTION"

@@ -338,12 +338,12 @@ class _Trainer:
         """Write output_dir/checkpoint.pt (via a temporary file, so a crash while writing
         leaves the previous one whole) with what `_load_checkpoint` restores. Called only
         after an optimizer step, so no half-accumulated gradient is ever lost."""
-        if self.sharded:  # gathered whole on rank 0 (optimizer state keyed by name)
+        if self.sharded:  # every rank joins the gather onto rank 0 (optimizer state by name)
             weights = full_state_dict(self.model)
             optim = full_optimizer_state(self.model, self.opt)
-        elif self.world.main:  # the ranks hold the same weights: rank 0 writes them
+        else:  # the ranks hold the same weights
             weights, optim = self.model.state_dict(), self.opt.state_dict()
-        if not self.world.main:
+        if not self.world.main:  # rank 0 writes them
             return
         trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in weights.items() if k in trainable}

@@ -314,12 +314,11 @@ class Batcher:
         planned.clear()
         self._plan_window(waiting + self._fresh_window(len(waiting), tokens), planned)
         if len(planned) > 1:
-            ages = [min(t.submitted for t, _ in batch) for batch in planned]
-            first = ages.index(min(ages))
-            if first:
-                batch = planned[first]
-                del planned[first]
-                planned.appendleft(batch)
+            first = min(range(len(planned)),
+                        key=lambda k: min(t.submitted for t, _ in planned[k]))
+            oldest = planned[first]
+            del planned[first]  # by position: tickets do not compare by value
+            planned.appendleft(oldest)
 
     def _plan_turn(self) -> None:
         """The next started request's turn, into the planned batches."""

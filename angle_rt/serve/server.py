@@ -200,10 +200,11 @@ class LogWriter(logging.handlers.QueueHandler):
             with contextlib.suppress(queue.Empty):
                 while True:
                     pending.append(self.queue.get_nowait())
+            stop = any(record is None for record in pending)  # close() queued None last
             out = []
             for record in pending:
                 if record is None:
-                    break
+                    continue
                 try:
                     out.append(self.lines.format(record))
                 except Exception:
@@ -212,7 +213,7 @@ class LogWriter(logging.handlers.QueueHandler):
                 with contextlib.suppress(OSError, ValueError):  # a closed stream at exit
                     self.stream.write("\n".join(out) + "\n")
                     self.stream.flush()
-            if record is None:
+            if stop:
                 return
 
     def close(self) -> None:

@@ -40,20 +40,22 @@ def no_dropout_bert(tmp_path_factory) -> Path:
     return out
 
 
+def _head(source: Path, rows: int, out: Path) -> Path:
+    """The first `rows` lines of a JSONL file, as a file of their own."""
+    out.write_text("\n".join(source.read_text().splitlines()[:rows]) + "\n")
+    return out
+
+
 @pytest.fixture(scope="module")
 def pairs(shared_data, tmp_path_factory) -> Path:
-    lines = (shared_data / "sts" / "stsb-train.jsonl").read_text().splitlines()[:64]
-    out = tmp_path_factory.mktemp("pairs") / "train.jsonl"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return _head(shared_data / "sts" / "stsb-train.jsonl", 64,
+                 tmp_path_factory.mktemp("pairs") / "train.jsonl")
 
 
 @pytest.fixture(scope="module")
 def dev(shared_data, tmp_path_factory) -> Path:
-    lines = (shared_data / "sts" / "stsb-dev.jsonl").read_text().splitlines()[:40]
-    out = tmp_path_factory.mktemp("dev") / "dev.jsonl"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return _head(shared_data / "sts" / "stsb-dev.jsonl", 40,
+                 tmp_path_factory.mktemp("dev") / "dev.jsonl")
 
 
 def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str,
