@@ -15,13 +15,16 @@ from angle_rt.manifest import INPUT_NAMES
 from angle_rt.session.base import Session
 
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-# One run's fixed cost in padded tokens. CPU, measured (MiniLM int8-dynamic, 2 threads, EPYC
-# Zen 4): ≈ 1.3 ms a run against ≈ 77 µs a token, i.e. 16 tokens; 32 because small batches
-# also run each token a little slower (sorted input then keeps its batches: 83 instead of
-# 80 on STS-B test, same speed; random mixes of STS-B sentences pad 45-50% fewer tokens).
+# One run's fixed cost in padded tokens, per ONNX Runtime thread of the run: the overhead is
+# wall time while a token's time shrinks with threads. CPU, measured (MiniLM int8-dynamic,
+# EPYC Zen 4): on 2 threads ≈ 1.3 ms a run against ≈ 77 µs a token, i.e. 16 tokens, and 32
+# served best (small batches also run each token a little slower; sorted input keeps its
+# batches: 83 instead of 80 on STS-B test). On 1 thread, the server's default, served-shape
+# windows of 8 / 16 STS-B sentences (benchmarks/served_batches.py) ran 0.77 / 0.78x sorted
+# at 16 against 0.70 / 0.77x at 32 on Zen 4, 0.81 / 0.83x against 0.76 / 0.82x on Zen 3.
 # GPU: a launch-bound call (≈ 6 ms at batch 1 on an H200 in torch) is worth hundreds of its
 # ≈ 4 µs tokens; 512 is a conservative estimate, not a GPU measurement.
-CPU_BATCH_COST = 32
+CPU_BATCH_COST_PER_THREAD = 16
 GPU_BATCH_COST = 512
 
 
@@ -69,7 +72,8 @@ class OrtSession(Session):
         self.providers = self._sess.get_providers()
         cuda = self.providers[0] == "CUDAExecutionProvider"
         self.pad_multiple = 8 if cuda else 1
-        self.batch_cost = GPU_BATCH_COST if cuda else CPU_BATCH_COST
+        self.batch_cost = (GPU_BATCH_COST if cuda
+                           else CPU_BATCH_COST_PER_THREAD * opts.intra_op_num_threads)
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -154,6 +154,21 @@ def test_ort_config_reaches_the_session_and_keeps_vectors(tiny_bert_bundle):
         np.testing.assert_array_equal(calm.encode(texts), plain.encode(texts))
 
 
+def test_batch_cost_scales_with_the_threads_of_a_run(tiny_bert_bundle):
+    """A run's fixed cost is wall time and a token's time shrinks with threads: on one thread
+    (the server's workers) a long row among short ones is worth its own run sooner, and the
+    vectors are the same whichever plan ran."""
+    window = [20, 12, 12, 12]  # one batch: 4 x 20 padded tokens; split: 20 + 3 x 12
+    texts = builtin_sentences()[:40]
+    with Encoder(tiny_bert_bundle, intra_op_threads=1) as one, \
+            Encoder(tiny_bert_bundle, intra_op_threads=2) as two:
+        assert one.session.batch_cost < two.session.batch_cost
+        assert [len(b) for b in one.plan(window, 32)] == [1, 3]
+        assert [len(b) for b in two.plan(window, 32)] == [4]
+        np.testing.assert_allclose(one.encode(texts, batch_size=4),
+                                   two.encode(texts, batch_size=4), atol=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8-dynamic"])
 def test_streams_give_the_vectors_of_one_batch_at_a_time(minilm_precisions, precision):
     """Batches run side by side (the CPU default: one a core, one ORT thread each) give
