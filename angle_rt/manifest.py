@@ -73,7 +73,9 @@ class Artifact:
     # ...}: training.depth); None: the cut shares the full model's weights
     depth_source: dict[str, Any] | None = None
     # how an INT8 artifact quantizes: {"activations": "per-token" | "static", "weights":
-    # "per-channel"}; None for float artifacts and for bundles written before it was recorded
+    # "per-channel", "weight_pair_max": 128 (exact on every x86 host: no aligned pair of
+    # weights along K sums past 128; absent: full range, saturates on AVX2)};
+    # None for float artifacts and for bundles written before it was recorded
     quantization: dict[str, Any] | None = None
 
     @property

@@ -30,6 +30,7 @@ from exporters.onnx_export import DEFAULT_OPSET, export_onnx
 from exporters.precision import FP16_CANDIDATE_OPS, convert_float16
 from exporters.quantize import (
     METHODS,
+    PAIR_MAX,
     Calibration,
     calibrate,
     group_regex,
@@ -44,9 +45,10 @@ from exporters.texts import calibration_texts
 log = logging.getLogger("angle_rt.export")
 # what each INT8 artifact's graph does (recorded in the manifest)
 QUANTIZATION = {
-    "int8": {"activations": "static", "weights": "per-channel", "format": "Q/DQ"},
+    "int8": {"activations": "static", "weights": "per-channel", "weight_pair_max": PAIR_MAX,
+             "format": "Q/DQ"},
     "int8-dynamic": {"activations": "per-token", "weights": "per-channel",
-                     "format": "MatMulIntegerToFloat (ONNX Runtime)"},
+                     "weight_pair_max": PAIR_MAX, "format": "MatMulIntegerToFloat (ONNX Runtime)"},
 }
 
 

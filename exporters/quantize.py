@@ -29,6 +29,16 @@ from exporters.graph import GraphIndex
 log = logging.getLogger("angle_rt.export")
 
 QMAX = 127  # symmetric int8: [-127, 127], zero point 0 (what TensorRT requires)
+# Without VNNI (AVX2) ONNX Runtime's u8·s8 kernels add the products of weights k and k+1
+# (k even, along K) with uint8 activations in int16 (vpmaddubsw), which saturates when
+# |w_k| + |w_k+1| > 128 (255·128 = 32640 ≤ 32767). Weights are stored so that no such pair
+# exceeds PAIR_MAX: every x86 host then computes the same integer sums and an artifact gives
+# the vectors its gate measured on any host (tests/exporters/test_int8_exact.py). Each
+# channel keeps ±127 and moves only its overflowing pairs, or widens its scale just enough
+# (int8_weights); ORT's reduce_range (±63) halves every weight's resolution instead.
+# W_QMAX and PAIR_MAX are module settings so benchmarks can compare the three.
+W_QMAX = QMAX
+PAIR_MAX: int | None = 128
 METHODS = ("mse", "max", "percentile")
 _SAMPLES_PER_TENSOR = 200_000
 
@@ -154,6 +164,46 @@ def insert_qdq(model: onnx.ModelProto, layers: list[LinearLayer],
     return replace_nodes(model, new_nodes)
 
 
+def int8_weights(weight: np.ndarray, channel_axis: int,
+                 k_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights with one scale per output channel, no aligned pair along the
+    reduction axis `k_axis` past PAIR_MAX in sum of magnitudes. Per channel the better (less
+    squared error) of: scale max|w|/127 with the rare overflowing pairs moved onto the limit,
+    or a scale widened until no pair overflows (for channels where many pairs would)."""
+    w = np.moveaxis(weight.astype(np.float32), (k_axis, channel_axis), (0, -1))
+    reduce = tuple(range(w.ndim - 1))
+    s1 = np.abs(w).max(axis=reduce) / W_QMAX
+    s1[s1 == 0] = 1.0
+    q = np.clip(np.round(w / s1), -W_QMAX, W_QMAX)
+    scale = s1
+    if PAIR_MAX is not None:
+        even = len(w) - len(w) % 2
+        peak = (np.abs(w[0:even:2]) + np.abs(w[1:even:2])).max(axis=reduce, initial=0.0)
+        s2 = np.maximum(s1, peak / PAIR_MAX)
+        moved = _pairs_within(w / s1, q, PAIR_MAX)
+        # the widened scale leaves every pair within the limit but for float rounding
+        widened = _pairs_within(w / s2, np.clip(np.round(w / s2), -W_QMAX, W_QMAX), PAIR_MAX)
+        widen = (np.square(widened * s2 - w).sum(axis=reduce)
+                 < np.square(moved * s1 - w).sum(axis=reduce))
+        q, scale = np.where(widen, widened, moved), np.where(widen, s2, s1)
+    q = np.moveaxis(q, (0, -1), (k_axis, channel_axis))
+    return q.astype(np.int8), scale.astype(np.float32)
+
+
+def _pairs_within(t: np.ndarray, q: np.ndarray, limit: int) -> np.ndarray:
+    """`q` (rounded `t`, pairs along axis 0) with each pair (2j, 2j+1) whose |q| sum exceeds
+    `limit` put on the nearest point of |a| + |b| = limit: both magnitudes lowered by the same
+    amount (the least squared error), then rounded so the pair sums to `limit` exactly."""
+    even = len(t) - len(t) % 2
+    a, b = np.abs(t[0:even:2]), np.abs(t[1:even:2])
+    over = np.abs(q[0:even:2]) + np.abs(q[1:even:2]) > limit
+    qa = np.clip(np.round(a - (a + b - limit) / 2), limit - W_QMAX, W_QMAX)
+    q = q.copy()
+    q[0:even:2] = np.where(over, np.sign(t[0:even:2]) * qa, q[0:even:2])
+    q[1:even:2] = np.where(over, np.sign(t[1:even:2]) * (limit - qa), q[1:even:2])
+    return q
+
+
 def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
     """Give the graph `nodes` (in topological order) and drop initializers no node reads."""
     g = model.graph
@@ -169,12 +219,8 @@ def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.M
 def _qdq_nodes(g: onnx.GraphProto, layer: LinearLayer, weight: np.ndarray,
                act_scale: float) -> list[onnx.NodeProto]:
     p = layer.node
-    reduce = tuple(i for i in range(weight.ndim) if i != layer.channel_axis)
-    w_scale = (np.abs(weight).max(axis=reduce) / QMAX).astype(np.float32)
-    w_scale[w_scale == 0] = 1.0
-    shape = [1] * weight.ndim
-    shape[layer.channel_axis] = -1
-    w_q = np.clip(np.round(weight / w_scale.reshape(shape)), -QMAX, QMAX).astype(np.int8)
+    k_axis = weight.ndim - 1 if layer.channel_axis == weight.ndim - 2 else weight.ndim - 2
+    w_q, w_scale = int8_weights(weight, layer.channel_axis, k_axis)
     g.initializer.extend([
         numpy_helper.from_array(np.array(act_scale, dtype=np.float32), f"{p}_x_scale"),
         numpy_helper.from_array(np.array(0, dtype=np.int8), f"{p}_x_zero"),
@@ -317,9 +363,7 @@ def _int8_matmul(g: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray,
     """`node` on the row-quantized input `q`: int8 weights [K, N] with per-column scales,
     MatMulIntegerToFloat, × the row scales, reshaped back (+ a Gemm's bias)."""
     p = node.name
-    w_scale = (np.abs(weight).max(axis=0) / QMAX).astype(np.float32)
-    w_scale[w_scale == 0] = 1.0
-    w_q = np.clip(np.round(weight / w_scale), -QMAX, QMAX).astype(np.int8)
+    w_q, w_scale = int8_weights(weight, channel_axis=1, k_axis=0)
     g.initializer.extend([numpy_helper.from_array(w_q, f"{p}_w_int8"),
                           numpy_helper.from_array(w_scale, f"{p}_w_scale"),
                           numpy_helper.from_array(np.array([weight.shape[1]], np.int64),

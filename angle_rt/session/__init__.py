@@ -3,6 +3,7 @@ ONNX Runtime CPU, with a warning at each fallback that was not asked for."""
 
 from __future__ import annotations
 
+import platform
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from angle_rt.manifest import Artifact, Manifest
 from angle_rt.session.base import Session
 from angle_rt.session.onnxrt import OrtSession
 
+CPUINFO = Path("/proc/cpuinfo")
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
 Backend = str | Callable[[Path], Session]
 # Default artifact per device, best first: reduced precision where its kernels are fast
@@ -32,6 +34,33 @@ def ort_cuda_available() -> bool:
 def select(manifest: Manifest, file: str | None, precision: str | None,
            backend: Backend) -> tuple[Artifact, Backend]:
     """The artifact to run and where: (artifact, "tensorrt" | "cuda" | "cpu" | loader)."""
+    art, device = _select(manifest, file, precision, backend)
+    if device == "cpu" and art.precision.startswith("int8") and not int8_exact_here(art):
+        _warn(f"{art.file} stores int8 weights at full range, whose sums saturate on this CPU "
+              "(no VNNI): its vectors differ from those its gate measured; re-export it with "
+              "this angle_rt (its int8 weights compute exactly on every x86 host)",
+              stacklevel=4)
+    return art, device
+
+
+def int8_exact_here(art: Artifact) -> bool:
+    """Whether ONNX Runtime's CPU INT8 kernels sum `art`'s products exactly on this host:
+    always when each pair of weights along K sums to at most 128 in magnitude (this
+    exporter's); otherwise only with VNNI/AMX (or off x86), since AVX2's u8·s8 pair sums
+    saturate in int16."""
+    if (art.quantization or {}).get("weight_pair_max", 254) <= 128:
+        return True
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        flags = CPUINFO.read_text().split()
+    except OSError:
+        return True  # cannot tell: no warning
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def _select(manifest: Manifest, file: str | None, precision: str | None,
+            backend: Backend) -> tuple[Artifact, Backend]:
     if not callable(backend) and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or a loader, got {backend!r}")
     if file is not None:
@@ -82,7 +111,7 @@ def _onnx_device(backend: str) -> str:
     if gpu_visible():
         _warn("a CUDA GPU is present but this onnxruntime has no CUDA execution provider; "
               "running on CPU (replace onnxruntime with onnxruntime-gpu to use the GPU)",
-              stacklevel=5)
+              stacklevel=6)
     return "cpu"
 
 
@@ -103,7 +132,7 @@ def _onnx_artifact(manifest: Manifest, precision: str | None, device: str) -> Ar
         if not art.batch_invariant:
             _warn(f"{art.file} is not batch-invariant (activation scales per batch: a text's "
                   "vector depends on what shares its batch); re-export it with this angle_rt "
-                  "for per-token scales", stacklevel=5)
+                  "for per-token scales", stacklevel=6)
         return art
     for want in () if precision else PREFERENCE[device]:
         # never a default that gives a text another vector depending on its batch
@@ -165,8 +194,8 @@ def _incompatibility(art: Artifact) -> str | None:
             f"{art.precision}`")
 
 
-def _warn(message: str, stacklevel: int = 4) -> None:
-    """Warn at the caller of Encoder(...) (select → Encoder.__init__ → caller)."""
+def _warn(message: str, stacklevel: int = 5) -> None:
+    """Warn at the caller of Encoder(...) (_select → select → Encoder.__init__ → caller)."""
     warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
