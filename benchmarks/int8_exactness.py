@@ -1,9 +1,11 @@
-"""Does an INT8 artifact compute on this host what its arithmetic says? Full-range (±127)
-weights, the exporter's (aligned pairs within 128) and ±63 (ONNX Runtime's reduce_range),
-both INT8 schemes, every linear layer quantized unless --exclude says.
+"""INT8 weight encodings against fp32, as this host runs them: full-range (±127) weights,
+the exporter's (aligned pairs within 128: exact on every x86 host) and ±63 (ONNX Runtime's
+reduce_range), both INT8 schemes, every linear layer quantized unless --exclude says.
 
     python benchmarks/int8_exactness.py --bundle build/bench/minilm-all --out F.json \
         [--exclude REGEX ...]
+
+For an encoder bundle (right padding; its model.onnx, tokenizer and max_length).
 
 Without VNNI (AVX2) ONNX Runtime's u8·s8 kernels add pairs of products in int16, which
 saturates when a pair of weights (k, k+1) sums past 128 in magnitude. For each weight
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,7 +45,8 @@ def sentences(data: Path, limit: int) -> list[str]:
     return list(dict.fromkeys(texts))[:limit]
 
 
-def feeds(tok: Tokenizer, texts: list[str], batch: int = 32):
+def feeds(tok: Tokenizer, texts: list[str],
+          batch: int = 32) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
     """(indices, feed) in length order, padded per batch."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for s in range(0, len(order), batch):
@@ -79,8 +84,9 @@ def main() -> None:
     args = ap.parse_args()
     src = args.bundle / "model.onnx"
     tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
-    tok.enable_truncation(256)
-    tok.enable_padding(pad_id=0)
+    manifest = json.loads((args.bundle / "angle_rt.json").read_text())
+    tok.enable_truncation(manifest["max_length"])
+    tok.enable_padding(pad_id=manifest["pad_token_id"])
     texts = sentences(args.data, args.sentences)
     ref = embed(src, tok, texts)
 
@@ -105,7 +111,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))},
         "bundle": str(args.bundle), "exclude": args.exclude,
-        "sentences": len(texts), "rows": rows}, indent=1) + "\n")
+        "sentences": len(texts), "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
