@@ -48,14 +48,18 @@ def int8_exact_here(art: Artifact) -> bool:
     always when each pair of weights along K sums to at most 128 in magnitude (this
     exporter's); otherwise only with VNNI/AMX (or off x86), since AVX2's u8·s8 pair sums
     saturate in int16."""
-    if (art.quantization or {}).get("weight_pair_max", 254) <= 128:
-        return True
+    return (art.quantization or {}).get("weight_pair_max", 254) <= 128 or int8_sums_exact()
+
+
+def int8_sums_exact() -> bool:
+    """Whether this CPU's ONNX Runtime INT8 kernels sum full-range weights exactly: off x86,
+    or with VNNI/AMX (True when it cannot tell)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return True
     try:
         flags = CPUINFO.read_text().split()
     except OSError:
-        return True  # cannot tell: no warning
+        return True
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 

@@ -4,8 +4,8 @@ Without VNNI (AVX2, e.g. Zen 3), ONNX Runtime's u8·s8 kernels add the products 
 k and k+1 (k even) with uint8 activations in int16 (vpmaddubsw), which saturates past 32767:
 255·(|w_k| + |w_k+1|) overflows when the pair sums past 128. With VNNI or AMX the sums are
 exact. A full-range artifact therefore gave other vectors on an AVX2 host than on the VNNI
-host whose gate passed it (MiniLM Q/DQ: min cosine 0.9539 on Zen 3 against 0.9585 computed
-exactly; a random tiny Llama: 0.55). The exporter keeps every aligned pair within 128.
+host whose gate passed it (a random tiny Llama's int8-dynamic: min cosine 0.55 on Zen 3).
+The exporter keeps every aligned pair within 128.
 """
 
 from __future__ import annotations
