@@ -21,6 +21,12 @@ How a batch is formed (the worker that is free takes the next one):
    (the batch with the oldest request first). Cancelled or failed requests are dropped.
 4. No artificial wait (`max_wait_ms=0`): a worker takes whatever is queued. With a wait, a
    worker holds off until a full batch is queued or the oldest item waited that long.
+5. The lane (`lane_tokens` > 0): one more thread that runs only new requests small enough
+   (≤ `lane_tokens` padded tokens together), and only while every worker is inside a batch
+   larger than that. ONNX Runtime cannot pre-empt a running batch, and on a slow core one
+   ~200-token text of a flood takes ~60 ms: without the lane a one-sentence request waited
+   for a worker's turn to end; with it the OS shares the cores at once, and the flood loses
+   only the CPU time the small requests use (measured: docs/serving.md).
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class Batcher:
         max_queued_tokens: int | None = None,
         window_batches: int = 16,
         fair_quantum_tokens: int = 2048,
+        lane_tokens: int = 0,
         on_batch: OnBatch | None = None,
         name: str = "batcher",
     ) -> None:
@@ -124,6 +131,8 @@ class Batcher:
         self._window_items = window_batches * max_batch_size
         self._window_tokens = window_batches * max_batch_tokens
         self.fair_quantum_tokens = fair_quantum_tokens
+        self.lane_tokens = max(0, lane_tokens)
+        self.workers = workers
         self._on_batch = on_batch
         self._cond = threading.Condition()
         self._fresh: deque[Ticket] = deque()  # requests none of whose items ran yet
@@ -137,10 +146,15 @@ class Batcher:
         self._tokens_per_s = 0.0  # moving average, for Retry-After
         self.worker_restarts = 0  # batches that failed outside the model run (see _work)
         self.last_ok: float | None = None  # perf_counter when a batch last succeeded
-        self._running: dict[int, float] = {}  # worker thread id → start of its batch
+        # worker thread id → (start, padded tokens) of the batch it runs
+        self._running: dict[int, tuple[float, int]] = {}
+        self._lane_id: int | None = None
         self._active: set[Ticket] = set()  # submitted, not yet resolved
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
+        if self.lane_tokens:
+            self._threads.append(threading.Thread(target=self._work, args=(True,),
+                                                  name=f"{name}-lane", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -171,7 +185,7 @@ class Batcher:
             self._fresh.append(ticket)
             self._queued_items += len(rows)
             self._queued_tokens += tokens
-            self._cond.notify()
+            self._wake()
         ticket.future.add_done_callback(lambda _: self._forget(ticket))
         return ticket
 
@@ -200,14 +214,24 @@ class Batcher:
 
     # -- the worker side --------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _wake(self) -> None:
+        """Called holding the lock when work arrives: the lane may take it where no worker
+        can (so it is woken as well)."""
+        if self.lane_tokens:
+            self._cond.notify_all()
+        else:
+            self._cond.notify()
+
+    def _work(self, lane: bool = False) -> None:
         """A worker's loop, supervised: whatever a batch raises (the model, copying its rows,
         the metrics hook) fails that batch's unfinished requests and the loop goes on, so
         one error can never leave later requests waiting on a dead worker."""
+        if lane:
+            self._lane_id = threading.get_ident()
         while True:
             batch: list[Item] = []
             try:
-                batch = self._next_batch() or []
+                batch = (self._next_lane_batch() if lane else self._next_batch()) or []
                 if not batch:
                     return
                 self._run(batch)
@@ -219,16 +243,18 @@ class Batcher:
                 self._fail([t for t in dict.fromkeys(t for t, _ in batch)
                             if not t.future.done()], exc)
             finally:
-                self._running.pop(threading.get_ident(), None)
+                with self._cond:
+                    self._running.pop(threading.get_ident(), None)
 
     # -- health -----------------------------------------------------------------------------
 
     def live_workers(self) -> int:
-        return sum(t.is_alive() for t in self._threads)
+        """Workers alive (the lane not counted: it only ever adds to them)."""
+        return sum(t.is_alive() for t in self._threads[:self.workers])
 
     def stalled_s(self) -> float:
         """How long the longest-running batch has been running (0: none running)."""
-        starts = list(self._running.values())
+        starts = [start for start, _ in list(self._running.values())]
         return time.perf_counter() - min(starts) if starts else 0.0
 
     @property
@@ -241,6 +267,8 @@ class Batcher:
                 batch = self._pop_planned()
                 if batch:
                     self._start(batch)
+                    if self.lane_tokens and self._fresh_waiting():
+                        self._cond.notify_all()  # every worker may now be busy: the lane
                     return batch
                 if (self._fresh or self._rotation) and not self._should_wait():
                     self._take_window()
@@ -249,6 +277,64 @@ class Batcher:
                     self._cond.notify_all()
                     return None
                 self._cond.wait(self._wait_timeout())
+
+    def _next_lane_batch(self) -> list[Item] | None:
+        """The lane's next batch: new requests that fit it, while every worker is busy with a
+        larger batch (else a worker will take them soon enough). None once closing."""
+        with self._cond:
+            while not self._closing:
+                if self._workers_held():
+                    batch = self._take_small()
+                    if batch:
+                        self._start(batch)
+                        return batch
+                self._cond.wait()
+            return None
+
+    def _workers_held(self) -> bool:
+        """Every worker is running a batch larger than the lane's."""
+        held = [padded for tid, (_, padded) in self._running.items() if tid != self._lane_id]
+        return len(held) >= self.workers and min(held) > self.lane_tokens
+
+    def _fresh_waiting(self) -> bool:
+        return bool(self._fresh) or any(
+            t.started is None for b in self._planned_fresh for t, _ in b)
+
+    def _take_small(self) -> list[Item]:
+        """Whole new requests, oldest first, while together they fit `lane_tokens` padded
+        tokens and `max_batch_size` items; withdrawn from wherever they were queued."""
+        candidates = dict.fromkeys(t for b in self._planned_fresh for t, _ in b)
+        candidates.update(dict.fromkeys(self._fresh))
+        taken: list[Ticket] = []
+        longest = count = 0
+        for ticket in sorted(candidates, key=lambda t: t.submitted):
+            if ticket.started is not None or ticket.future.done():
+                continue
+            n = len(ticket.rows)
+            if count + n > self.max_batch_size or (count + n) * longest > self.lane_tokens:
+                continue
+            size = max(longest, max(len(r) for r in ticket.rows))
+            if (count + n) * size > self.lane_tokens:
+                continue
+            taken.append(ticket)
+            longest, count = size, count + n
+        if not taken:
+            return []
+        self._withdraw(set(taken))
+        items = [(t, i) for t in taken for i in t.order]
+        items.sort(key=lambda it: -len(it[0].rows[it[1]]))  # longest first, as plan sorts
+        return items
+
+    def _withdraw(self, tickets: set[Ticket]) -> None:
+        """Take these requests' items out of every queue and plan (they run now)."""
+        for queue in (self._planned_fresh, self._planned):
+            kept = [[it for it in b if it[0] not in tickets] for b in queue]
+            queue.clear()
+            queue.extend(b for b in kept if b)
+        self._fresh = deque(t for t in self._fresh if t not in tickets)
+        self._rotation = deque(t for t in self._rotation if t not in tickets)
+        for ticket in tickets:
+            ticket.cursor = len(ticket.order)
 
     def _pop_planned(self) -> list[Item] | None:
         """The next planned batch: new requests' batches first, but never two in a row
@@ -369,8 +455,11 @@ class Batcher:
         return out
 
     def _start(self, batch: list[Item]) -> None:
-        """The batch leaves the queue's accounting (called holding the lock)."""
+        """The batch leaves the queue's accounting and is this thread's running batch
+        (called holding the lock, by the thread about to run it)."""
         now = time.perf_counter()
+        padded = len(batch) * max(len(t.rows[i]) for t, i in batch)
+        self._running[threading.get_ident()] = (now, padded)
         for ticket, i in batch:
             n = len(ticket.rows[i])
             ticket.pending_tokens -= n
@@ -383,7 +472,7 @@ class Batcher:
     def _run(self, batch: list[Item]) -> None:
         rows = [t.rows[i] for t, i in batch]
         tickets = list(dict.fromkeys(t for t, _ in batch))
-        start = self._running[threading.get_ident()] = time.perf_counter()
+        start = time.perf_counter()
         try:
             vecs = self._run_batch(rows)
         except BaseException as exc:  # a failing batch fails only its own requests

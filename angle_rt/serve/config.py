@@ -54,6 +54,7 @@ class ServeConfig:
     max_client_batch_size: int = 2048  # inputs per request (422 beyond)
     max_request_tokens: int = 524_288  # tokens of one request after truncation (413 beyond)
     fair_quantum_tokens: int | None = None  # tokens of a request's turn (None: by device)
+    lane_tokens: int | None = None  # small requests' lane beside the workers (None: by device)
     request_timeout: float = 60.0  # seconds from arrival to answer (504 beyond)
     body_timeout: float = 10.0  # seconds to receive a request body (408 beyond)
     workers: int | None = None  # inference threads per model (default: CPU cores, 2 TensorRT)
@@ -128,6 +129,13 @@ def _positive(kind: type) -> object:
     return check
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Declare `angle-rt serve`'s flags on `p`."""
     pos_int, pos_float = _positive(int), _positive(float)
@@ -195,6 +203,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                             "(default: 256 a thread of a worker on CPU, 8192 on GPU; "
                             "smaller: a light request waits less behind a flood, the flood "
                             "runs slower)")
+    batch.add_argument("--lane-tokens", metavar="N", type=_non_negative_int,
+                       help="a lane beside the workers for new requests of ≤ N padded tokens "
+                            "in all, used only while every worker runs a larger batch "
+                            "(default: 128 on CPU, 0 = none on GPU; 0 turns it off)")
     batch.add_argument("--request-timeout", metavar="S", type=pos_float, default=60.0,
                        help="seconds from a request's arrival to its answer (default: 60; "
                             "504 beyond, its queued inputs dropped)")
@@ -251,7 +263,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_queued_tokens=args.max_queued_tokens,
         max_client_batch_size=args.max_client_batch_size,
         max_request_tokens=args.max_request_tokens,
-        fair_quantum_tokens=args.fair_quantum_tokens, request_timeout=args.request_timeout,
+        fair_quantum_tokens=args.fair_quantum_tokens, lane_tokens=args.lane_tokens,
+        request_timeout=args.request_timeout,
         body_timeout=args.body_timeout, workers=args.workers,
         graceful_timeout=args.graceful_timeout, log_level=args.log_level,
         log_format=args.log_format, access_log=args.access_log)

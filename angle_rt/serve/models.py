@@ -26,6 +26,10 @@ _ITEM = re.compile(r"sentences\[(\d+)\]")
 # whatever the split (measured, benchmarks/serve_flood.py: 512 for one worker on 2 threads,
 # 256 for workers on 1 thread each); GPUs want bigger batches (not measured here)
 FAIR_QUANTUM_CPU_PER_THREAD, FAIR_QUANTUM_GPU = 256, 8192
+# CPU: a thread for small new requests while every worker is in a longer batch (a one-
+# sentence request then waits for no flood turn; measured, docs/serving.md); on GPU a
+# batch is short and the contexts are the workers'
+LANE_TOKENS_CPU = 128
 
 
 class ServedModel:
@@ -43,13 +47,15 @@ class ServedModel:
                                           else encoder.streams)
         self.fair_quantum_tokens = config.fair_quantum_tokens or (
             FAIR_QUANTUM_GPU if gpu else FAIR_QUANTUM_CPU_PER_THREAD * (encoder.threads or 1))
+        lane = 0 if gpu else LANE_TOKENS_CPU
+        self.lane_tokens = lane if config.lane_tokens is None else config.lane_tokens
         self.batcher = Batcher(encoder.run_batch, encoder.plan, encoder.dim,
                                max_batch_size=config.max_batch_size,
                                max_batch_tokens=encoder.max_batch_tokens,
                                workers=self.workers, max_wait_ms=config.max_wait_ms,
                                max_queued_tokens=config.max_queued_tokens,
                                fair_quantum_tokens=self.fair_quantum_tokens,
-                               on_batch=on_batch,
+                               lane_tokens=self.lane_tokens, on_batch=on_batch,
                                name=f"batch-{name}")
         backend = encoder.tokenizer.backend
         self._backend = backend
@@ -282,6 +288,7 @@ class ServedModel:
             "max_queued_tokens": cfg.max_queued_tokens,
             "max_request_tokens": cfg.max_request_tokens,
             "fair_quantum_tokens": self.fair_quantum_tokens,
+            "lane_tokens": self.lane_tokens,
             "request_timeout": cfg.request_timeout,
             "auto_truncate": cfg.truncate,
             "workers": self.workers,

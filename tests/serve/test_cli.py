@@ -95,6 +95,9 @@ def test_onnx_runtime_threads_and_spinning(tiny_bert_bundle, spin):
         assert model.workers == (1 if spin else physical_cores())
         # a turn of about the same time whatever the split: 256 tokens a worker's thread
         assert model.fair_quantum_tokens == 256 * opts.intra_op_num_threads
+        # and a lane for small requests beside the workers
+        assert model.lane_tokens == model.batcher.lane_tokens == 128
+        assert len(model.batcher._threads) == model.workers + 1
         if spin:
             with pytest.raises(RuntimeError, match="does not have configuration"):
                 opts.get_session_config_entry(key)
@@ -125,3 +128,28 @@ def test_output_dtype_flags(tiny_bert_bundle, tmp_path):
     np.save(tmp_path / "r.npy", np.zeros((2, 32), np.float32))
     cfg = config("--output-dtype", "uint8", "--output-ranges", str(tmp_path / "r.npy"))
     assert cfg.output_ranges == tmp_path / "r.npy"
+
+
+def test_lane_tokens_flag(tiny_bert_bundle, capsys):
+    """--lane-tokens 0 turns the small requests' lane off (workers only); negative is an
+    argument error."""
+    pytest.importorskip("prometheus_client")
+    from angle_rt.cli import build_parser
+    from angle_rt.serve.config import config_from_args
+    from angle_rt.serve.metrics import Metrics
+    from angle_rt.serve.server import open_models
+
+    parser = build_parser()
+    config = config_from_args(parser.parse_args(["serve", str(tiny_bert_bundle),
+                                                 "--lane-tokens", "0"]))
+    models = open_models(config, Metrics())
+    try:
+        model = next(iter(models.values()))
+        assert model.lane_tokens == 0 and len(model.batcher._threads) == model.workers
+        assert model.info()["lane_tokens"] == 0
+    finally:
+        for model in models.values():
+            model.close()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", str(tiny_bert_bundle), "--lane-tokens", "-1"])
+    assert "must be ≥ 0" in capsys.readouterr().err
