@@ -2,9 +2,10 @@
 when two clients send 2,048 long texts each?
 
     python benchmarks/serve_flood.py --bundle BUNDLE [--quanta 1024 2048 8192]
-        [--flood-requests 2] [--flood-inputs 2048] [--light-clients 3]
+        [--lanes 0 128] [--flood-requests 2] [--flood-inputs 2048] [--light-clients 3]
 
-Per `--fair-quantum-tokens` value, a server on 127.0.0.1 (started and stopped here):
+Per `--fair-quantum-tokens` value and `--lane-tokens` value (`--lanes`; the server's
+default when not given), a server on 127.0.0.1 (started and stopped here):
 1. idle: one client sends --idle-requests one-sentence requests in a row: p50 / p99; then
    one request of 2,048 STS-B sentences, alone (best of 2): what small turns cost it;
 2. flood: --flood-requests requests of --flood-inputs texts of ~200 tokens each (STS-B
@@ -66,11 +67,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(bundle: str, quantum: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(bundle: str, quantum: int, lane: int | None,
+          log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "angle_rt.cli", "serve", bundle, "--host", "127.0.0.1",
            "--port", str(port), "--fair-quantum-tokens", str(quantum), "--no-access-log",
            "--request-timeout", "900", "--served-model-name", "m"]
+    cmd += [] if lane is None else ["--lane-tokens", str(lane)]
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -137,9 +140,9 @@ async def flood(url: str, pool: list[str], floods: list[list[str]],
             "all_floods_seconds": time.perf_counter() - t0}
 
 
-def variant(args: argparse.Namespace, quantum: int, pool: list[str],
+def variant(args: argparse.Namespace, quantum: int, lane: int | None, pool: list[str],
             floods: list[list[str]], tmp: Path) -> dict:
-    proc, url = start(args.bundle, quantum, tmp / f"serve-{quantum}.log")
+    proc, url = start(args.bundle, quantum, lane, tmp / f"serve-{quantum}-{lane}.log")
     try:
         quiet = asyncio.run(idle(url, pool, args.idle_requests))
         lone = []  # one request of 2,048 short sentences alone: what small turns cost it
@@ -150,6 +153,7 @@ def variant(args: argparse.Namespace, quantum: int, pool: list[str],
             lone.append(time.perf_counter() - t)
         tokens = httpx.post(f"{url}/tokenize", json={"inputs": floods[0][:64]},
                             timeout=60).json()
+        lane = httpx.get(f"{url}/info", timeout=10).json().get("lane_tokens")
         mean_tokens = statistics.mean(len(t) for t in tokens)
         got = asyncio.run(flood(url, pool, floods, args.light_clients))
     finally:
@@ -158,10 +162,11 @@ def variant(args: argparse.Namespace, quantum: int, pool: list[str],
     lat = got.pop("light_latencies")
     idle_p50 = pct(quiet, 0.5)
     total_tokens = mean_tokens * sum(len(f) for f in floods)
-    res = {"fair_quantum_tokens": quantum,
+    res = {"fair_quantum_tokens": quantum, "lane_tokens": lane,
            "idle_p50_ms": round(idle_p50, 2), "idle_p99_ms": round(pct(quiet, 0.99), 2),
            "lone_2048_sentences_sent_per_s": round(2048 / min(lone), 1),
            "flood_light_requests": len(lat),
+           "flood_light_requests_per_s": round(len(lat) / got["all_floods_seconds"], 1),
            "flood_light_p50_ms": round(pct(lat, 0.5), 2),
            "flood_light_p99_ms": round(pct(lat, 0.99), 2),
            "flood_light_max_ms": round(max(lat) * 1000, 2),
@@ -177,6 +182,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
     p.add_argument("--quanta", type=int, nargs="+", default=[2048])
+    p.add_argument("--lanes", type=int, nargs="+", default=[None],
+                   help="--lane-tokens values to run (default: the server's own)")
     p.add_argument("--flood-requests", type=int, default=2)
     p.add_argument("--flood-inputs", type=int, default=2048)
     p.add_argument("--light-clients", type=int, default=3)
@@ -190,7 +197,8 @@ def main() -> None:
     floods = [texts[i * args.flood_inputs:(i + 1) * args.flood_inputs]
               for i in range(args.flood_requests)]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [variant(args, q, pool, floods, Path(tmp)) for q in args.quanta]
+        runs = [variant(args, q, lane, pool, floods, Path(tmp))
+                for q in args.quanta for lane in args.lanes]
     result = {"bundle": args.bundle, "machine": cpu_name(), "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "flood_requests": args.flood_requests, "flood_inputs": args.flood_inputs,

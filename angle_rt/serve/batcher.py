@@ -215,8 +215,8 @@ class Batcher:
     # -- the worker side --------------------------------------------------------------------
 
     def _wake(self) -> None:
-        """Called holding the lock when work arrives: the lane may take it where no worker
-        can (so it is woken as well)."""
+        """Called holding the lock when work is queued: a worker, and the lane (a waiting
+        thread that cannot take the work must not swallow the one notification)."""
         if self.lane_tokens:
             self._cond.notify_all()
         else:
@@ -267,8 +267,7 @@ class Batcher:
                 batch = self._pop_planned()
                 if batch:
                     self._start(batch)
-                    if self.lane_tokens and self._fresh_waiting():
-                        self._cond.notify_all()  # every worker may now be busy: the lane
+                    self._pass_on()
                     return batch
                 if (self._fresh or self._rotation) and not self._should_wait():
                     self._take_window()
@@ -277,6 +276,13 @@ class Batcher:
                     self._cond.notify_all()
                     return None
                 self._cond.wait(self._wait_timeout())
+
+    def _pass_on(self) -> None:
+        """Work is left after this worker took a batch: wake another (one submit wakes one
+        worker, so without this a lone large request ran on one worker), and the lane,
+        which may now find every worker busy."""
+        if self._planned or self._planned_fresh or self._fresh or self._rotation:
+            self._wake()
 
     def _next_lane_batch(self) -> list[Item] | None:
         """The lane's next batch: new requests that fit it, while every worker is busy with a
@@ -295,10 +301,6 @@ class Batcher:
         """Every worker is running a batch larger than the lane's."""
         held = [padded for tid, (_, padded) in self._running.items() if tid != self._lane_id]
         return len(held) >= self.workers and min(held) > self.lane_tokens
-
-    def _fresh_waiting(self) -> bool:
-        return bool(self._fresh) or any(
-            t.started is None for b in self._planned_fresh for t, _ in b)
 
     def _take_small(self) -> list[Item]:
         """Whole new requests, oldest first, while together they fit `lane_tokens` padded
