@@ -23,10 +23,12 @@ How a batch is formed (the worker that is free takes the next one):
    worker holds off until a full batch is queued or the oldest item waited that long.
 5. The lane (`lane_tokens` > 0): one more thread that runs only new requests small enough
    (≤ `lane_tokens` padded tokens together), and only while every worker is inside a batch
-   larger than that. ONNX Runtime cannot pre-empt a running batch, and on a slow core one
-   ~200-token text of a flood takes ~60 ms: without the lane a one-sentence request waited
-   for a worker's turn to end; with it the OS shares the cores at once, and the flood loses
-   only the CPU time the small requests use (measured: docs/serving.md).
+   of rows wider than that. ONNX Runtime cannot pre-empt a running batch, and on a slow
+   core one ~200-token text of a flood takes ~60 ms: without the lane a one-sentence
+   request waited for a worker's turn to end; with it the OS shares the cores at once.
+   Batches of many short rows (what many small clients make) do not engage it: they end
+   soon, and a third thread on the cores cost 14% of the sent/s at 32 clients when they
+   did (measured: docs/serving.md).
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ class Batcher:
         self.lane_tokens = max(0, lane_tokens)
         self.workers = workers
         self._on_batch = on_batch
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # the lane waits apart, on the same lock: woken only when it can run something,
+        # never taking a worker's wake-up, and not at every arrival
+        self._lane_cond = threading.Condition(lock)
         self._fresh: deque[Ticket] = deque()  # requests none of whose items ran yet
         self._rotation: deque[Ticket] = deque()  # started requests with items left
         self._planned: deque[list[Item]] = deque()  # batches of started requests' turns
@@ -147,7 +153,7 @@ class Batcher:
         self.worker_restarts = 0  # batches that failed outside the model run (see _work)
         self.last_ok: float | None = None  # perf_counter when a batch last succeeded
         # worker thread id → (start, padded tokens) of the batch it runs
-        self._running: dict[int, tuple[float, int]] = {}
+        self._running: dict[int, tuple[float, int]] = {}  # thread -> (start, widest row)
         self._lane_id: int | None = None
         self._active: set[Ticket] = set()  # submitted, not yet resolved
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
@@ -215,12 +221,15 @@ class Batcher:
     # -- the worker side --------------------------------------------------------------------
 
     def _wake(self) -> None:
-        """Called holding the lock when work is queued: a worker, and the lane (a waiting
-        thread that cannot take the work must not swallow the one notification)."""
-        if self.lane_tokens:
-            self._cond.notify_all()
-        else:
-            self._cond.notify()
+        """Called holding the lock when work is queued: a worker, and the lane if every
+        worker is held (it can run the new work now)."""
+        self._cond.notify()
+        if self.lane_tokens and self._workers_held():
+            self._lane_cond.notify()
+
+    def _wake_all(self) -> None:
+        self._cond.notify_all()
+        self._lane_cond.notify_all()
 
     def _work(self, lane: bool = False) -> None:
         """A worker's loop, supervised: whatever a batch raises (the model, copying its rows,
@@ -273,7 +282,7 @@ class Batcher:
                     self._take_window()
                     continue
                 if self._closing and not (self._fresh or self._rotation):
-                    self._cond.notify_all()
+                    self._wake_all()
                     return None
                 self._cond.wait(self._wait_timeout())
 
@@ -285,8 +294,8 @@ class Batcher:
             self._wake()
 
     def _next_lane_batch(self) -> list[Item] | None:
-        """The lane's next batch: new requests that fit it, while every worker is busy with a
-        larger batch (else a worker will take them soon enough). None once closing."""
+        """The lane's next batch: new requests that fit it, while every worker is inside a
+        batch of wide rows (else a worker will take them soon enough). None once closing."""
         with self._cond:
             while not self._closing:
                 if self._workers_held():
@@ -294,12 +303,13 @@ class Batcher:
                     if batch:
                         self._start(batch)
                         return batch
-                self._cond.wait()
+                self._lane_cond.wait()
             return None
 
     def _workers_held(self) -> bool:
-        """Every worker is running a batch larger than the lane's."""
-        held = [padded for tid, (_, padded) in self._running.items() if tid != self._lane_id]
+        """Every worker is running a batch of rows wider than the lane's whole batch: a
+        long text's turn, which cannot be split and runs long."""
+        held = [width for tid, (_, width) in self._running.items() if tid != self._lane_id]
         return len(held) >= self.workers and min(held) > self.lane_tokens
 
     def _take_small(self) -> list[Item]:
@@ -460,8 +470,8 @@ class Batcher:
         """The batch leaves the queue's accounting and is this thread's running batch
         (called holding the lock, by the thread about to run it)."""
         now = time.perf_counter()
-        padded = len(batch) * max(len(t.rows[i]) for t, i in batch)
-        self._running[threading.get_ident()] = (now, padded)
+        width = max(len(t.rows[i]) for t, i in batch)
+        self._running[threading.get_ident()] = (now, width)
         for ticket, i in batch:
             n = len(ticket.rows[i])
             ticket.pending_tokens -= n
@@ -528,7 +538,7 @@ class Batcher:
                 self._planned_fresh.clear()
                 self._planned.clear()
                 self._queued_items = self._queued_tokens = 0
-            self._cond.notify_all()
+            self._wake_all()
         for ticket in dropped:
             _settle(ticket.future, exc=ClosedError("the server shut down before this request "
                                                    "ran"))
