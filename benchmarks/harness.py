@@ -76,11 +76,20 @@ def loaded(name: str, factory: Callable[[], Callable]) -> Runner:
     return Runner(name, fn, rss_mb()[0] - before)
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
 def cpu_name() -> str:
+    """The CPU as results should name it: a VM's model name ("AMD EPYC") hides whether it
+    is Zen 3 or Zen 4, so the family / model numbers and the SIMD flags that change the
+    kernels (VNNI, bf16, AMX) come with it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text()
+                    .split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
-        pass
-    return platform.platform()
+        return platform.platform()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    simd = ", ".join(f for f in SIMD_FLAGS if f in flags) or "no AVX2"
+    return (f"{info.get('model name', platform.processor())} (family {info.get('cpu family')} "
+            f"model {info.get('model')}; {simd})")
