@@ -323,6 +323,19 @@ def wait_for(condition, seconds: float = 5.0) -> bool:
     return condition()
 
 
+def hold_both(fake: FakeSession, b: Batcher, lengths: list[int]) -> list:
+    """Two requests of these rows, each running (gated) on one of the two workers."""
+    fake.gate.clear()
+    held = [b.submit(rows_of(lengths, start=10 * k)) for k in (1, 2)]
+    assert wait_for(lambda: fake.running == 2)
+    return held
+
+
+def check_held(held: list, lengths: list[int]) -> None:
+    for k, ticket in zip((1, 2), held, strict=True):
+        check(ticket, rows_of(lengths, start=10 * k))
+
+
 def test_a_light_request_runs_on_the_lane_while_every_worker_holds_a_long_batch():
     """Both workers are inside a flood's long turns (held there by the gate); a one-sentence
     request sent then is answered on the lane while they are still held. Before the lane it
@@ -330,9 +343,7 @@ def test_a_light_request_runs_on_the_lane_while_every_worker_holds_a_long_batch(
     light request's p99 under the flood was 17.7x its idle p50 (docs/serving.md)."""
     fake = FakeSession(gate_over=8)
     with make(fake, workers=2, lane_tokens=16, fair_quantum_tokens=64) as b:
-        fake.gate.clear()
-        floods = [b.submit(rows_of([30] * 6, start=10 * k)) for k in (1, 2)]
-        assert wait_for(lambda: fake.running == 2)
+        floods = hold_both(fake, b, [30] * 6)
         short = b.submit([[7, 7]])
         check(short, [[7, 7]])
         assert fake.running == 2 and not any(f.future.done() for f in floods)
@@ -342,8 +353,7 @@ def test_a_light_request_runs_on_the_lane_while_every_worker_holds_a_long_batch(
         assert not wide.future.done()
         fake.gate.set()
         check(wide, rows_of([8, 8, 8], start=50))
-        for k, flood in zip((1, 2), floods, strict=True):
-            check(flood, rows_of([30] * 6, start=10 * k))
+        check_held(floods, [30] * 6)
         assert b.live_workers() == 2
     assert [len(x) for x in fake.batches].count(1) >= 1
     assert fake.most_running == 3
@@ -367,16 +377,13 @@ def test_the_lane_stays_idle_while_workers_run_many_short_rows():
     cost 14% of the sent/s at 32 clients (MiniLM, Zen 4, docs/serving.md)."""
     fake = FakeSession(gate_over=3)
     with make(fake, workers=2, lane_tokens=16, fair_quantum_tokens=64) as b:
-        fake.gate.clear()
-        loads = [b.submit(rows_of([4] * 8, start=10 * k)) for k in (1, 2)]
-        assert wait_for(lambda: fake.running == 2)
+        loads = hold_both(fake, b, [4] * 8)
         short = b.submit([[7, 7]])
         time.sleep(0.05)
         assert not short.future.done() and fake.most_running == 2
         fake.gate.set()
         check(short, [[7, 7]])
-        for k, load in zip((1, 2), loads, strict=True):
-            check(load, rows_of([4] * 8, start=10 * k))
+        check_held(loads, [4] * 8)
     assert fake.most_running == 2
 
 
