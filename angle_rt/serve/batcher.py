@@ -152,8 +152,8 @@ class Batcher:
         self._tokens_per_s = 0.0  # moving average, for Retry-After
         self.worker_restarts = 0  # batches that failed outside the model run (see _work)
         self.last_ok: float | None = None  # perf_counter when a batch last succeeded
-        # worker thread id → (start, padded tokens) of the batch it runs
-        self._running: dict[int, tuple[float, int]] = {}  # thread -> (start, widest row)
+        # thread id → (start, widest row) of the batch it runs (the lane's included)
+        self._running: dict[int, tuple[float, int]] = {}
         self._lane_id: int | None = None
         self._active: set[Ticket] = set()  # submitted, not yet resolved
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
@@ -323,7 +323,7 @@ class Batcher:
             if ticket.started is not None or ticket.future.done():
                 continue
             n = len(ticket.rows)
-            if count + n > self.max_batch_size or (count + n) * longest > self.lane_tokens:
+            if count + n > self.max_batch_size:
                 continue
             size = max(longest, max(len(r) for r in ticket.rows))
             if (count + n) * size > self.lane_tokens:
