@@ -2,15 +2,17 @@
 when two clients send 2,048 long texts each?
 
     python benchmarks/serve_flood.py --bundle BUNDLE [--quanta 1024 2048 8192]
-        [--lanes 0 128] [--flood-requests 2] [--flood-inputs 2048] [--light-clients 3]
+        [--lanes 0 128] [--flood-requests 2] [--flood-inputs 2048] [--flood-chars 900]
+        [--light-clients 3]
 
 Per `--fair-quantum-tokens` value and `--lane-tokens` value (`--lanes`; the server's
 default when not given), a server on 127.0.0.1 (started and stopped here):
 1. idle: one client sends --idle-requests one-sentence requests in a row: p50 / p99; then
    one request of 2,048 STS-B sentences, alone (best of 2): what small turns cost it;
-2. flood: --flood-requests requests of --flood-inputs texts of ~200 tokens each (STS-B
-   sentences joined) are sent at once; 0.5 s later --light-clients clients start sending
-   one-sentence requests in a loop until the floods are answered: their p50 / p99, and
+2. flood: --flood-requests requests of --flood-inputs texts of --flood-chars characters
+   each (900: ~217 tokens; STS-B sentences joined) are sent at once; 0.5 s later
+   --light-clients clients start sending one-sentence requests in a loop until the floods
+   are answered: their p50 / p99, and
    p99 over the idle p50 (the issue's bound: ≤ 10); the floods' wall time and tokens/s
    (what fairness costs them).
 Writes benchmarks/results/serve-flood-<bundle>-<date>.json.
@@ -186,6 +188,8 @@ def main() -> None:
                    help="--lane-tokens values to run (default: the server's own)")
     p.add_argument("--flood-requests", type=int, default=2)
     p.add_argument("--flood-inputs", type=int, default=2048)
+    p.add_argument("--flood-chars", type=int, default=900,
+                   help="characters of each flood text (900: ~217 tokens)")
     p.add_argument("--light-clients", type=int, default=3)
     p.add_argument("--idle-requests", type=int, default=300)
     p.add_argument("--data", default=os.environ.get("ANGLE_RT_DATA", str(REPO.parent / "shared"
@@ -193,7 +197,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     pool = sentences(Path(args.data))
-    texts = paragraphs(pool, args.flood_requests * args.flood_inputs)
+    texts = paragraphs(pool, args.flood_requests * args.flood_inputs, args.flood_chars)
     floods = [texts[i * args.flood_inputs:(i + 1) * args.flood_inputs]
               for i in range(args.flood_requests)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +206,7 @@ def main() -> None:
     result = {"bundle": args.bundle, "machine": cpu_name(), "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "flood_requests": args.flood_requests, "flood_inputs": args.flood_inputs,
+              "flood_chars": args.flood_chars,
               "light_clients": args.light_clients, "runs": runs,
               "command": " ".join(sys.argv)}
     name = Path(args.bundle).name

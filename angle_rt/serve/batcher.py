@@ -22,13 +22,13 @@ How a batch is formed (the worker that is free takes the next one):
 4. No artificial wait (`max_wait_ms=0`): a worker takes whatever is queued. With a wait, a
    worker holds off until a full batch is queued or the oldest item waited that long.
 5. The lane (`lane_tokens` > 0): one more thread that runs only new requests small enough
-   (≤ `lane_tokens` padded tokens together), and only while every worker is inside a batch
-   of rows wider than that. ONNX Runtime cannot pre-empt a running batch, and on a slow
-   core one ~200-token text of a flood takes ~60 ms: without the lane a one-sentence
-   request waited for a worker's turn to end; with it the OS shares the cores at once.
-   Batches of many short rows (what many small clients make) do not engage it: they end
-   soon, and a third thread on the cores cost 14% of the sent/s at 32 clients when they
-   did (measured: docs/serving.md).
+   (≤ `lane_tokens` padded tokens together), and only while every worker runs a turn of a
+   request too large for the lane. ONNX Runtime cannot pre-empt a running batch, and on a
+   slow core one turn of a flood (~250 tokens) takes ~60 ms: without the lane a
+   one-sentence request waited for a turn to end; with it the OS shares the cores at once.
+   Batches of small requests only (what many small clients make) do not engage it: a third
+   thread on the cores cost 14% of the sent/s at 32 clients when they did (measured:
+   docs/serving.md).
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ class Ticket:
     def tokens(self) -> int:
         return sum(len(r) for r in self.rows)
 
+    @property
+    def padded(self) -> int:
+        """Its tokens padded as one batch (rows × the longest; `order` is longest first)."""
+        return len(self.rows) * len(self.rows[self.order[0]]) if self.order else 0
+
 
 Item = tuple[Ticket, int]
 
@@ -152,8 +157,8 @@ class Batcher:
         self._tokens_per_s = 0.0  # moving average, for Retry-After
         self.worker_restarts = 0  # batches that failed outside the model run (see _work)
         self.last_ok: float | None = None  # perf_counter when a batch last succeeded
-        # thread id → (start, widest row) of the batch it runs (the lane's included)
-        self._running: dict[int, tuple[float, int]] = {}
+        # thread id → (start, holds part of a request too large for the lane) of its batch
+        self._running: dict[int, tuple[float, bool]] = {}
         self._lane_id: int | None = None
         self._active: set[Ticket] = set()  # submitted, not yet resolved
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
@@ -294,8 +299,8 @@ class Batcher:
             self._wake()
 
     def _next_lane_batch(self) -> list[Item] | None:
-        """The lane's next batch: new requests that fit it, while every worker is inside a
-        batch of wide rows (else a worker will take them soon enough). None once closing."""
+        """The lane's next batch: new requests that fit it, while every worker runs a turn of
+        a large request (else a worker will take them soon enough). None once closing."""
         with self._cond:
             while not self._closing:
                 if self._workers_held():
@@ -307,10 +312,13 @@ class Batcher:
             return None
 
     def _workers_held(self) -> bool:
-        """Every worker is running a batch of rows wider than the lane's whole batch: a
-        long text's turn, which cannot be split and runs long."""
-        held = [width for tid, (_, width) in self._running.items() if tid != self._lane_id]
-        return len(held) >= self.workers and min(held) > self.lane_tokens
+        """Every worker is running a turn of a request too large for the lane (a flood's):
+        such turns run a whole quantum, where batches of small requests end soon."""
+        held = [large for tid, (_, large) in self._running.items() if tid != self._lane_id]
+        return len(held) >= self.workers and all(held)
+
+    def _fits_lane(self, ticket: Ticket) -> bool:
+        return len(ticket.rows) <= self.max_batch_size and ticket.padded <= self.lane_tokens
 
     def _take_small(self) -> list[Item]:
         """Whole new requests, oldest first, while together they fit `lane_tokens` padded
@@ -325,7 +333,7 @@ class Batcher:
             n = len(ticket.rows)
             if count + n > self.max_batch_size:
                 continue
-            size = max(longest, max(len(r) for r in ticket.rows))
+            size = max(longest, len(ticket.rows[ticket.order[0]]))
             if (count + n) * size > self.lane_tokens:
                 continue
             taken.append(ticket)
@@ -470,8 +478,8 @@ class Batcher:
         """The batch leaves the queue's accounting and is this thread's running batch
         (called holding the lock, by the thread about to run it)."""
         now = time.perf_counter()
-        width = max(len(t.rows[i]) for t, i in batch)
-        self._running[threading.get_ident()] = (now, width)
+        large = bool(self.lane_tokens) and not all(self._fits_lane(t) for t, _ in batch)
+        self._running[threading.get_ident()] = (now, large)
         for ticket, i in batch:
             n = len(ticket.rows[i])
             ticket.pending_tokens -= n

@@ -205,8 +205,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                             "runs slower)")
     batch.add_argument("--lane-tokens", metavar="N", type=_non_negative_int,
                        help="a lane beside the workers for new requests of ≤ N padded tokens "
-                            "in all, used only while every worker runs rows wider than N "
-                            "(default: 128 on CPU, 0 = none on GPU; 0 turns it off)")
+                            "in all, used only while every worker runs a turn of a larger "
+                            "request (default: 128 on CPU, 0 = none on GPU; 0 turns it off)")
     batch.add_argument("--request-timeout", metavar="S", type=pos_float, default=60.0,
                        help="seconds from a request's arrival to its answer (default: 60; "
                             "504 beyond, its queued inputs dropped)")

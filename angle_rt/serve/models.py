@@ -26,9 +26,9 @@ _ITEM = re.compile(r"sentences\[(\d+)\]")
 # whatever the split (measured, benchmarks/serve_flood.py: 512 for one worker on 2 threads,
 # 256 for workers on 1 thread each); GPUs want bigger batches (not measured here)
 FAIR_QUANTUM_CPU_PER_THREAD, FAIR_QUANTUM_GPU = 256, 8192
-# CPU: a thread for small new requests while every worker runs rows wider than this (a
-# one-sentence request then waits for no flood turn; measured, docs/serving.md); on GPU a
-# batch is short and the contexts are the workers'
+# CPU: a thread for new requests of this many padded tokens or fewer while every worker
+# runs a turn of a larger request (a one-sentence request then waits for no flood turn;
+# measured, docs/serving.md); on GPU a batch is short and the contexts are the workers'
 LANE_TOKENS_CPU = 128
 
 

@@ -370,21 +370,42 @@ def test_the_lane_stays_idle_while_a_worker_is_free_or_in_a_small_batch():
     assert fake.most_running == 2
 
 
-def test_the_lane_stays_idle_while_workers_run_many_short_rows():
-    """Both workers held inside batches of many short rows (more padded tokens than the
-    lane's, no row wider): what 32 one-sentence clients make. The lane stays out, so such
-    load runs on `workers` threads; when it engaged there, a third thread on the 2 cores
-    cost 14% of the sent/s at 32 clients (MiniLM, Zen 4, docs/serving.md)."""
+def test_the_lane_stays_idle_while_workers_run_batches_of_small_requests():
+    """Both workers held inside batches of many one-row requests (more padded tokens than
+    the lane's, each request small enough for it): what 32 one-sentence clients make. The
+    lane stays out, so such load runs on `workers` threads; when it engaged on any batch
+    over its tokens, a third thread on the 2 cores cost 14% of the sent/s at 32 clients
+    (MiniLM, Zen 4, docs/serving.md)."""
     fake = FakeSession(gate_over=3)
-    with make(fake, workers=2, lane_tokens=16, fair_quantum_tokens=64) as b:
-        loads = hold_both(fake, b, [4] * 8)
+    with make(fake, workers=2, lane_tokens=16) as b:
+        fake.gate.clear()
+        with b._cond:  # queued together, so the window plans two batches of 8 (32 tokens)
+            small = [b.submit([[k] * 4]) for k in range(1, 17)]
+        assert wait_for(lambda: fake.running == 2)
         short = b.submit([[7, 7]])
         time.sleep(0.05)
         assert not short.future.done() and fake.most_running == 2
+        assert [len(x) for x in fake.batches] == [8, 8]
         fake.gate.set()
         check(short, [[7, 7]])
-        check_held(loads, [4] * 8)
+        for k, ticket in enumerate(small, 1):
+            check(ticket, [[k] * 4])
     assert fake.most_running == 2
+
+
+def test_the_lane_runs_beside_turns_of_a_flood_of_short_texts():
+    """A flood of texts narrower than the lane's tokens still runs whole turns (a quantum of
+    tokens) on every worker: a light request sent then runs on the lane. Deciding by the
+    width of the running rows missed this flood."""
+    fake = FakeSession(gate_over=5)
+    with make(fake, workers=2, lane_tokens=16, fair_quantum_tokens=64) as b:
+        floods = hold_both(fake, b, [6] * 20)
+        short = b.submit([[7, 7]])
+        check(short, [[7, 7]])
+        assert not any(f.future.done() for f in floods)
+        fake.gate.set()
+        check_held(floods, [6] * 20)
+    assert fake.most_running == 3
 
 
 def test_the_lane_without_workers_held_and_closing():
