@@ -12,9 +12,8 @@ default when not given), a server on 127.0.0.1 (started and stopped here):
 2. flood: --flood-requests requests of --flood-inputs texts of --flood-chars characters
    each (900: ~217 tokens; STS-B sentences joined) are sent at once; 0.5 s later
    --light-clients clients start sending one-sentence requests in a loop until the floods
-   are answered: their p50 / p99, and
-   p99 over the idle p50 (the issue's bound: ≤ 10); the floods' wall time and tokens/s
-   (what fairness costs them).
+   are answered: their p50 / p99, and p99 over the idle p50 (the issue's bound: ≤ 10);
+   the floods' wall time and tokens/s (what fairness costs them).
 Writes benchmarks/results/serve-flood-<bundle>-<date>.json.
 """
 

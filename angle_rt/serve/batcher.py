@@ -93,9 +93,14 @@ class Ticket:
         return sum(len(r) for r in self.rows)
 
     @property
+    def width(self) -> int:
+        """Its longest row (`order` is longest first)."""
+        return len(self.rows[self.order[0]]) if self.order else 0
+
+    @property
     def padded(self) -> int:
-        """Its tokens padded as one batch (rows × the longest; `order` is longest first)."""
-        return len(self.rows) * len(self.rows[self.order[0]]) if self.order else 0
+        """Its tokens padded as one batch."""
+        return len(self.rows) * self.width
 
 
 Item = tuple[Ticket, int]
@@ -333,7 +338,7 @@ class Batcher:
             n = len(ticket.rows)
             if count + n > self.max_batch_size:
                 continue
-            size = max(longest, len(ticket.rows[ticket.order[0]]))
+            size = max(longest, ticket.width)
             if (count + n) * size > self.lane_tokens:
                 continue
             taken.append(ticket)
