@@ -20,7 +20,9 @@ CHARS_PER_TOKEN_CAP = 32
 
 
 class TextTokenizer:
-    """Tokenizes a request in one batched Rust call; returns one id list per text."""
+    """Tokenizes a request in one batched Rust call (a lone text in a plain call: the batch
+    call hands even one text to Rust's thread pool, a hop that took ~0.15 ms of a served
+    one-sentence request's event-loop time under load); returns one id list per text."""
 
     def __init__(self, tokenizer: str | Path | Tokenizer, max_length: int) -> None:
         if isinstance(tokenizer, Tokenizer):
@@ -49,9 +51,13 @@ class TextTokenizer:
         capped = [self._cap(t) for t in texts]
         try:
             if prompt is None:
+                if len(capped) == 1:
+                    return [self._truncating.encode(capped[0]).ids]
                 return [e.ids for e in self._truncating.encode_batch_fast(capped)]
             head, tail = split_prompt(prompt)
-            encs = self._plain.encode_batch([head + t + tail for t in capped])
+            framed = [head + t + tail for t in capped]
+            encs = ([self._plain.encode(framed[0])] if len(framed) == 1
+                    else self._plain.encode_batch(framed))
         except TypeError:  # the Rust side refuses str it cannot encode as UTF-8
             _raise_unencodable(texts)
             raise

@@ -75,3 +75,19 @@ def test_huge_text_is_capped_before_tokenizing(tok):
 def test_empty_input(tok):
     assert tok.encode([]) == []
     assert tok.encode([""]) == [[101, 102]]
+
+
+@pytest.mark.parametrize("template", [None, PROMPTS["C"]])
+def test_one_text_tokenizes_as_in_a_batch(tok, stsb_test, template):
+    # a lone text skips the Rust thread pool (the server's one-sentence requests); its ids
+    # must be the ones the same text gets inside a batch
+    texts = [*stsb_test.sentences[:200], " ".join(verification_texts(None)[-3:]), ""]
+    batched = tok.encode(texts, template)
+    assert [tok.encode([t], template)[0] for t in texts] == batched
+    assert max(len(r) for r in batched) == 64
+
+
+def test_one_unencodable_text_is_refused_like_a_batch(tok):
+    for texts in (["lone \udc80 surrogate"], ["fine", "lone \udc80 surrogate"]):
+        with pytest.raises(ValueError, match="surrogate"):
+            tok.encode(texts)
