@@ -67,3 +67,23 @@ def test_split_plan_separates_outliers_and_keeps_uniform_batches():
     assert [len(b) for b in plan_batches(mixed, 32, 16384, batch_cost=32)] == [1, 7]
     uniform = [15] * 20 + [14] * 12  # sorted input of near-equal lengths: one batch
     assert [len(b) for b in plan_batches(uniform, 32, 16384, batch_cost=32)] == [32]
+
+
+@settings(max_examples=300, deadline=None)
+@given(widths=st.lists(st.integers(1, 64), min_size=1, max_size=9).map(
+           lambda w: sorted(w, reverse=True)),
+       batch_cost=st.integers(1, 64))
+def test_cheapest_split_is_the_cheapest(widths, batch_cost):
+    """Against every way to cut a longest-first batch (2^(m-1) of them)."""
+    from angle_rt.batching import _cheapest_split
+
+    def cost(spans):
+        return sum((b - a) * widths[a] + batch_cost for a, b in spans)
+
+    m = len(widths)
+    spans = _cheapest_split(widths, batch_cost)
+    assert spans[0][0] == 0 and spans[-1][1] == m
+    assert all(b == c for (_, b), (c, _) in itertools.pairwise(spans))
+    every = (list(itertools.pairwise((0, *cuts, m)))
+             for k in range(m) for cuts in itertools.combinations(range(1, m), k))
+    assert cost(spans) == min(cost(s) for s in every)
