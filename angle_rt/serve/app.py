@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -417,7 +417,7 @@ class FrontDoor:
             return
         start, status, started = time.perf_counter(), 500, False
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or _request_id()
         path = scope["path"]
 
         async def send_with_id(message: Message) -> None:
@@ -533,6 +533,12 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
+
+
+def _request_id() -> str:
+    """A random 128-bit id (uuid4's os.urandom is a system call a request; the random
+    module, seeded from it and re-seeded in forked children, is not)."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def _ms(seconds: float) -> str:

@@ -30,6 +30,7 @@ from angle_rt.serve.models import ServedModel
 
 log = logging.getLogger("angle_rt.serve")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FLUSH_S = 0.02  # the log writer writes what gathered at most this often
 
 
 def serve(config: ServeConfig) -> int:
@@ -215,6 +216,9 @@ class LogWriter(logging.handlers.QueueHandler):
                     self.stream.flush()
             if stop:
                 return
+            # let lines gather: a record put while this thread sleeps wakes nothing, where a
+            # blocked get() cost the event loop a thread wake-up per access-log line
+            time.sleep(FLUSH_S)
 
     def close(self) -> None:
         if self._thread.is_alive():
