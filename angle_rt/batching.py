@@ -55,7 +55,7 @@ def plan_batches(
     if max_batch < 1 or max_tokens < 1:
         raise ValueError(f"max_batch ({max_batch}) and max_tokens ({max_tokens}) must be ≥ 1")
     # plain Python: the server plans small windows under its lock at every arrival, where
-    # numpy's per-call overhead cost 56 µs for 6 rows (this: 6 µs)
+    # numpy's per-call overhead made 6 rows cost 56 µs (this: 21 µs)
     lens = [int(x) for x in lengths]
     order = sorted(range(len(lens)), key=lens.__getitem__, reverse=True)  # stable
 

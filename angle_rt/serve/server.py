@@ -180,10 +180,11 @@ class TextFormatter(logging.Formatter):
 
 
 class LogWriter(logging.handlers.QueueHandler):
-    """Log records go onto a queue; a thread formats them and writes every line pending in
-    one write and flush. The event loop pays a queue put per access-log line, not the
-    formatting and a write + flush syscall (measured: docs/serving.md). Lines are written in
-    order; `close` (also at exit) writes what is queued."""
+    """Log records go onto a queue; a thread formats them and writes the lines gathered in
+    one write and flush, at most every FLUSH_S. The event loop pays a queue put per
+    access-log line, not the formatting, a write + flush syscall or a thread wake-up
+    (measured: docs/serving.md). Lines are written in order; `close` (also at exit) writes
+    what is queued."""
 
     def __init__(self, stream: Any, formatter: logging.Formatter) -> None:
         super().__init__(queue.SimpleQueue())
