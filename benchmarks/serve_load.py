@@ -59,7 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import cpu_name  # noqa: E402
+from benchmarks.harness import SIMD_FLAGS, cpu_name  # noqa: E402
 
 HOST = "127.0.0.1"
 WARMUP_S = 3.0
@@ -401,8 +401,7 @@ def machine() -> dict:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    simd = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-            if f in flags]
+    simd = [f for f in SIMD_FLAGS if f in flags]
     return {"cpu": cpu_name(), "cpus": os.cpu_count(), "simd_flags": simd,
             "python": sys.version.split()[0]}
 
