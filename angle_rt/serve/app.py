@@ -8,16 +8,16 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,6 +52,8 @@ HEALTH_PROBE_S = 5.0
 PROBE = EmbedRequest(["angle-rt health probe"], None, "input")
 ABORTED = ("the server shut down (--graceful-timeout) before this request finished; retry "
            "on another replica")
+_TIMEOUT = getattr(asyncio, "timeout", None)  # Python 3.11+
+T = TypeVar("T")
 access_log = logging.getLogger("angle_rt.serve.access")
 log = logging.getLogger("angle_rt.serve")
 
@@ -186,7 +188,8 @@ class Api:
         timing.tokenization_s = time.perf_counter() - timing.start
         timing.tokens = sum(map(len, rows))
         metrics = self.state.metrics
-        metrics.tokenization.labels(model.name).observe(timing.tokenization_s)
+        series = metrics.model(model.name)
+        series.tokenization.observe(timing.tokenization_s)
         if timing.tokens > self.cfg.max_request_tokens:
             metrics.rejections.labels("request_tokens").inc()
             raise ApiError(413, f"The request holds {timing.tokens} tokens; this server's "
@@ -202,9 +205,9 @@ class Api:
         except ClosedError as exc:
             raise ApiError(503, str(exc), code="shutting_down") from None
         vecs = await self._wait(request, ticket, timing.start + self.cfg.request_timeout)
-        metrics.queue.labels(model.name).observe(ticket.queue_s)
-        metrics.inputs.labels(model.name).inc(len(rows))
-        metrics.tokens.labels(model.name).inc(timing.tokens)
+        series.queue.observe(ticket.queue_s)
+        series.inputs.inc(len(rows))
+        series.tokens.inc(timing.tokens)
         request.scope["angle_rt"] = {"model": model.name, "inputs": len(rows),
                                      "tokens": timing.tokens}
         return vecs, timing
@@ -212,24 +215,17 @@ class Api:
     async def _wait(self, request: Request, ticket: Ticket, deadline: float) -> np.ndarray:
         """The ticket's vectors; if the client disconnects or the deadline passes first,
         its queued inputs are dropped (the ticket is cancelled): ClientGone, or 504."""
-        result = asyncio.wrap_future(ticket.future)
-        watch = asyncio.ensure_future(_disconnect(request.receive))
-        try:
-            await asyncio.wait((result, watch), return_when=asyncio.FIRST_COMPLETED,
-                               timeout=max(0.0, deadline - time.perf_counter()))
-        finally:
-            watch.cancel()
-            if not result.done():  # the client left, the deadline passed, or a cancel
-                result.cancel()
-        if result.cancelled():
-            if watch.done() and not watch.cancelled():
+        future = ticket.future
+        gone = await _settle(future, request.receive, deadline - time.perf_counter())
+        if future.cancelled():
+            if gone:
                 raise ClientGone
             self.state.metrics.rejections.labels("request_timeout").inc()
             raise ApiError(504, f"The request did not finish within {self.cfg.request_timeout:g}"
                                 " s (--request-timeout); its inputs were dropped",
                            code="timeout")
         try:
-            return result.result()
+            return future.result()
         except ClosedError as exc:
             raise ApiError(503, str(exc), code="shutting_down") from None
         except Exception as exc:
@@ -257,26 +253,14 @@ class Api:
         if kind != JSON:
             raise ApiError(415, f"Send the body as {JSON} (Content-Type was "
                                 f"{kind or 'missing'!r})", code="unsupported_media_type")
-        limit, chunks = self.cfg.payload_limit, []
-
-        async def read() -> None:
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-
         try:
-            await asyncio.wait_for(read(), self.cfg.body_timeout)
-        except ClientDisconnect:
-            raise ClientGone from None
+            body = await _within(self.cfg.body_timeout,
+                                 _read_body(request.receive, self.cfg.payload_limit))
         except asyncio.TimeoutError:
             self.state.metrics.rejections.labels("body_timeout").inc()
             raise ApiError(408, f"The request body did not arrive within "
                                 f"{self.cfg.body_timeout:g} s (--body-timeout)",
                            code="request_timeout", headers={"connection": "close"}) from None
-        body = b"".join(chunks)
         request.scope[BODY_BYTES] = len(body)
         return parse_json(body)
 
@@ -399,15 +383,24 @@ def build_app(state: ServerState) -> ASGIApp:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error,
                                         ClientGone: _client_gone, Exception: _server_error})
-    return FrontDoor(app, state)
+    direct = {"/v1/embeddings": api.openai_embeddings, "/embeddings": api.openai_embeddings,
+              "/embed": api.tei_embed}
+    return FrontDoor(app, state, direct)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class FrontDoor:
     """Pure ASGI middleware: request id, API key, payload limit (Content-Length), metrics
-    per route and code, one structured access-log line per request."""
+    per route and code, one structured access-log line per request. The embedding routes'
+    POSTs (`direct`) go straight to their handler: Starlette's router, request and
+    exception layers cost a served one-sentence request more than its parse and tokenize
+    (docs/serving.md); every other request goes through `app`."""
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app, self.state = app, state
+    def __init__(self, app: ASGIApp, state: ServerState,
+                 direct: dict[str, Handler] | None = None) -> None:
+        self.app, self.state, self.direct = app, state, direct or {}
         key = state.config.api_key
         self._key = key.encode() if key else None
 
@@ -431,10 +424,13 @@ class FrontDoor:
 
         try:
             problem = self._gate(path, headers)
-            if problem is None:
-                await self.app(scope, receive, send_with_id)
-            else:
+            handler = self.direct.get(path) if scope["method"] == "POST" else None
+            if problem is not None:
                 await _send_error(send_with_id, problem, path)
+            elif handler is not None:
+                await _serve(handler, scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels what is left at --graceful-timeout (a request still reading its
             # body or tokenizing): answer in JSON like the ones abort_in_flight failed
@@ -463,9 +459,9 @@ class FrontDoor:
 
     def _record(self, scope: Scope, path: str, status: int, seconds: float, rid: str) -> None:
         route = path if path in ROUTES else "other"
-        m = self.state.metrics
-        m.requests.labels(route, str(status)).inc()
-        m.request_seconds.labels(route).observe(seconds)
+        count, duration = self.state.metrics.request(route, status)
+        count.inc()
+        duration.observe(seconds)
         if self.state.config.access_log:
             client = scope.get("client")
             fields = {"method": scope["method"], "path": path, "status": status,
@@ -473,6 +469,20 @@ class FrontDoor:
                       "client": f"{client[0]}:{client[1]}" if client else None,
                       **scope.get("angle_rt", {})}
             access_log.info("request", extra={"fields": fields})
+
+
+async def _serve(handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
+    """`handler`'s response, with the app's exception handlers' answers."""
+    request = Request(scope, receive)
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = await _api_error(request, exc)
+    except ClientGone as exc:
+        response = await _client_gone(request, exc)
+    except Exception as exc:
+        response = await _server_error(request, exc)
+    await response(scope, receive, send)
 
 
 def _close_models(state: ServerState) -> None:
@@ -484,6 +494,63 @@ def _close_models(state: ServerState) -> None:
 async def _disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _settle(future: Future, receive: Receive, timeout: float) -> bool:
+    """Wait until the worker's `future` is done, the client disconnects or `timeout`
+    passes; then cancel `future` unless it is done (its queued inputs are dropped). True
+    if the client disconnected. (One loop future woken by all three: asyncio.wait plus
+    wrap_future cost twice the objects and callbacks, on every request.)"""
+    loop = asyncio.get_running_loop()
+    woke = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woke.done():
+            woke.set_result(None)
+
+    def wake_from_worker(_: Future) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(wake)
+
+    future.add_done_callback(wake_from_worker)
+    watch = loop.create_task(_disconnect(receive))
+    watch.add_done_callback(wake)
+    timer = loop.call_later(max(0.0, timeout), wake)
+    try:
+        await woke
+    finally:
+        timer.cancel()
+        gone = watch.done() and not watch.cancelled()
+        if gone:
+            watch.exception()  # a receive that failed counts as a disconnect; retrieved
+        watch.cancel()
+        future.cancel()  # no-op once done
+    return gone
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole body; 413 as soon as it passes `limit` bytes, ClientGone on disconnect."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _within(seconds: float, work: Awaitable[T]) -> T:
+    """`await work`, TimeoutError past `seconds` (asyncio.timeout where Python has it:
+    wait_for wraps the work in a task of its own)."""
+    if _TIMEOUT is None:
+        return await asyncio.wait_for(work, seconds)
+    async with _TIMEOUT(seconds):
+        return await work
 
 
 def _too_large(limit: int) -> ApiError:

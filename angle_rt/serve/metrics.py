@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -43,6 +46,16 @@ DESCRIPTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class ModelSeries:
+    """One model's per-request series (labelled once: `labels()` costs µs a call)."""
+
+    tokenization: Any
+    queue: Any
+    inputs: Any
+    tokens: Any
+
+
 class Metrics:
     """The server's instruments; `render()` is the `/metrics` body."""
 
@@ -82,6 +95,25 @@ class Metrics:
         self.worker_restarts = Gauge("angle_rt_worker_restarts",
                                      d["angle_rt_worker_restarts"], ["model"], registry=reg)
         self.ready = Gauge("angle_rt_ready", d["angle_rt_ready"], registry=reg)
+        self._models: dict[str, ModelSeries] = {}
+        self._routes: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def model(self, name: str) -> ModelSeries:
+        """`name`'s tokenization, queue, inputs and tokens series."""
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelSeries(
+                self.tokenization.labels(name), self.queue.labels(name),
+                self.inputs.labels(name), self.tokens.labels(name))
+        return series
+
+    def request(self, route: str, code: int) -> tuple[Any, Any]:
+        """The request counter of (`route`, `code`) and the duration histogram of `route`."""
+        pair = self._routes.get((route, code))
+        if pair is None:
+            pair = self._routes[(route, code)] = (self.requests.labels(route, str(code)),
+                                                  self.request_seconds.labels(route))
+        return pair
 
     def on_batch(self, model: str) -> OnBatch:
         """The batcher's per-batch hook for `model`."""

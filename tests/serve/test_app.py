@@ -319,3 +319,96 @@ def test_small_bodies_tokenize_on_the_loop_large_ones_on_the_pool(tiny, enc, mon
     assert large.status_code == 200 and hops == ["parse_tei_embed", "rows"]
     np.testing.assert_allclose(large.json()[0], small.json()[0], atol=1e-6)
     np.testing.assert_allclose(small.json(), enc.encode(TEXTS[:1]), atol=2e-6)
+
+
+def test_an_unexpected_error_in_a_direct_route_is_a_json_500_without_internals(tiny,
+                                                                                monkeypatch):
+    """The embedding routes bypass Starlette's exception layers: their own catch-all answers
+    like the app's (logged cause, no backend text), in each route's error shape."""
+    client, state = tiny
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret /srv/models/x")
+
+    monkeypatch.setattr(state.models["tiny"], "finish", boom)
+    for path, body in [("/v1/embeddings", {"input": ["x"]}), ("/embed", {"inputs": ["x"]})]:
+        r = client.post(path, json=body)
+        assert r.status_code == 500 and "secret" not in r.text and "/srv" not in r.text
+        assert r.headers["x-request-id"]
+        shape = r.json()
+        assert (shape["error"]["code"] == "internal_error" if path.startswith("/v1")
+                else shape["error_type"] == "Backend")
+
+
+def _receive_after(messages: list[dict], then_disconnect_after: float | None = None):
+    """An ASGI receive: `messages`, then (after a delay) http.disconnect, or never."""
+    import asyncio
+
+    queue = list(messages)
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        if then_disconnect_after is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(then_disconnect_after)
+        return {"type": "http.disconnect"}
+    return receive
+
+
+def test_settle_wakes_on_the_result_the_deadline_or_a_disconnect_and_cancels_the_rest():
+    import asyncio
+    import threading
+    from concurrent.futures import Future
+
+    from angle_rt.serve.app import _settle
+
+    async def case(timeout, disconnect_after=None, result_after=None):
+        future: Future = Future()
+        if result_after is not None:
+            threading.Timer(result_after, future.set_result, ["vectors"]).start()
+        gone = await _settle(future, _receive_after([], disconnect_after), timeout)
+        return gone, future
+
+    gone, fut = asyncio.run(case(5.0, result_after=0.02))
+    assert not gone and fut.result() == "vectors"
+    gone, fut = asyncio.run(case(0.05))  # the deadline: its inputs are dropped
+    assert not gone and fut.cancelled()
+    gone, fut = asyncio.run(case(5.0, disconnect_after=0.02))
+    assert gone and fut.cancelled()
+    done: Future = Future()
+    done.set_result("vectors")  # done by the deadline: the vectors, not a 504
+    assert asyncio.run(_settle(done, _receive_after([]), 0.0)) is False
+    assert done.result() == "vectors"
+
+    async def cancelled_from_outside():
+        future: Future = Future()
+        task = asyncio.ensure_future(_settle(future, _receive_after([]), 5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        outcome = await asyncio.gather(task, return_exceptions=True)
+        return outcome, future
+
+    (outcome,), fut = asyncio.run(cancelled_from_outside())
+    assert isinstance(outcome, asyncio.CancelledError) and fut.cancelled()
+
+
+def test_read_body_joins_chunks_stops_at_the_limit_and_sees_a_disconnect():
+    import asyncio
+
+    from angle_rt.serve.app import ClientGone, _read_body
+    from angle_rt.serve.protocol import ApiError
+
+    def chunks(*parts: bytes, end: bool = True) -> list[dict]:
+        return [{"type": "http.request", "body": p,
+                 "more_body": not (end and k == len(parts) - 1)} for k, p in enumerate(parts)]
+
+    read = asyncio.run
+    assert read(_read_body(_receive_after(chunks(b'{"in', b'put": ', b'"x"}')), 100)) \
+        == b'{"input": "x"}'
+    assert read(_read_body(_receive_after(chunks(b"")), 100)) == b""
+    with pytest.raises(ApiError) as err:
+        read(_read_body(_receive_after(chunks(b"x" * 60, b"x" * 60)), 100))
+    assert err.value.status == 413
+    with pytest.raises(ClientGone):
+        read(_read_body(_receive_after(chunks(b"{", end=False), 0.0), 100))
