@@ -412,3 +412,24 @@ def test_read_body_joins_chunks_stops_at_the_limit_and_sees_a_disconnect():
     assert err.value.status == 413
     with pytest.raises(ClientGone):
         read(_read_body(_receive_after(chunks(b"{", end=False), 0.0), 100))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_within_times_out_with_and_without_asyncio_timeout(native, monkeypatch):
+    """Python 3.10 has no asyncio.timeout: the body read falls back to wait_for, alike."""
+    import asyncio
+
+    from angle_rt.serve import app as app_mod
+
+    if not native:
+        monkeypatch.setattr(app_mod, "_TIMEOUT", None)
+    elif app_mod._TIMEOUT is None:
+        pytest.skip("this Python has no asyncio.timeout")
+
+    async def slow(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "body"
+
+    assert asyncio.run(app_mod._within(1.0, slow(0.0))) == "body"
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(app_mod._within(0.01, slow(5.0)))
