@@ -22,8 +22,11 @@ def l2_normalize(emb: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     >>> l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)).tolist()
     [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
     """
-    # np.linalg.norm's own arithmetic for a real axis norm, without its checks (µs a
+    # np.linalg.norm's own arithmetic for a real axis norm, without its other checks (µs a
     # served request): the same bits
+    emb = np.asarray(emb)
+    if not np.issubdtype(emb.dtype, np.inexact):
+        emb = emb.astype(float)  # as norm does: no integer overflow in the squares
     norm = np.sqrt(np.add.reduce(emb * emb, axis=-1, keepdims=True))
     return (emb / np.maximum(norm, eps)).astype(np.float32, copy=False)
 

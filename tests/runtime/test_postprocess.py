@@ -24,3 +24,9 @@ def test_l2_normalize_is_bit_identical_to_numpys_norm(shape, dtype):
     assert np.array_equal(got, want)
     if emb.ndim == 2:
         assert not got[0].any()
+
+
+def test_l2_normalize_takes_integer_rows_like_numpy():
+    emb = np.array([[60000, 80000], [3, 4]], dtype=np.int32)  # squares overflow int32
+    want = (emb / np.linalg.norm(emb, axis=-1, keepdims=True)).astype(np.float32)
+    assert np.array_equal(l2_normalize(emb), want)
