@@ -63,14 +63,16 @@ class Calibration:
 
 
 def linear_layers(model: onnx.ModelProto) -> list[LinearLayer]:
-    """Every MatMul/Gemm that multiplies an activation by a weight initializer."""
+    """Every MatMul/Gemm that multiplies an activation by a 2-D weight initializer (a
+    batched MatMul's 3-D weight is not a linear layer: the int8 rewrites take [K, N])."""
     idx = GraphIndex(model)
+    rank = {t.name: len(t.dims) for t in model.graph.initializer}
     layers = []
     for n in idx.nodes:
         if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
         a, w = n.input[0], n.input[1]
-        if w not in idx.initializers or a in idx.initializers:
+        if rank.get(w) != 2 or a in idx.initializers:
             continue
         trans_b = any(x.name == "transB" and x.i for x in n.attribute)
         layers.append(LinearLayer(n.name, a, w, 0 if trans_b else 1))

@@ -172,3 +172,21 @@ def test_full_range_int8_on_a_saturating_host_is_flagged(tiny_bert_bundle, tmp_p
     assert len(saturating) == int(warns)
     if warns:
         assert "re-export" in str(saturating[0].message)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-dynamic"])
+def test_batched_matmul_weight_stays_float(kind, tmp_path):
+    """A MatMul by a 3-D weight initializer is a batched product, not a linear layer: the
+    int8 rewrites (which take [K, N]) once made graphs ONNX Runtime refused to load or run."""
+    weight = np.random.default_rng(0).normal(size=(2, K, N)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="/bmm/MatMul")
+    graph = helper.make_graph(
+        [node], "bmm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "rows", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "rows", N])],
+        [numpy_helper.from_array(weight, "w")])
+    src = tmp_path / "bmm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    assert quant.linear_layers(onnx.load(str(src))) == []
+    x = np.random.default_rng(1).normal(size=(2, 5, K)).astype(np.float32)
+    out = _run(_build(kind, src, tmp_path / "q.onnx"), x)
+    np.testing.assert_allclose(out, x @ weight, rtol=1e-5, atol=1e-5)
