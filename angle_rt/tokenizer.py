@@ -46,22 +46,46 @@ class TextTokenizer:
         """Token ids per text (special tokens added), at most max_length each."""
         if not texts:
             return []
-        capped = [self._cap(t) for t in texts]
+        windows = [_cut(t, self._char_cap) for t in texts]
+        rows = self._rows(windows, prompt, texts)
+        for i, text in enumerate(texts):
+            if len(windows[i]) < len(text) and len(rows[i]) < self.max_length:
+                # the cap cut text whose tokens the row had room for (long whitespace runs)
+                rows[i] = self._grown(text, prompt)[1]
+        return rows
+
+    def window(self, text: str, prompt: str | None = None) -> str:
+        """The start of `text` that `encode` tokenizes: all of it, or a prefix cut at a
+        space that already fills max_length tokens (so the cap only ever drops tokens that
+        truncation drops too)."""
+        cut = _cut(text, self._char_cap)
+        if len(cut) == len(text) or len(self._rows([cut], prompt, [text])[0]) >= self.max_length:
+            return cut
+        return self._grown(text, prompt)[0]
+
+    def _grown(self, text: str, prompt: str | None) -> tuple[str, list[int]]:
+        """The window past the cap, doubled until its row fills max_length or it is the
+        whole text; tokenized off the GIL (a megabyte of spaces takes ~0.6 s)."""
+        cap = 2 * self._char_cap
+        while True:
+            cut = _cut(text, cap)
+            row = self._rows([cut], prompt, [text], pool=True)[0]
+            if len(cut) == len(text) or len(row) >= self.max_length:
+                return cut, row
+            cap *= 2
+
+    def _rows(self, windows: list[str], prompt: str | None, texts: Sequence[str],
+              pool: bool = False) -> list[list[int]]:
         try:
             if prompt is None:
-                return [e.ids for e in _encode_all(self._truncating, capped, fast=True)]
+                return [e.ids for e in _encode_all(self._truncating, windows, True, pool)]
             head, tail = split_prompt(prompt)
-            encs = _encode_all(self._plain, [head + t + tail for t in capped])
+            encs = _encode_all(self._plain, [head + t + tail for t in windows], pool=pool)
         except TypeError:  # the Rust side refuses str it cannot encode as UTF-8
             _raise_unencodable(texts)
             raise
-        return [self._fit(e, len(head), len(t), prompt) for e, t in zip(encs, capped, strict=True)]
-
-    def _cap(self, text: str) -> str:
-        if len(text) <= self._char_cap:
-            return text
-        cut = text.rfind(" ", self._char_cap // 2, self._char_cap)
-        return text[: cut if cut > 0 else self._char_cap]
+        return [self._fit(e, len(head), len(t), prompt)
+                for e, t in zip(encs, windows, strict=True)]
 
     def _fit(self, enc: Encoding, start: int, length: int, prompt: str) -> list[int]:
         """Drop text tokens from the end of the sentence until max_length fits."""
@@ -83,11 +107,40 @@ class TextTokenizer:
         return [t for i, t in enumerate(ids) if i not in drop]
 
 
-def _encode_all(tok: Tokenizer, texts: list[str], fast: bool = False) -> list[Encoding]:
+def _cut(text: str, cap: int) -> str:
+    """The first `cap` characters of `text`, cut at a space where there is one."""
+    if len(text) <= cap:
+        return text
+    cut = text.rfind(" ", cap // 2, cap)
+    return text[: cut if cut > 0 else cap]
+
+
+def tail_cut(text: str, cap: int) -> str:
+    """The last `cap` characters of `text`, from a space where there is one (its first
+    word then tokenizes as it does in the whole text)."""
+    if len(text) <= cap:
+        return text
+    start = len(text) - cap
+    cut = text.find(" ", start, start + cap // 2)
+    return text[cut if cut >= 0 else start:]
+
+
+def encode_one(tok: Tokenizer, text: str, long: int, add_special_tokens: bool = True,
+               ) -> Encoding:
+    """`tok.encode(text)`; a text over `long` characters through the batch call, which
+    releases the GIL (a megabyte takes ~1 s: the event loop must not wait for it)."""
+    if len(text) <= long:
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+    return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+
+def _encode_all(tok: Tokenizer, texts: list[str], fast: bool = False,
+                pool: bool = False) -> list[Encoding]:
     """One Rust call for the texts; a lone text in a plain call, as the batch call hands
     even one text to Rust's thread pool (a hop that cost a served one-sentence request
-    ~0.15 ms of event-loop time under load). `fast`: no offsets (ids only)."""
-    if len(texts) == 1:
+    ~0.15 ms of event-loop time under load), unless `pool` (the batch call releases the
+    GIL: for long texts). `fast`: no offsets (ids only)."""
+    if len(texts) == 1 and not pool:
         return [tok.encode(texts[0])]
     return tok.encode_batch_fast(texts) if fast else tok.encode_batch(texts)
 

@@ -184,7 +184,9 @@ class Api:
     async def _embed(self, request: Request, model: ServedModel, req: EmbedRequest,
                      truncate: bool) -> tuple[np.ndarray, Timing]:
         timing = Timing(characters=sum(map(len, req.texts)) if req.texts else 0)
-        rows = await self._cpu(request, model.rows, req, truncate)
+        deadline = timing.start + self.cfg.request_timeout
+        rows = await self._cpu(request, model.rows, req, truncate,
+                               timeout=self.cfg.request_timeout)
         timing.tokenization_s = time.perf_counter() - timing.start
         timing.tokens = sum(map(len, rows))
         metrics = self.state.metrics
@@ -204,7 +206,7 @@ class Api:
                            headers={"retry-after": str(exc.retry_after)}) from None
         except ClosedError as exc:
             raise ApiError(503, str(exc), code="shutting_down") from None
-        vecs = await self._wait(request, ticket, timing.start + self.cfg.request_timeout)
+        vecs = await self._wait(request, ticket, deadline)
         series.queue.observe(ticket.queue_s)
         series.inputs.inc(len(rows))
         series.tokens.inc(timing.tokens)
@@ -220,10 +222,7 @@ class Api:
         if future.cancelled():
             if gone:
                 raise ClientGone
-            self.state.metrics.rejections.labels("request_timeout").inc()
-            raise ApiError(504, f"The request did not finish within {self.cfg.request_timeout:g}"
-                                " s (--request-timeout); its inputs were dropped",
-                           code="timeout")
+            raise self._timed_out()
         try:
             return future.result()
         except ClosedError as exc:
@@ -234,13 +233,25 @@ class Api:
             raise ApiError(500, f"inference failed ({type(exc).__name__}); the server "
                                 "logged the cause", code="inference_failed") from None
 
-    async def _cpu(self, request: Request, fn: Any, *args: Any) -> Any:
+    def _timed_out(self) -> ApiError:
+        self.state.metrics.rejections.labels("request_timeout").inc()
+        return ApiError(504, f"The request did not finish within {self.cfg.request_timeout:g}"
+                             " s (--request-timeout); its inputs were dropped", code="timeout")
+
+    async def _cpu(self, request: Request, fn: Any, *args: Any,
+                   timeout: float | None = None) -> Any:
         """`fn(*args)` for this request: on the event loop for a small body (a few sentences
         parse and tokenize in tens of µs, less than a thread hop costs), else on the
-        tokenizer pool so a large one cannot stall other requests."""
+        tokenizer pool so a large one cannot stall other requests; there, maybe behind
+        other large ones, within `timeout` (504; the pool drops it if not started)."""
         if request.scope.get(BODY_BYTES, INLINE_BYTES + 1) <= INLINE_BYTES:
             return fn(*args)
-        return await self._off_loop(fn, *args)
+        if timeout is None:
+            return await self._off_loop(fn, *args)
+        try:
+            return await _within(timeout, self._off_loop(fn, *args))
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
 
     async def _off_loop(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()

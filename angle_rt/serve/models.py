@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+from tokenizers import Encoding
 
 import angle_rt
 from angle_rt.encoder import Encoder
@@ -18,8 +19,8 @@ from angle_rt.prompts import split_prompt
 from angle_rt.quantization import needs_ranges, quantize_embeddings, read_ranges
 from angle_rt.serve.batcher import Batcher, OnBatch
 from angle_rt.serve.config import ServeConfig
-from angle_rt.serve.protocol import EmbedRequest, invalid
-from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP
+from angle_rt.serve.protocol import ApiError, EmbedRequest, invalid
+from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP, encode_one, tail_cut
 
 _ITEM = re.compile(r"sentences\[(\d+)\]")
 # a turn's tokens: on CPU per ONNX Runtime thread of a worker, so a turn takes about as long
@@ -106,8 +107,7 @@ class ServedModel:
         if len(row) < self.max_length:
             return row
         head, tail = split_prompt(template) if template else ("", "")
-        text = text[-self.max_length * CHARS_PER_TOKEN_CAP:]
-        full = self._backend.encode(head + text + tail)
+        full = self._tail(text, head, tail)
         if len(full.ids) <= self.max_length:
             return list(full.ids)
         mask = full.special_tokens_mask
@@ -118,22 +118,36 @@ class ServedModel:
         end = len(full.ids) - trail
         return [*full.ids[:lead], *full.ids[end - keep:end], *full.ids[end:]]
 
+    def _tail(self, text: str, head: str, tail: str) -> Encoding:
+        """The prompted encoding of the end of `text`: all of it, or its last characters
+        (from a space) while they hold more than max_length tokens; from the character
+        cap, doubled (a text ending in a long run of spaces once kept only those)."""
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        while True:
+            part = tail_cut(text, cap)
+            full = encode_one(self._backend, head + part + tail, cap)
+            if len(part) == len(text) or len(full.ids) > self.max_length:
+                return full
+            cap *= 2
+
     def _refuse_truncated(self, texts: list[str], rows: list[list[int]],
                           template: str | None, field: str) -> None:
         """422 for the first text that max_length cut (only rows that reached it are
-        tokenized again, untruncated)."""
+        tokenized again, untruncated: the window `encode` read, or the whole text when
+        that window holds exactly max_length tokens)."""
         head, tail = split_prompt(template) if template else ("", "")
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
         for i, row in enumerate(rows):
             if len(row) < self.max_length:
                 continue
             text = texts[i]
-            if len(text) > self.max_length * CHARS_PER_TOKEN_CAP:
-                n = None
-            else:
-                n = len(self._backend.encode(head + text + tail).ids)
-                if n <= self.max_length:
-                    continue
-            size = f"{n} tokens" if n else f"{len(text)} characters"
+            window = self.encoder.tokenizer.window(text, template)
+            n = len(encode_one(self._backend, head + window + tail, cap).ids)
+            if n <= self.max_length and len(window) < len(text):
+                n = len(encode_one(self._backend, head + text + tail, cap).ids)
+            if n <= self.max_length:
+                continue
+            size = f"{n} tokens" if len(window) == len(text) else f"{len(text)} characters"
             raise invalid(f"{field}[{i}] is {size}, over this model's max_length "
                           f"{self.max_length}, and truncation is off; shorten it or send "
                           "truncate", field, "input_too_long")
@@ -198,11 +212,17 @@ class ServedModel:
     def tokens(self, req: EmbedRequest, truncate: bool) -> list[list[dict[str, Any]]]:
         """TEI's `/tokenize` answer: the ids the model gets, with their token strings and,
         for text inputs, each token's character span in the text (None for special and
-        prompt tokens, and for token-id inputs)."""
+        prompt tokens, and for token-id inputs). 413 past --max-request-tokens, before a
+        token's entry is built (a 2 MB text is ~950,000 tokens)."""
         plain = req.texts is not None and not (truncate and req.add_special_tokens)
         rows = self._plain_rows(req, truncate) if plain else self.rows(req, truncate)
-        spans = self._spans(req, rows) if req.texts is not None else [[None] * len(r)
-                                                                       for r in rows]
+        n = sum(map(len, rows))
+        if n > self.config.max_request_tokens:
+            raise ApiError(413, f"The request holds {n} tokens; this server's limit is "
+                                f"{self.config.max_request_tokens} a request "
+                                "(--max-request-tokens): split it", code="too_many_tokens")
+        spans = self._spans(req, rows, plain) if req.texts is not None \
+            else [[None] * len(r) for r in rows]
         out = []
         for row, row_spans in zip(rows, spans, strict=True):
             out.append([{"id": t, "text": self._backend.id_to_token(t),
@@ -219,23 +239,28 @@ class ServedModel:
             head, tail = split_prompt(self.encoder.template(req.prompt, req.prompt_name) or "")
         except ValueError as exc:
             raise invalid(str(exc), "prompt_name") from None
-        rows = [self._backend.encode(head + t + tail,
-                                     add_special_tokens=req.add_special_tokens).ids
-                for t in req.texts or []]
+        # the batch call releases the GIL: these texts are read whole, megabytes maybe
+        rows = [e.ids for e in self._backend.encode_batch(
+            [head + t + tail for t in req.texts or []],
+            add_special_tokens=req.add_special_tokens)]
         return [self._cut(r) if len(r) > self.max_length else r for r in rows] if truncate \
             else rows
 
-    def _spans(self, req: EmbedRequest, rows: list[list[int]]) -> list[list[Any]]:
+    def _spans(self, req: EmbedRequest, rows: list[list[int]],
+               whole: bool) -> list[list[Any]]:
         """(start, stop) in each text per token of its row: the row is a subsequence of the
         untruncated encoding of the prompted text (truncation only drops tokens), matched in
-        order; offsets are shifted from the prompted text back to the input text."""
-        head, tail = split_prompt(self.encoder.template(req.prompt, req.prompt_name) or "")
+        order; offsets are shifted from the prompted text back to the input text. `whole`:
+        the rows come from whole texts, else from the window `encode` read."""
+        template = self.encoder.template(req.prompt, req.prompt_name)
+        head, tail = split_prompt(template or "")
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
         out = []
         for text, row in zip(req.texts or [], rows, strict=True):
-            if len(row) <= self.max_length:  # what a truncated row was cut from
-                text = text[: self.max_length * CHARS_PER_TOKEN_CAP]
-            enc = self._backend.encode(head + text + tail,
-                                       add_special_tokens=req.add_special_tokens)
+            if not whole:
+                text = self.encoder.tokenizer.window(text, template)
+            enc = encode_one(self._backend, head + text + tail, cap,
+                             add_special_tokens=req.add_special_tokens)
             marks = iter(zip(enc.ids, enc.offsets, enc.special_tokens_mask, strict=True))
             spans: list[Any] = []
             for t in row:

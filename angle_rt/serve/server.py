@@ -3,6 +3,7 @@ then drain — stop admitting, finish what is queued, exit 0."""
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import importlib.util
@@ -31,6 +32,7 @@ from angle_rt.serve.models import ServedModel
 log = logging.getLogger("angle_rt.serve")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FLUSH_S = 0.02  # the log writer writes what gathered at most this often
+FORCED_ANSWER_S = 1.0  # after a forced exit, how long the aborted requests get to answer
 
 
 def serve(config: ServeConfig) -> int:
@@ -49,7 +51,7 @@ def serve(config: ServeConfig) -> int:
     uv_config = uvicorn.Config(
         build_app(state), lifespan="on", log_config=None, access_log=False,
         loop="uvloop" if _have("uvloop") else "asyncio",
-        http="httptools" if _have("httptools") else "h11",
+        http=_http(config),
         timeout_graceful_shutdown=config.graceful_timeout, server_header=False,
         backlog=2048)
     server = DrainingServer(uv_config, state)
@@ -127,6 +129,16 @@ class DrainingServer(uvicorn.Server):
             timer.start()
         self.state.drain()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit and self.server_state.tasks:
+            # a second Ctrl-C: what is left answers a JSON 503 now (uvicorn would cancel
+            # it into a plain-text 500) and the exit is not clean
+            self.state.abort_in_flight()
+            deadline = time.monotonic() + FORCED_ANSWER_S
+            while self.server_state.tasks and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -236,6 +248,16 @@ def setup_logging(config: ServeConfig) -> None:
     root.handlers[:] = [LogWriter(sys.stderr, formatter)]
     root.setLevel(config.log_level.upper())
     logging.captureWarnings(True)
+
+
+def _http(config: ServeConfig) -> type | str:
+    """httptools with a deadline and a cap on request heads (angle_rt.serve.wire), else h11
+    (which caps a head at 16 KB but times out none)."""
+    if not _have("httptools"):
+        return "h11"
+    from angle_rt.serve.wire import guarded
+
+    return guarded(config.body_timeout)
 
 
 def _have(module: str) -> bool:

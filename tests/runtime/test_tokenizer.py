@@ -72,6 +72,26 @@ def test_huge_text_is_capped_before_tokenizing(tok):
     assert len(ids) == 64
 
 
+@pytest.mark.parametrize("template", [None, PROMPTS["C"]])
+def test_cap_never_drops_tokens_the_row_has_room_for(tok, hf_tok, template):
+    # the character cap assumes < 32 characters a token; text spread out by runs of
+    # whitespace once lost its content past the cap (the row of "" for 20,000 spaces + a
+    # sentence): what the cap cuts must only ever be tokens truncation would drop
+    words = verification_texts(None)[-3:]
+    texts = [" " * 20_000 + "A man is playing a guitar.",
+             "Short." + "\n" * 30_000 + words[1],
+             (" " * 90).join(" ".join(words).split()),  # > 64 tokens over ~30,000 chars
+             words[2]]
+    assert all(len(t) > 64 * CHARS_PER_TOKEN_CAP for t in texts[:3])
+    prompted = [template.format(text=t) for t in texts] if template else texts
+    ref = hf_tok(prompted, truncation=True, max_length=64)["input_ids"]
+    assert tok.encode(texts, template) == ref
+    assert [tok.encode([t], template)[0] for t in texts] == ref
+    assert len(ref[2]) == 64 and len(ref[0]) < 64  # one truncated, one not
+    assert len(tok.window(texts[2])) < len(texts[2])  # a prefix fills the row
+    assert tok.window(texts[0]) == texts[0]  # all of it: its tokens fit
+
+
 def test_empty_input(tok):
     assert tok.encode([]) == []
     assert tok.encode([""]) == [[101, 102]]
