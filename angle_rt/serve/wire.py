@@ -40,6 +40,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True  # between a message's end (or the connection's start) and a head
         self._head_bytes = 0
+        self._began = False  # part of a head came (else an expiry closes, as keep-alive does)
         self._heads = 0  # heads completed on this connection
         self._head_timer: asyncio.TimerHandle | None = None
 
@@ -66,10 +67,10 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
+        self._in_head = self._began = True
 
     def on_headers_complete(self) -> None:
-        self._in_head, self._head_bytes = False, 0
+        self._in_head, self._began, self._head_bytes = False, False, 0
         self._heads += 1
         self._disarm()
         super().on_headers_complete()
@@ -97,7 +98,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        if self._head_bytes or getattr(self, "url", b""):
+        if self._began or self._head_bytes:
             self._refuse(408, f"The request head did not arrive within {self.head_timeout:g} "
                               "s (--body-timeout)", "request_timeout")
         else:

@@ -226,6 +226,9 @@ def test_request_heads_have_a_deadline_and_a_size_cap(tiny_bert_bundle, tmp_path
         ok.sendall(req[20:] + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answers = _reply(ok).split(b"HTTP/1.1 ")[1:]
         assert [a[:3] for a in answers] == [b"200"] * 4
+        kept = socket.create_connection((host, port), timeout=30)
+        kept.sendall(req)  # then idle: closed after its answer, with no 408 of its own
+        assert [a[:3] for a in _reply(kept).split(b"HTTP/1.1 ")[1:]] == [b"200"]
         # answered 431 and closed (or reset, if the rest was still unread)
         with contextlib.suppress(ConnectionResetError):
             assert _reply(huge).startswith(b"HTTP/1.1 431")
