@@ -133,7 +133,7 @@ class ParquetReader(Reader):
         for f, groups in zip(self._files, self._meta, strict=True):
             todo = []
             for i, n in enumerate(groups):
-                if skip >= n:
+                if not todo and skip >= n:  # whole groups before the first row wanted
                     skip -= n
                 else:
                     todo.append(i)

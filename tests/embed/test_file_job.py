@@ -823,3 +823,35 @@ def test_rows_per_file_regroups_a_directory_output(tiny_bert_bundle, corpus_dir,
         assert got == {p.name: p.read_bytes() for p in sorted(ref.iterdir())}, name
     with pytest.raises(ValueError, match="applies to a directory OUTPUT"):
         embed_file(tiny_bert_bundle, src, tmp_path / "x.parquet", rows_per_file=10)
+
+
+def test_every_reader_resumes_at_any_row(tmp_path):
+    """chunks(size, skip) is the input from row `skip` on, for every format, whatever its
+    row groups: after the group it started in, the Parquet reader once kept skipping later
+    groups it was short enough to skip (groups 1000, 1000, 500 from row 1800: 500 rows
+    lost, 500 twice, and without an id column 700 rows got another text's vector)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from angle_rt.embed.readers import open_input
+
+    n = 2500
+    table = pa.table({"id": [f"d{i}" for i in range(n)], "text": [f"t{i}" for i in range(n)]})
+    pq.write_table(table, tmp_path / "uneven.parquet", row_group_size=1000)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name, (lo, hi, group) in {"a": (0, 1300, 600), "b": (1300, 1700, 400),
+                                  "c": (1700, n, 250)}.items():
+        pq.write_table(table.slice(lo, hi - lo), parts / f"{name}.parquet", row_group_size=group)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"t{i}"}) + "\n"
+                                              for i in range(n)))
+    for path in (tmp_path / "uneven.parquet", parts, tmp_path / "c.jsonl"):
+        for skip in (0, 1, 599, 600, 1000, 1299, 1300, 1800, 1999, 2000, 2400, 2499, 2500):
+            for id_column in ("id", None):
+                chunks = list(open_input(path, "text", id_column).chunks(700, skip))
+                texts = [t for c in chunks for t in c.texts]
+                ids = [i for c in chunks for i in c.ids]
+                assert texts == [f"t{i}" for i in range(skip, n)], (path.name, skip)
+                assert ids == ([f"d{i}" for i in range(skip, n)] if id_column
+                               else list(range(skip, n))), (path.name, skip)
+                assert [c.start for c in chunks] == list(range(skip, n, 700))
