@@ -240,6 +240,8 @@ def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str,
     job's complete output. Refuses another job's OUTPUT or staging without `overwrite`."""
     staged = writer.load_state()
     if staged is not None and staged.get("fingerprint") == fp:
+        if _published(writer, fp):  # killed while removing the staging of a finished run
+            return None
         writer.resume(staged["rows_written"], staged["parts"], staged["writer"])
         writer.cut_skipped(staged)
         return staged
@@ -270,6 +272,15 @@ def _prepare(writer: w.Writer, fp: dict[str, Any], overwrite: bool) -> dict[str,
              "skipped_bytes": 0, "ranges": None, "writer": {}, "replaces": replaces}
     writer.save_state(state)
     return state
+
+
+def _published(writer: w.Writer, fp: dict[str, Any]) -> bool:
+    """Whether OUTPUT is this job's complete output (its record names this fingerprint)."""
+    try:
+        done = writer.final_meta()
+    except OutputExistsError:
+        return False
+    return done is not None and done.get("fingerprint") == fp
 
 
 def _old_output_present(writer: w.Writer) -> bool:

@@ -109,7 +109,15 @@ class Writer:
         atomic_write(self.staging / STATE, json.dumps(state).encode())
 
     def staging_busy(self) -> bool:
-        return self.staging.exists() and any(self.staging.iterdir())
+        """Staging holds something of a run: more than what a run makes before its first
+        state (a run killed then recorded no row, so starting over loses nothing)."""
+        if not self.staging.exists():
+            return False
+        names = {p.name for p in self.staging.iterdir()}
+        skipped = self.staging / SKIPPED
+        unstarted = names <= {STATE + ".tmp", SKIPPED} and not (
+            SKIPPED in names and skipped.stat().st_size)
+        return not unstarted
 
     def clear_staging(self) -> None:
         remove(self.staging)
