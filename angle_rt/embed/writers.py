@@ -96,9 +96,13 @@ class Writer:
         from angle_rt.embed.lock import output_lock
         return output_lock(self.output)
 
+    state_name = STATE  # the state file in the staging directory
+
     def load_state(self) -> dict[str, Any] | None:
-        path = self.staging / STATE
-        if not path.is_file():
+        # a staging of an older version holds state.json whatever the writer
+        path = next((self.staging / n for n in (self.state_name, STATE)
+                     if (self.staging / n).is_file()), None)
+        if path is None:
             return None
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -106,7 +110,7 @@ class Writer:
             return None
 
     def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write(self.staging / STATE, json.dumps(state).encode())
+        atomic_write(self.staging / self.state_name, json.dumps(state).encode())
 
     def staging_busy(self) -> bool:
         """Staging holds something of a run: more than what a run makes before its first
@@ -115,7 +119,7 @@ class Writer:
             return False
         names = {p.name for p in self.staging.iterdir()}
         skipped = self.staging / SKIPPED
-        unstarted = names <= {STATE + ".tmp", SKIPPED} and not (
+        unstarted = names <= {self.state_name + ".tmp", SKIPPED} and not (
             SKIPPED in names and skipped.stat().st_size)
         return not unstarted
 
@@ -254,6 +258,9 @@ class ParquetDirWriter(_ParquetParts):
     `rows_per_file`, the parts regrouped into files of that many rows at the end."""
 
     rows_per_file: int | None = None
+    # the staging becomes OUTPUT/ by one rename: a state file left there by a run killed
+    # right after it must be one that dataset readers skip ("_" and "." names)
+    state_name = "_" + STATE
 
     def remove_final(self) -> None:
         remove_output_dir(self.output)
@@ -272,7 +279,8 @@ class ParquetDirWriter(_ParquetParts):
         record = self.output / DIR_META
         if not self.output.is_dir() or not record.is_file():
             raise self._foreign(f"has no {DIR_META}")
-        remove(self.output / STATE)  # left by a run killed just after its final rename
+        for name in (self.state_name, STATE):  # left by a run killed after its final rename
+            remove(self.output / name)
         return json.loads(record.read_text(encoding="utf-8"))
 
     def finalize(self, meta: dict[str, Any]) -> None:
@@ -287,7 +295,8 @@ class ParquetDirWriter(_ParquetParts):
                         self.output.with_name(self.output.name + ".skipped.jsonl"))
         os.replace(self.staging, self.output)
         fsync_dir(self.output.parent)
-        remove(self.output / STATE)
+        for name in (self.state_name, STATE):
+            remove(self.output / name)
 
 
     def _finalize_grouped(self, meta: dict[str, Any]) -> None:

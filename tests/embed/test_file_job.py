@@ -287,6 +287,31 @@ def test_a_crash_while_starting_or_cleaning_up_reruns_cleanly(tiny_bert_bundle, 
         sorted(p.name for p in ref.parent.iterdir())  # no staging left; the side files
 
 
+def test_a_directory_killed_after_its_final_rename_is_already_readable(
+        tiny_bert_bundle, corpus_dir, tmp_path, monkeypatch):
+    """The staging becomes OUTPUT/ by one rename; a kill right after it once left the job's
+    state file in the dataset, which pyarrow and DuckDB took for a data file and failed on
+    until the job was rerun."""
+    ds = pytest.importorskip("pyarrow.dataset")
+    out = tmp_path / "out"
+    real = w.fsync_dir
+
+    def fsync_dir(path):
+        real(path)
+        if Path(path) == out.parent and out.is_dir():
+            raise _Crash("killed after the final rename")
+
+    with monkeypatch.context() as m:
+        m.setattr(w, "fsync_dir", fsync_dir)
+        with pytest.raises(_Crash):
+            embed_file(tiny_bert_bundle, corpus_dir / "corpus.jsonl", out, id_column="id")
+    assert ds.dataset(out, format="parquet").count_rows() == 2758
+    r = embed_file(tiny_bert_bundle, corpus_dir / "corpus.jsonl", out, id_column="id")
+    assert r.complete_before and r.rows == 2758
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == \
+        [w.DIR_META]
+
+
 def test_rerun_of_a_complete_job_does_nothing(tiny_bert_bundle, corpus_dir, tmp_path):
     out = tmp_path / "out.parquet"
     embed_file(tiny_bert_bundle, corpus_dir / "corpus.csv", out, id_column="id")
