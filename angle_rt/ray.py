@@ -498,5 +498,12 @@ def _collect_skipped(folder: Location) -> list[dict[str, Any]]:
         for line in f.read_bytes().decode().splitlines():
             rec = json.loads(line)
             seen[json.dumps([rec["id"], rec.get("line")], default=str)] = rec
-    return sorted(seen.values(), key=lambda r: (type(r["id"]).__name__, str(r["id"]),
-                                                r.get("line") or 0))
+    return sorted(seen.values(), key=_skipped_order)
+
+
+def _skipped_order(rec: dict[str, Any]) -> tuple[str, Any, int]:
+    """Ids of one type in their order (row numbers numerically: input order, as the local
+    job lists them; as strings they sorted 1500 before 3), then by line."""
+    rid = rec["id"]
+    numeric = isinstance(rid, (int, float)) and not isinstance(rid, bool)
+    return type(rid).__name__, rid if numeric else str(rid), rec.get("line") or 0
