@@ -328,6 +328,8 @@ def _check_rows(chunk: Chunk, on_bad_row: str,
             state.setdefault("id_type", kind)
             if kind != state["id_type"]:
                 why = f"id is {kind}, but the ids before it are {state['id_type']}"
+            elif kind == "int" and not -2**63 <= rid < 2**63:
+                why = "id is an integer past int64 (what an id column stores)"
         if why is None:
             ids.append(rid)
             texts.append(text)

@@ -860,6 +860,22 @@ def test_an_id_of_another_type_is_a_bad_row(tiny_bert_bundle, tmp_path, capsys, 
     assert read_output(out)[0] == [f"d{i}" for i in range(300) if i != 250]
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".npy"])
+def test_an_id_past_int64_is_a_bad_row(tiny_bert_bundle, tmp_path, capsys, suffix):
+    """A JSONL id of 2**70 among small ints stopped a Parquet job (exit 1 naming no row,
+    --on-bad-row skip or not) while .npy took it: a bad row in every format."""
+    rows = [{"id": i, "text": f"sentence number {i}"} for i in range(30)]
+    rows[15]["id"] = 2**70
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [str(tiny_bert_bundle), str(src), "--id-column", "id", "--chunk-size", "10", "-q"]
+    assert main([args[0], args[1], str(tmp_path / f"a{suffix}"), *args[2:]]) == 1
+    assert f"row 15 (id {2**70}): id is an integer past int64" in capsys.readouterr().err
+    out = tmp_path / f"b{suffix}"
+    assert main([args[0], args[1], str(out), *args[2:], "--on-bad-row", "skip"]) == 0
+    assert read_output(out)[0] == [i for i in range(30) if i != 15]
+
+
 def test_rows_per_file_regroups_a_directory_output(tiny_bert_bundle, corpus_dir, tmp_path,
                                                    monkeypatch):
     """One ~6 MB file per 4,096-row chunk made many small files: --rows-per-file N writes
