@@ -19,12 +19,10 @@ and padding efficiency. Bounded: servers bind 127.0.0.1 only and are stopped her
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +32,7 @@ from benchmarks.serve_load import (  # noqa: E402
     _bodies,
     free_port,
     load,
-    machine,
+    publish,
     sentences,
     server,
 )
@@ -145,15 +143,8 @@ def main() -> None:
                    help="serve another checkout's angle_rt as well (repeatable)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "command": " ".join(["benchmarks/serve_cpu.py",
-                                                          *sys.argv[1:]]),
-              "clients": args.clients, "seconds": args.seconds, **run(args)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
+    publish("serve_cpu.py", args.out,
+            {"clients": args.clients, "seconds": args.seconds, **run(args)})
 
 
 if __name__ == "__main__":

@@ -414,6 +414,18 @@ def sentences(path: Path) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+def publish(script: str, out: Path | None, result: dict) -> None:
+    """Print `result` with its date, machine and command line; write it to `out` too."""
+    text = json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "machine": machine(),
+                       "command": " ".join([f"benchmarks/{script}", *sys.argv[1:]]),
+                       **result}, indent=1)
+    print(text)
+    if out:
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
 def machine() -> dict:
     flags = set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():

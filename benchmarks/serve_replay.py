@@ -23,13 +23,19 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_load import _bodies, free_port, load, machine, sentences, server  # noqa: E402
+from benchmarks.serve_load import (  # noqa: E402
+    _bodies,
+    free_port,
+    load,
+    publish,
+    sentences,
+    server,
+)
 
 # the server process: angle-rt serve with each batch's rows recorded, written at exit
 RECORDING = r'''
@@ -130,15 +136,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "command": " ".join(["benchmarks/serve_replay.py",
-                                                          *sys.argv[1:]]),
-              "clients": args.clients, "seconds": args.seconds, **run(args)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
+    publish("serve_replay.py", args.out,
+            {"clients": args.clients, "seconds": args.seconds, **run(args)})
 
 
 if __name__ == "__main__":
