@@ -49,30 +49,40 @@ class TextTokenizer:
         windows = [_cut(t, self._char_cap) for t in texts]
         rows = self._rows(windows, prompt, texts)
         for i, text in enumerate(texts):
-            if len(windows[i]) < len(text) and len(rows[i]) < self.max_length:
-                # the cap cut text whose tokens the row had room for (long whitespace runs)
-                rows[i] = self._grown(text, prompt)[1]
+            if len(windows[i]) < len(text) and not self._settled(text, windows[i], rows[i]):
+                rows[i] = self._grown(text, prompt, rows[i])[1]
         return rows
 
     def window(self, text: str, prompt: str | None = None) -> str:
-        """The start of `text` that `encode` tokenizes: all of it, or a prefix cut at a
-        space that already fills max_length tokens (so the cap only ever drops tokens that
-        truncation drops too)."""
+        """The start of `text` that `encode` tokenizes: all of it, or a prefix that already
+        fills max_length tokens and ends at a space, or whose row more text does not
+        change (so the cap only ever drops tokens that truncation drops too)."""
         cut = _cut(text, self._char_cap)
-        if len(cut) == len(text) or len(self._rows([cut], prompt, [text])[0]) >= self.max_length:
+        if len(cut) == len(text):
             return cut
-        return self._grown(text, prompt)[0]
+        row = self._rows([cut], prompt, [text])[0]
+        return cut if self._settled(text, cut, row) else self._grown(text, prompt, row)[0]
 
-    def _grown(self, text: str, prompt: str | None) -> tuple[str, list[int]]:
-        """The window past the cap, doubled until its row fills max_length or it is the
-        whole text; tokenized off the GIL (a megabyte of spaces takes ~0.6 s)."""
-        cap = 2 * self._char_cap
+    def _settled(self, text: str, cut: str, row: list[int]) -> bool:
+        """The row of the window `cut` is the text's: it fills max_length and the window
+        ends between words (a word cut in two, where no space was near the cap, tokenizes
+        otherwise, and its pieces may fall among the kept tokens)."""
+        return len(row) >= self.max_length and between_words(text, len(cut))
+
+    def _grown(self, text: str, prompt: str | None,
+               row: list[int]) -> tuple[str, list[int]]:
+        """The window doubled from the cap until it is the whole text or its row is settled:
+        it fills max_length, ending between words or giving the row the window half its
+        size gave (whitespace runs, words cut in two); tokenized off the GIL (a megabyte of
+        spaces takes ~0.6 s)."""
+        cap, before = 2 * self._char_cap, row
         while True:
             cut = _cut(text, cap)
             row = self._rows([cut], prompt, [text], pool=True)[0]
-            if len(cut) == len(text) or len(row) >= self.max_length:
+            if len(cut) == len(text) or self._settled(text, cut, row) or (
+                    len(row) >= self.max_length and row == before):
                 return cut, row
-            cap *= 2
+            cap, before = 2 * cap, row
 
     def _rows(self, windows: list[str], prompt: str | None, texts: Sequence[str],
               pool: bool = False) -> list[list[int]]:
@@ -113,6 +123,11 @@ def _cut(text: str, cap: int) -> str:
         return text
     cut = text.rfind(" ", cap // 2, cap)
     return text[: cut if cut > 0 else cap]
+
+
+def between_words(text: str, at: int) -> bool:
+    """Whether position `at` of `text` separates words (whitespace on either side)."""
+    return at >= len(text) or text[at].isspace() or (at > 0 and text[at - 1].isspace())
 
 
 def tail_cut(text: str, cap: int) -> str:

@@ -20,7 +20,7 @@ from angle_rt.quantization import needs_ranges, quantize_embeddings, read_ranges
 from angle_rt.serve.batcher import Batcher, OnBatch
 from angle_rt.serve.config import ServeConfig
 from angle_rt.serve.protocol import ApiError, EmbedRequest, invalid
-from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP, encode_one, tail_cut
+from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP, between_words, encode_one, tail_cut
 
 _ITEM = re.compile(r"sentences\[(\d+)\]")
 # a turn's tokens: on CPU per ONNX Runtime thread of a worker, so a turn takes about as long
@@ -103,11 +103,25 @@ class ServedModel:
 
     def _left(self, text: str, row: list[int], template: str | None) -> list[int]:
         """A row that max_length cut, cut from the start of the text instead: its leading
-        special tokens and prompt, then the text's last tokens, then its closing ones."""
+        special tokens and prompt, then the text's last tokens, then its closing ones. The
+        text's end is read from the character cap, doubled until it is the whole text or
+        holds more than max_length tokens and starts between words or gives the row half
+        as much gave (a text ending in a long run of spaces once kept only those)."""
         if len(row) < self.max_length:
             return row
         head, tail = split_prompt(template) if template else ("", "")
-        full = self._tail(text, head, tail)
+        cap, before = self.max_length * CHARS_PER_TOKEN_CAP, None
+        while True:
+            part = tail_cut(text, cap)
+            full = encode_one(self._backend, head + part + tail, cap)
+            left = self._left_row(full, head)
+            over = len(full.ids) > self.max_length
+            if len(part) == len(text) or (over and (
+                    between_words(text, len(text) - len(part)) or left == before)):
+                return left
+            cap, before = 2 * cap, left if over else None
+
+    def _left_row(self, full: Encoding, head: str) -> list[int]:
         if len(full.ids) <= self.max_length:
             return list(full.ids)
         mask = full.special_tokens_mask
@@ -117,18 +131,6 @@ class ServedModel:
         keep = self.max_length - lead - trail
         end = len(full.ids) - trail
         return [*full.ids[:lead], *full.ids[end - keep:end], *full.ids[end:]]
-
-    def _tail(self, text: str, head: str, tail: str) -> Encoding:
-        """The prompted encoding of the end of `text`: all of it, or its last characters
-        (from a space) while they hold more than max_length tokens; from the character
-        cap, doubled (a text ending in a long run of spaces once kept only those)."""
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
-        while True:
-            part = tail_cut(text, cap)
-            full = encode_one(self._backend, head + part + tail, cap)
-            if len(part) == len(text) or len(full.ids) > self.max_length:
-                return full
-            cap *= 2
 
     def _refuse_truncated(self, texts: list[str], rows: list[list[int]],
                           template: str | None, field: str) -> None:

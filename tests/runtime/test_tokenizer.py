@@ -92,6 +92,16 @@ def test_cap_never_drops_tokens_the_row_has_room_for(tok, hf_tok, template):
     assert tok.window(texts[0]) == texts[0]  # all of it: its tokens fit
 
 
+def test_cap_cutting_a_word_never_changes_the_kept_tokens(tok, hf_tok):
+    """Where no space lies near the cap the cut falls inside a word, which tokenizes
+    otherwise than whole (a word over 100 characters is one [UNK]; a part of it, word
+    pieces) and once reached the kept tokens: such a row counts only once twice the text
+    gives it too."""
+    texts = [("q" * n + ".") * (4 * 64 * CHARS_PER_TOKEN_CAP // n) for n in range(101, 200, 7)]
+    texts.append("中文" * 3_000)  # no spaces at all
+    assert tok.encode(texts) == hf_tok(texts, truncation=True, max_length=64)["input_ids"]
+
+
 def test_empty_input(tok):
     assert tok.encode([]) == []
     assert tok.encode([""]) == [[101, 102]]

@@ -294,6 +294,15 @@ def test_character_cap_never_loses_content(tiny_bert_bundle):
         row = [tok.token_to_id("[CLS]"), *tok.encode(words).ids[-63:-1],
                tok.token_to_id("[SEP]")]
         np.testing.assert_allclose(left.json()[0], enc.run_batch([row])[0], atol=2e-6)
+        # no space near the cut: a word cut in two must not reach the kept tokens
+        for n in range(101, 200, 11):
+            unspaced = ("q" * n + ".") * (3 * 2048 // n)
+            left = client.post("/embed", json={"inputs": unspaced, "truncate": True,
+                                               "truncation_direction": "Left",
+                                               "normalize": False})
+            row = [tok.token_to_id("[CLS]"), *tok.encode(unspaced).ids[-63:-1],
+                   tok.token_to_id("[SEP]")]
+            np.testing.assert_allclose(left.json()[0], enc.run_batch([row])[0], atol=2e-6)
         spans = client.post("/tokenize", json={"inputs": sparse, "truncate": True}).json()[0]
         assert [t["start"] for t in spans[1:-1]] == [5_000, 5_002, 5_008]
         # /tokenize reads texts whole: the token cap holds before an entry is built
