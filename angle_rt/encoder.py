@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
@@ -146,6 +147,8 @@ class Encoder:
         """
         if isinstance(sentences, (str, bytes)):
             raise TypeError("encode_iter takes an iterable of str; use encode() for one text")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         bar = _bar(show_progress_bar, None)
         chunk: list[str] = []
         for i, text in enumerate(sentences):
@@ -153,13 +156,24 @@ class Encoder:
                 raise TypeError(f"sentences[{i}] is {type(text).__name__}, not str")
             chunk.append(text)
             if len(chunk) == chunk_size:
-                yield self.encode(chunk, **encode_kwargs)
+                yield self._encode_chunk(chunk, i + 1 - len(chunk), encode_kwargs)
                 bar.update(len(chunk))
                 chunk = []
         if chunk:
-            yield self.encode(chunk, **encode_kwargs)
+            yield self._encode_chunk(chunk, i + 1 - len(chunk), encode_kwargs)
             bar.update(len(chunk))
         bar.close()
+
+    def _encode_chunk(self, chunk: list[str], start: int,
+                      encode_kwargs: dict[str, Any]) -> np.ndarray:
+        """`encode(chunk)`; an error naming `sentences[k]` names the item in the stream."""
+        try:
+            return self.encode(chunk, **encode_kwargs)
+        except ValueError as exc:
+            message = _ITEM.sub(lambda m: f"sentences[{int(m.group(1)) + start}]", str(exc))
+            if message == str(exc):
+                raise
+            raise ValueError(message) from exc
 
     def template(self, prompt: str | None = None,
                  prompt_name: str | None = None) -> str | None:
@@ -337,12 +351,18 @@ def _open_tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:
         raise BundleError(f"{path} is not a valid tokenizer.json ({exc}); re-export") from exc
 
 
+_ITEM = re.compile(r"sentences\[(\d+)\]")
+
+
 def _as_texts(sentences: object) -> list[str]:
     """A list of str from a list, tuple, 1-D array or any other iterable of str."""
     if isinstance(sentences, np.ndarray):
         if sentences.ndim != 1:
             raise TypeError(f"sentences array must be 1-D, got shape {sentences.shape}")
         sentences = sentences.tolist()
+    if hasattr(sentences, "columns"):  # a DataFrame iterates over its column labels
+        raise TypeError(f"sentences is a {type(sentences).__name__}: pass one column of it "
+                        "(df['text'])")
     if isinstance(sentences, (bytes, bytearray, Mapping)) or not isinstance(sentences,
                                                                              Iterable):
         raise TypeError("sentences must be a str or an iterable of str, got "

@@ -107,7 +107,7 @@ class TextTokenizer:
         marks = zip(enc.offsets, enc.special_tokens_mask, strict=True)
         text_pos = [i for i, ((s, _), special) in enumerate(marks)
                     if not special and start <= s < end]
-        if len(text_pos) < excess:
+        if len(text_pos) <= excess:  # no text token would be left
             n_prompt = len(ids) - len(text_pos)
             raise ValueError(
                 f"the prompt {prompt!r} alone is {n_prompt} tokens, which leaves no room for "

@@ -63,6 +63,19 @@ def test_bad_arguments(enc):
         enc.encode(["a"], prompt_name="nope")
 
 
+def test_what_once_passed_wrongly_or_named_the_wrong_item(enc):
+    """A DataFrame iterated over its column labels (the vector of "text"); encode_iter took
+    chunk_size 0 (one unbounded chunk) and named a bad text by its place in its chunk."""
+    pd = pytest.importorskip("pandas")
+    with pytest.raises(TypeError, match=r"DataFrame: pass one column"):
+        enc.encode(pd.DataFrame({"text": ["a", "b"]}))
+    for size in (0, -1, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            list(enc.encode_iter(["a"], chunk_size=size))
+    with pytest.raises(ValueError, match=r"sentences\[12\] is not valid Unicode"):
+        list(enc.encode_iter(["ok"] * 12 + ["bad \udc80"], chunk_size=5))
+
+
 def test_truncate_and_normalize_follow_sentence_transformers(enc):
     full = enc.encode(SENTENCES[:5])
     cut = enc.encode(SENTENCES[:5], truncate_dim=64)

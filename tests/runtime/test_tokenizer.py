@@ -63,6 +63,19 @@ def test_prompt_longer_than_max_length_is_refused(minilm_dir):
         tok.encode(["some text here"], PROMPTS["C"])
 
 
+def test_prompt_that_fills_max_length_is_refused(minilm_dir):
+    """A prompt leaving exactly no room once cut every text away: one vector for all."""
+    words = "word " * 10
+    raw = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    raw.no_padding()
+    n = len(raw.encode(words).ids)
+    tok = TextTokenizer(minilm_dir / "tokenizer.json", max_length=n)  # the prompt + 2 specials
+    with pytest.raises(ValueError, match="leaves no room"):
+        tok.encode(["some text here", "other"], words + "{text}")
+    assert len(TextTokenizer(minilm_dir / "tokenizer.json", n + 1).encode(
+        ["some text here"], words + "{text}")[0]) == n + 1
+
+
 def test_huge_text_is_capped_before_tokenizing(tok):
     words = " ".join(verification_texts(None)[-40:])
     huge = (words + " ") * (5_000_000 // len(words) + 1)
