@@ -54,9 +54,9 @@ class TextTokenizer:
         return rows
 
     def window(self, text: str, prompt: str | None = None) -> str:
-        """The start of `text` that `encode` tokenizes: all of it, or a prefix that already
-        fills max_length tokens and ends at a space, or whose row more text does not
-        change (so the cap only ever drops tokens that truncation drops too)."""
+        """The start of `text` that `encode` tokenizes: all of it, or a prefix whose row
+        fills max_length tokens and which ends between words or gives the row the prefix half
+        its length gives (so the cap only ever drops tokens that truncation drops too)."""
         cut = _cut(text, self._char_cap)
         if len(cut) == len(text):
             return cut
