@@ -35,7 +35,7 @@ class TextTokenizer:
         self._plain.no_truncation()
         self._truncating.no_padding()
         self._truncating.enable_truncation(max_length, direction="right")
-        self._char_cap = max_length * CHARS_PER_TOKEN_CAP
+        self.char_cap = max_length * CHARS_PER_TOKEN_CAP  # characters read before growing
 
     @property
     def backend(self) -> Tokenizer:
@@ -46,7 +46,7 @@ class TextTokenizer:
         """Token ids per text (special tokens added), at most max_length each."""
         if not texts:
             return []
-        windows = [_cut(t, self._char_cap) for t in texts]
+        windows = [_cut(t, self.char_cap) for t in texts]
         rows = self._rows(windows, prompt, texts)
         for i, text in enumerate(texts):
             if len(windows[i]) < len(text) and not self._settled(text, windows[i], rows[i]):
@@ -57,7 +57,7 @@ class TextTokenizer:
         """The start of `text` that `encode` tokenizes: all of it, or a prefix whose row
         fills max_length tokens and which ends between words or gives the row the prefix half
         its length gives (so the cap only ever drops tokens that truncation drops too)."""
-        cut = _cut(text, self._char_cap)
+        cut = _cut(text, self.char_cap)
         if len(cut) == len(text):
             return cut
         row = self._rows([cut], prompt, [text])[0]
@@ -75,7 +75,7 @@ class TextTokenizer:
         it fills max_length, ending between words or giving the row the window half its
         size gave (whitespace runs, words cut in two); tokenized off the GIL (a megabyte of
         spaces takes ~0.6 s)."""
-        cap, before = 2 * self._char_cap, row
+        cap, before = 2 * self.char_cap, row
         while True:
             cut = _cut(text, cap)
             row = self._rows([cut], prompt, [text], pool=True)[0]

@@ -20,7 +20,7 @@ from angle_rt.quantization import needs_ranges, quantize_embeddings, read_ranges
 from angle_rt.serve.batcher import Batcher, OnBatch
 from angle_rt.serve.config import ServeConfig
 from angle_rt.serve.protocol import ApiError, EmbedRequest, invalid
-from angle_rt.tokenizer import CHARS_PER_TOKEN_CAP, between_words, encode_one, tail_cut
+from angle_rt.tokenizer import between_words, encode_one, tail_cut
 
 _ITEM = re.compile(r"sentences\[(\d+)\]")
 # a turn's tokens: on CPU per ONNX Runtime thread of a worker, so a turn takes about as long
@@ -110,7 +110,7 @@ class ServedModel:
         if len(row) < self.max_length:
             return row
         head, tail = split_prompt(template) if template else ("", "")
-        cap, before = self.max_length * CHARS_PER_TOKEN_CAP, None
+        cap, before = self.encoder.tokenizer.char_cap, None
         while True:
             part = tail_cut(text, cap)
             full = encode_one(self._backend, head + part + tail, cap)
@@ -138,7 +138,7 @@ class ServedModel:
         tokenized again, untruncated: the window `encode` read, or the whole text when
         that window holds exactly max_length tokens)."""
         head, tail = split_prompt(template) if template else ("", "")
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        cap = self.encoder.tokenizer.char_cap
         for i, row in enumerate(rows):
             if len(row) < self.max_length:
                 continue
@@ -256,7 +256,7 @@ class ServedModel:
         the rows come from whole texts, else from the window `encode` read."""
         template = self.encoder.template(req.prompt, req.prompt_name)
         head, tail = split_prompt(template or "")
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        cap = self.encoder.tokenizer.char_cap
         out = []
         for text, row in zip(req.texts or [], rows, strict=True):
             if not whole:
