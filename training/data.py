@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ FORMATS = {
 _SAVED = ("dataset_info.json", "dataset_dict.json", "state.json")
 _HINTS = {
     ("sentence1", "sentence2", "score"): "sentence1:text1,sentence2:text2,score:label",
-    ("premise", "hypothesis", "label"): "premise:text1,hypothesis:text2",
     ("anchor", "positive", "negative"): "anchor:text",
     ("anchor", "positive"): "anchor:text",
 }
@@ -68,7 +68,47 @@ def detect_format(columns: Iterable[str]) -> str:
         if set(seen) <= set(columns):
             msg += f" (try --column-rename {rename})"
             break
+    else:
+        if {"premise", "hypothesis", "label"} <= set(columns):
+            msg += NLI_HINT
     raise ValueError(msg)
+
+
+# NLI's classes are no similarity (renamed to format A, contradiction would rank above
+# entailment and only entailment would be a negative)
+NLI_HINT = (" (NLI labels are classes, 0 = entailment, 1 = neutral, 2 = contradiction, not "
+            "similarity scores: keep the entailment rows as format C with --column-rename "
+            "premise:text,hypothesis:positive, or build triples text, positive, negative)")
+
+
+def record_problem(record: dict[str, Any], fmt: str) -> str | None:
+    """Why `record` cannot train as format `fmt`, or None: each text a str (or a non-empty
+    list of them), format A's label a finite number ≥ 0 (in-batch negatives take any
+    label ≠ 0 as a positive, so a -1 "no label" would be one)."""
+    for col in FORMATS[fmt] if fmt != "A" else FORMATS[fmt][:2]:
+        if col not in record:
+            return f"no {col!r} field"
+        value = record[col]
+        texts = value if isinstance(value, (list, tuple)) and value else [value]
+        if not all(isinstance(t, str) for t in texts):
+            return f"{col!r} is {value!r:.80}, not a text (or a non-empty list of texts)"
+    if fmt == "A":
+        label = record.get("label")
+        try:
+            number = float(label)  # CSV read as it streams gives "4.5"
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number >= 0):
+            return f"'label' is {label!r:.80}: a similarity label is a finite number ≥ 0"
+    return None
+
+
+def check_records(records: Sequence[dict[str, Any]], fmt: str) -> None:
+    """ValueError naming the first row (0-based) `record_problem` refuses, before training."""
+    for i, record in enumerate(records):
+        problem = record_problem(record, fmt)
+        if problem is not None:
+            raise ValueError(f"train row {i}: {problem}")
 
 
 def load_records(source: Any, rename: str | dict[str, str] | None = None,
@@ -163,6 +203,10 @@ class AngleCollator:
         self._rng.setstate(state)
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
+        for record in records:  # streamed rows are seen first here
+            problem = record_problem(record, self.fmt)
+            if problem is not None:
+                raise ValueError(f"train row {record!r:.200}: {problem}")
         columns = FORMATS[self.fmt][:2] if self.fmt == "A" else FORMATS[self.fmt]
         prompts = self._prompts(len(columns))
         per_col = [self.tokenizer.encode([self._pick(r[c]) for r in records], p)
@@ -184,9 +228,7 @@ class AngleCollator:
     def _pick(self, value: Any) -> str:
         if isinstance(value, (list, tuple)):  # angle_emb: one element per sample, at random
             value = self._rng.choice(value)
-        if not isinstance(value, str):
-            raise TypeError(f"text fields must be str (or lists of str), got {value!r}")
-        return value
+        return value  # a str: record_problem checked it
 
     def _dedupe(self, rows_by_sample: list[list[list[int]]]) -> list[int]:
         if not self.filter_duplicate:

@@ -172,6 +172,15 @@ def load_full_states(model: nn.Module, opt: torch.optim.Optimizer,
     return list(result.unexpected_keys)
 
 
+def gather_objects(value: Any, world: World) -> list[Any]:
+    """Every rank's picklable `value`, in rank order, on every rank."""
+    if not world.active:
+        return [value]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def from_rank0(value: float, world: World) -> float:
     """Rank 0's `value` on every rank (so all ranks take the same branch after it)."""
     if not world.active:

@@ -33,6 +33,7 @@ from training.data import (
     AngleCollator,
     Batch,
     StreamingData,
+    check_records,
     detect_format,
     load_records,
 )
@@ -43,6 +44,7 @@ from training.distributed import (
     from_rank0,
     full_optimizer_state,
     full_state_dict,
+    gather_objects,
     gather_rows,
     load_full_states,
     mean_over_ranks,
@@ -116,6 +118,8 @@ def fit(cfg: TrainConfig, *, train: Any = None, valid: Any = None) -> FitResult:
     if not len(records):
         raise ValueError(f"{cfg.train_data} has no rows")
     fmt = detect_format((records.first() if cfg.streaming else records[0]).keys())
+    if not cfg.streaming:  # a bad row fails now, named, not when its batch comes
+        check_records(records, fmt)
     log.info("train data: %d rows, format %s", len(records), fmt)
     valid = valid_pairs(cfg, valid)
     teacher = _teacher(cfg, model, device)
@@ -159,12 +163,14 @@ class _Trainer:
         self.step, self.epoch, self.micro, self.best = 0, 0, 0, -math.inf
         self.history: list[dict[str, float]] = []
         self._losses: list[float] = []  # micro-batch losses since the last log line
+        self._resumed_at: int | None = None  # the checkpoint's step, once resumed
         self._board: Any = None  # a tensorboard SummaryWriter (False: not installed)
 
     def run(self) -> FitResult:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume:
             self._load_checkpoint()
+            self._cut_log()
         else:  # a fresh run's log starts empty; a resumed one goes on
             (self.out / TRAIN_LOG).unlink(missing_ok=True)
         from tqdm.auto import tqdm
@@ -196,6 +202,19 @@ class _Trainer:
         self.epoch, self.micro = self.epoch + 1, 0
         self._evaluate()
         self._save_checkpoint()
+
+    def _cut_log(self) -> None:
+        """A resumed run's loss log goes on from the checkpoint's step: the lines written
+        after it (by the run that stopped) are dropped, as the steps are taken again."""
+        log_path = self.out / TRAIN_LOG
+        if not self.world.main or not log_path.is_file():
+            return
+        lines = log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= self.step]
+        if len(kept) != len(lines):
+            tmp = log_path.with_name(log_path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, log_path)
 
     def _micro_batches(self) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """(i, rows) of this rank's micro-batches i of the epoch, from self.micro on (a
@@ -242,7 +261,8 @@ class _Trainer:
             else:  # every layer's states: the ESE terms pool each of them
                 hidden = self.model.hidden_states(ids, mask)
                 emb = self.model.pool(hidden[-1], mask)
-        if self.cfg.gather_negatives and self.world.active:
+        gather = self.cfg.gather_negatives and self.world.active
+        if gather:
             emb = gather_rows(emb, self.world)  # every rank's vectors: a W× larger pool
             if labels is not None:
                 labels = gather_rows(labels, self.world)
@@ -255,6 +275,8 @@ class _Trainer:
         if self.teacher is not None:
             with torch.no_grad(), _autocast(self.cfg.precision, self.device):
                 target = self.teacher(ids, mask)
+                if gather:  # the targets of the gathered vectors, in their order
+                    target = gather_rows(target, self.world)
             loss = loss + self.cfg.teacher_weight * distillation_loss(
                 emb.float(), target.float(), self.cfg.teacher_temperature)
         scaled = loss / self.cfg.gradient_accumulation_steps
@@ -294,8 +316,8 @@ class _Trainer:
         with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
         log.info("step %d: loss %.4f (lr %.2e)", self.step, rec["loss"], lr)
-        if self._board is None:
-            self._board = _tensorboard(self.out)
+        if self._board is None:  # resumed: events past the checkpoint's step are dropped
+            self._board = _tensorboard(self.out, self._resumed_at)
         if self._board:
             self._board.add_scalar("train/loss", rec["loss"], self.step)
             self._board.add_scalar("train/learning_rate", lr, self.step)
@@ -343,6 +365,10 @@ class _Trainer:
             optim = full_optimizer_state(self.model, self.opt)
         else:  # the ranks hold the same weights
             weights, optim = self.model.state_dict(), self.opt.state_dict()
+        # what differs between ranks: RNG states (dropout, the collator's picks) and the
+        # micro-batch losses not yet logged (the next line's mean over ranks needs them)
+        ranks = gather_objects({"rng": _rng_states(self.collate),
+                                "losses": list(self._losses)}, self.world)
         if not self.world.main:  # rank 0 writes them
             return
         trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
@@ -353,7 +379,7 @@ class _Trainer:
                     "scaler": self.scaler.state_dict() if self.scaler else None,
                     "step": self.step, "epoch": self.epoch, "micro": self.micro,
                     "data_order": self._order_digest(self.epoch), "best": self.best,
-                    "history": self.history, "rng": _rng_states(self.collate),
+                    "history": self.history, "rng": ranks[0]["rng"], "ranks": ranks,
                     "world_size": self.world.size,
                     "config": dataclasses.asdict(self.cfg)}, tmp)
         os.replace(tmp, path)
@@ -364,10 +390,13 @@ class _Trainer:
         Restored: the trainable weights (the frozen rest is reloaded from `model`, as at
         the start); the AdamW state (moments, step counts, param groups); the GradScaler
         (loss scale, growth tracker) with fp16; the optimizer step, epoch and micro-batch
-        position in the epoch; the best validation score and the evaluation history; and
-        the RNG states of Python `random`, numpy's global RNG, torch on the CPU (dropout),
-        every CUDA device (torch.cuda.set_rng_state_all, when CUDA is available) and the
-        collator (which picks one element of list-valued text fields).
+        position in the epoch; the best validation score and the evaluation history; the
+        loss log (lines past the checkpoint's step are dropped, the losses not yet logged
+        restored); and each rank's own RNG states: Python `random`, numpy's global RNG,
+        torch on the CPU (dropout), every CUDA device (torch.cuda.set_rng_state_all, when
+        CUDA is available) and the collator (which picks one element of list-valued text
+        fields). A checkpoint resumes only with the process count and, mid-epoch, the
+        --batch-size that wrote it (ValueError otherwise).
 
         Not stored, because they are functions of what is: the learning rate (`get_lr` of
         the step and the total) and the data order. Each epoch's order comes from its own
@@ -399,6 +428,12 @@ class _Trainer:
         if changed:
             log.warning("--resume: config differs from the checkpoint's in %s; the "
                         "continuation is not the same run", ", ".join(changed))
+        saved_batch = ck.get("config", {}).get("batch_size", self.cfg.batch_size)
+        if saved_batch != self.cfg.batch_size and ck["micro"]:
+            raise ValueError(f"--resume: {path} was written with --batch-size {saved_batch}; "
+                             f"resume it with that (now {self.cfg.batch_size}): the "
+                             f"{ck['micro']} micro-batches done in this epoch count rows in "
+                             "its batches, so other rows would be trained twice or skipped")
         if ck.get("fsdp", False) != self.sharded:  # the optimizer state's layout differs
             raise ValueError(f"--resume: {path} was written "
                              f"{'with' if ck.get('fsdp') else 'without'} --fsdp; resume it so")
@@ -422,8 +457,16 @@ class _Trainer:
                 "(seed, batch_size, group_by_length or the train rows changed), so skipping the "
                 f"{self.micro} micro-batches already done would skip other samples")
         self.best, self.history = ck["best"], ck["history"]
-        if "rng" in ck:
+        self._resumed_at = self.step
+        if "ranks" in ck:  # this rank's own RNG states and unlogged losses
+            mine = ck["ranks"][self.world.rank]
+            _set_rng_states(mine["rng"], self.collate)
+            self._losses = list(mine["losses"])
+        elif "rng" in ck:  # written before each rank's state was kept: rank 0's for all
             _set_rng_states(ck["rng"], self.collate)
+            if self.world.active:
+                log.warning("--resume: %s holds rank 0's RNG states only; the other ranks "
+                            "draw other dropout masks than a run never stopped", path)
         else:  # written before the other RNG states were kept
             torch.set_rng_state(ck["torch_rng"])
             log.warning("--resume: %s holds only the torch CPU RNG state; Python, numpy, "
@@ -458,8 +501,12 @@ def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int,
     span = window * batch_size
     chunks = [order[i:i + span] for i in range(0, len(order), span)]
     ordered = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
-    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+    full = len(ordered) // batch_size
+    batches = [ordered[i * batch_size:(i + 1) * batch_size] for i in range(full)]
+    # the short batch stays last: anywhere else, every micro-batch after it (cut every
+    # batch_size rows) would straddle two groups
+    return np.concatenate([*(batches[i] for i in rng.permutation(full)),
+                           ordered[full * batch_size:]])
 
 
 def _chars(record: dict[str, Any]) -> int:
@@ -512,13 +559,15 @@ def _save_prompts(cfg: TrainConfig, model: AngleModel) -> None:
         s.prompts.update({k: v for k, v in (("query", query), ("document", doc)) if v})
 
 
-def _tensorboard(out: Path) -> Any:
-    """A SummaryWriter under OUTPUT_DIR/runs when tensorboard is installed, else False."""
+def _tensorboard(out: Path, resumed_at: int | None = None) -> Any:
+    """A SummaryWriter under OUTPUT_DIR/runs when tensorboard is installed, else False;
+    resumed at step k, it purges the events past k (the steps are taken again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return False
-    return SummaryWriter(str(out / "runs"))
+    purge = None if resumed_at is None else resumed_at + 1
+    return SummaryWriter(str(out / "runs"), purge_step=purge)
 
 
 def _master_weights(cfg: TrainConfig) -> TrainConfig:

@@ -52,8 +52,9 @@ def in_batch_negative_loss(labels: torch.Tensor, emb: torch.Tensor,
     """In-batch negatives over all 2N rows. labels: [N]; emb: [2N, D] zig-zag → scalar.
 
     Row r's target is its pair partner when int(label) ≠ 0 (angle_emb casts labels to
-    int, so on a 0–5 scale any score ≥ 1 is a positive); rows without a positive add 0
-    but still count in the mean.
+    int, so on a 0–5 scale any score ≥ 1 is a positive; training.data refuses negative
+    labels, which would count too); rows without a positive add 0 but still count in the
+    mean.
     """
     x = F.normalize(emb, p=2, dim=1)
     n = x.shape[0]

@@ -1,12 +1,19 @@
 """Dataset formats, loading and the collator, on real STS-B / NLI rows."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from angle_torch.model import AngleModel
-from training.data import AngleCollator, detect_format, load_records, parse_rename
+from training.data import (
+    AngleCollator,
+    check_records,
+    detect_format,
+    load_records,
+    parse_rename,
+)
 
 
 @pytest.mark.parametrize(("columns", "fmt"), [
@@ -35,6 +42,34 @@ def test_wrong_layouts_refused_naming_columns(columns, hint):
     assert str(sorted(columns)) in msg and "text1, text2, label" in msg
     if hint:
         assert hint in msg
+
+
+def test_nli_columns_get_no_rename_that_reads_classes_as_similarity():
+    with pytest.raises(ValueError) as exc:
+        detect_format(["premise", "hypothesis", "label"])
+    msg = str(exc.value)
+    assert "premise:text1" not in msg  # contradiction (2) would rank above entailment (0)
+    assert "0 = entailment" in msg and "premise:text,hypothesis:positive" in msg
+
+
+@pytest.mark.parametrize(("row", "why"), [
+    ({"text1": "a", "text2": "b", "label": -1}, "label' is -1"),  # NLI's "no gold label"
+    ({"text1": "a", "text2": "b", "label": None}, "label' is None"),
+    ({"text1": "a", "text2": "b", "label": "high"}, "label' is 'high'"),
+    ({"text1": "a", "text2": "b", "label": float("nan")}, "label' is nan"),
+    ({"text1": "a", "label": 1.0}, "no 'text2' field"),
+    ({"text1": 12, "text2": "b", "label": 1.0}, "'text1' is 12"),
+    ({"text1": [], "text2": "b", "label": 1.0}, "'text1' is []"),
+    ({"text1": ["a", None], "text2": "b", "label": 1.0}, "'text1' is ['a', None]"),
+])
+def test_bad_rows_are_refused_before_training_naming_the_row(row, why, tiny):
+    good = {"text1": ["a", "b"], "text2": "c", "label": "4.5"}  # a streamed CSV's label
+    with pytest.raises(ValueError, match=r"train row 2: .*" + re.escape(why)):
+        check_records([good, good, row], "A")
+    collate = AngleCollator(tiny.tokenizer, "A", tiny.pad_token_id)
+    assert collate([good]).labels.tolist() == [4.5]
+    with pytest.raises(ValueError, match=re.escape(why)):  # streamed rows: at their batch
+        collate([good, row])
 
 
 def test_rename_spec():
@@ -121,7 +156,7 @@ def test_duplicates_filtered_and_lists_sampled(tiny):
     assert third in ("x1", "x2")
     keep_all = AngleCollator(tiny.tokenizer, "C", tiny.pad_token_id, filter_duplicate=False)
     assert keep_all(rows).n_samples == 3
-    with pytest.raises(TypeError, match="must be str"):
+    with pytest.raises(ValueError, match="not a text"):
         keep_all([{"text": 5, "positive": "p"}])
 
 

@@ -66,8 +66,9 @@ def _fit(model: Path, data: Path, out: Path, procs: int, *flags: str,
 
 
 def _launch(model: Path, data: Path, out: Path, procs: int, *flags: str,
-            launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    args = ["-m", "training.fit", "--model", str(model), "--train-data", str(data),
+            launcher: str = "torchrun", module: str = "training.fit",
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = ["-m", module, "--model", str(model), "--train-data", str(data),
             "--column-rename", STS_RENAME, "--output-dir", str(out), "--max-steps", "3",
             "--warmup-steps", "1", "--learning-rate", "5e-4", "--seed", "3",
             "--logging-steps", "1", "--no-filter-duplicate", "--device", "cpu", *flags]
@@ -79,7 +80,7 @@ def _launch(model: Path, data: Path, out: Path, procs: int, *flags: str,
                "--num_processes", str(procs), "--num_machines", "1", "--mixed_precision",
                "no", "--dynamo_backend", "no", "--main_process_port", "0", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -121,8 +122,35 @@ def test_two_processes_equal_one_with_gradient_accumulation(no_dropout_bert, pai
     assert again.returncode == 2 and "written by 2 process(es)" in again.stderr
 
 
+def test_two_processes_resume_exactly(tiny_bert_dir, shared_data, tmp_path):
+    """Killed past its checkpoint, a 2-process run resumes to the weights and loss log of a
+    run never stopped: each rank restores its own RNG states (its dropout masks, its
+    collator's picks among list-valued texts) and its losses not yet logged, and the log
+    holds each step once."""
+    rows = [json.loads(line) for line in
+            (shared_data / "sts" / "stsb-train.jsonl").read_text().splitlines()[:64]]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({
+        "text1": [r["sentence1"], " ".join(r["sentence1"].split()[:4])],
+        "text2": r["sentence2"], "label": r["score"]}) + "\n" for r in rows))
+    # 8 steps an epoch; a checkpoint at step 3 (step 3's loss waits for the line at 4),
+    # the line at 4 written, then killed taking step 6
+    flags = ("--batch-size", "4", "--max-steps", "6", "--save-steps", "3",
+             "--logging-steps", "2")
+    _fit(tiny_bert_dir, data, tmp_path / "straight", 2, *flags)
+    crash = _launch(tiny_bert_dir, data, tmp_path / "resumed", 2, *flags,
+                    module="tests.training._crash_fit", env={"CRASH_AT": "5"})
+    assert crash.returncode != 0 and "simulated crash at step 5" in crash.stderr
+    _fit(tiny_bert_dir, data, tmp_path / "resumed", 2, *flags, "--resume")
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _close(straight, _weights_of(tiny_bert_dir)) > 1e-3  # it trained
+    logs = [(tmp_path / d / "train_log.jsonl").read_text() for d in ("straight", "resumed")]
+    assert logs[1] == logs[0] and len(logs[0].splitlines()) == 3
+
+
 def test_gathered_negatives_equal_one_process_on_the_joined_batch(no_dropout_bert, pairs,
-                                                                  tmp_path):
+                                                                  tiny_bert_dir, tmp_path):
     _fit(no_dropout_bert, pairs, tmp_path / "gather", 2, "--batch-size", "4",
          "--gather-negatives", "--ibn-w", "1.0")
     _fit(no_dropout_bert, pairs, tmp_path / "joined", 1, "--batch-size", "8", "--ibn-w", "1.0")
@@ -140,6 +168,15 @@ def test_gathered_negatives_equal_one_process_on_the_joined_batch(no_dropout_ber
                                                            rel=1e-4)
     local = _update(_weights(tmp_path / "local"), before)
     assert float((local - b).norm() / b.norm()) > 0.1  # measured 0.44 (gathered: 0.0065)
+    # with a teacher, its targets are gathered with the vectors they distill into
+    teach = ("--ibn-w", "1.0", "--teacher", str(tiny_bert_dir))
+    _fit(no_dropout_bert, pairs, tmp_path / "gather-t", 2, "--batch-size", "4",
+         "--gather-negatives", *teach)
+    _fit(no_dropout_bert, pairs, tmp_path / "joined-t", 1, "--batch-size", "8", *teach)
+    assert _losses(tmp_path / "gather-t") == pytest.approx(_losses(tmp_path / "joined-t"),
+                                                           rel=1e-5)
+    assert _losses(tmp_path / "gather-t") != pytest.approx(_losses(tmp_path / "joined"),
+                                                           rel=1e-4)  # it distilled
 
 
 def test_accelerate_launch_trains_like_torchrun(no_dropout_bert, pairs, tmp_path):

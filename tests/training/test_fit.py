@@ -87,13 +87,15 @@ def test_resume_continues_exactly(tiny_bert_dir, shared_data, tmp_path, monkeypa
         return _cfg(tiny_bert_dir, tmp_path, out, train_data=str(tmp_path / "train.jsonl"),
                     valid_data=str(tmp_path / "dev.jsonl"), column_rename=STS_RENAME,
                     max_steps=8, gradient_accumulation_steps=2, group_by_length=True,
-                    filter_duplicate=False, **kw)
+                    filter_duplicate=False, logging_steps=5, **kw)
 
     straight = fit(cfg(tmp_path / "a"))
     real_step = fit_mod._Trainer._optimizer_step
 
     def crash_at_six(self):
-        if self.step == 5:  # one step past the checkpoint at 4: that work is lost
+        # one step past the checkpoint at 4, that work lost; step 5's loss line was
+        # written, and steps 1-4's losses were waiting for it when the checkpoint was taken
+        if self.step == 5:
             raise KeyboardInterrupt("simulated crash")
         return real_step(self)
 
@@ -106,6 +108,9 @@ def test_resume_continues_exactly(tiny_bert_dir, shared_data, tmp_path, monkeypa
     resumed = fit(cfg(tmp_path / "b", save_steps=4, resume=True))
     assert resumed.steps == straight.steps == 8
     assert resumed.history == straight.history
+    # the loss log: step 5 once, not twice, and the same mean (steps 1-4's losses kept)
+    logged = [(tmp_path / d / fit_mod.TRAIN_LOG).read_text() for d in ("a", "b")]
+    assert logged[1] == logged[0] and len(logged[0].splitlines()) == 1
     ref = AngleModel.from_pretrained(straight.output_dir).backbone
     got = AngleModel.from_pretrained(resumed.output_dir).backbone
     assert ref.config.hidden_dropout_prob > 0  # dropout was active
@@ -115,6 +120,9 @@ def test_resume_continues_exactly(tiny_bert_dir, shared_data, tmp_path, monkeypa
     # another seed would make other batches of epoch 2 the ones already done: refused
     with pytest.raises(ValueError, match="data order of epoch 2 differs"):
         fit(cfg(tmp_path / "b", save_steps=4, resume=True, seed=43))
+    # another batch size would count the micro-batches done in other rows: refused
+    with pytest.raises(ValueError, match="--batch-size 8; resume it with that"):
+        fit(cfg(tmp_path / "b", save_steps=4, resume=True, batch_size=4))
 
 
 def test_precision_checkpointing_and_teacher_options(tiny_bert_dir, tiny_llama_dir, small_sts,
@@ -178,6 +186,19 @@ def test_group_by_length_is_a_permutation_of_similar_batches():
     spread = [np.ptp(lengths[grouped[i:i + 10]]) for i in range(0, 1000, 10)]
     random_spread = [np.ptp(lengths[order[i:i + 10]]) for i in range(0, 1000, 10)]
     assert np.mean(spread) < np.mean(random_spread) / 3
+
+
+def test_group_by_length_keeps_every_micro_batch_one_group():
+    """Micro-batches are cut every batch_size rows: the short group goes last, else every
+    cut after it would straddle two groups (4× the padding on STS-B, 5,749 rows)."""
+    lengths = np.random.default_rng(0).permutation(1003)  # distinct: one sorted order
+    grouped = fit_mod.group_by_length(np.arange(1003), lengths, 10,
+                                      np.random.default_rng(1), window=1000)
+    ranks = 1002 - lengths[grouped]  # place in the longest-first order
+    for i in range(0, 1000, 10):
+        assert ranks[i] % 10 == 0 and sorted(ranks[i:i + 10]) == list(range(ranks[i],
+                                                                           ranks[i] + 10))
+    assert sorted(ranks[1000:]) == [1000, 1001, 1002]
 
 
 def test_evaluate_cli_scores_bundles_and_torch_models_alike(tiny_bert_dir, tiny_bert_bundle,

@@ -74,3 +74,68 @@ def test_ambiguous_sentence_transformers_pooling_is_refused(minilm_dir, tmp_path
     with pytest.raises(ValueError, match="pass --pooling"):
         AngleModel.from_pretrained(d)
     assert AngleModel.from_pretrained(d, pooling="mean").settings.pooling == "mean"
+
+
+def _st_dir(tiny_bert_dir, out, pooling: dict, sbert: dict | None = None,
+            prompts: dict | None = None):
+    """The tiny BERT as a sentence-transformers directory with these module configs."""
+    d = shutil.copytree(tiny_bert_dir, out)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": 32, **pooling}))
+    (d / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": 128, **(sbert or {})}))
+    (d / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": prompts or {}, "default_prompt_name": next(iter(prompts or {}), None)}))
+    return d
+
+
+@pytest.mark.parametrize(("mode", "pooling"), [("mean", "mean"), ("cls", "cls"),
+                                               ("lasttoken", "last"), (["max"], "max")])
+def test_pooling_as_sentence_transformers_5_writes_it(tiny_bert_dir, tmp_path, mode, pooling):
+    d = _st_dir(tiny_bert_dir, tmp_path / "st", {"pooling_mode": mode, "include_prompt": True})
+    assert AngleModel.from_pretrained(d).settings.pooling == pooling
+
+
+def test_unmappable_sentence_transformers_5_pooling_is_refused(tiny_bert_dir, tmp_path):
+    for i, mode in enumerate(["weightedmean", ["mean", "max"]]):
+        d = _st_dir(tiny_bert_dir, tmp_path / f"st{i}", {"pooling_mode": mode})
+        with pytest.raises(ValueError, match="pass --pooling"):
+            AngleModel.from_pretrained(d)
+
+
+def test_pooling_without_prompt_tokens_is_refused(tiny_bert_dir, tmp_path):
+    """include_prompt: false leaves the prompt's tokens out of the mean, which AnglE
+    pooling cannot: refused, not a bundle 0.97 away from SentenceTransformer.encode."""
+    d = _st_dir(tiny_bert_dir, tmp_path / "st", {"pooling_mode": "mean",
+                                                  "include_prompt": False},
+                prompts={"query": "query: "})
+    with pytest.raises(ValueError, match="include_prompt: false"):
+        AngleModel.from_pretrained(d)
+    plain = _st_dir(tiny_bert_dir, tmp_path / "plain",
+                    {"pooling_mode": "mean", "include_prompt": False})  # no prompt: the same
+    assert AngleModel.from_pretrained(plain).settings.pooling == "mean"
+
+
+def test_do_lower_case_lowercases_in_torch_and_in_the_bundle(tiny_bert_dir, tmp_path):
+    """A cased tokenizer under do_lower_case: sentence-transformers lowercases each text
+    first; so do the torch model and the exported tokenizer (they read `Kittens` as [UNK])."""
+    from sentence_transformers import SentenceTransformer
+
+    d = _st_dir(tiny_bert_dir, tmp_path / "st", {"pooling_mode": "mean"},
+                sbert={"do_lower_case": True})
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False  # a cased tokenizer
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    texts = ["Kittens PLAY in the Garden.", "ÉCOLE Straße İstanbul"]
+    ref = SentenceTransformer(str(d), device="cpu").encode(texts)
+    model = AngleModel.from_pretrained(d)
+    assert np.allclose(model.encode(texts), ref, atol=1e-5)
+    bundle = export(d, tmp_path / "b", verify=False)
+    with Encoder(bundle, precision="fp32") as enc:
+        assert np.allclose(enc.encode(texts), ref, atol=1e-5)
+        assert enc.tokenizer.encode(texts) == enc.tokenizer.encode([t.lower() for t in texts])

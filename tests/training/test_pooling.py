@@ -21,6 +21,8 @@ M = torch.tensor([[1, 1, 1], [1, 1, 0]])
     ("last", [[5.0, -6.0], [-4.0, -3.0]]),
     (1, [[3.0, -4.0], [-4.0, -3.0]]),
     ("1", [[3.0, -4.0], [-4.0, -3.0]]),
+    (-1, [[5.0, -6.0], [-4.0, -3.0]]),  # each row's last real token, not the pad column
+    (-2, [[3.0, -4.0], [2.0, -1.0]]),
 ])
 def test_right_padding(strategy, expected):
     assert torch.equal(pool(H, M, strategy, "right"), torch.tensor(expected))
@@ -45,3 +47,17 @@ def test_strategy_names_are_checked():
     for bad in ("first_last_avg", "all", True, ""):
         with pytest.raises(ValueError):
             check_strategy(bad)
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    ("cls", [[9.0], [7.0]]),  # the first real token, not the pad column 0
+    (0, [[9.0], [7.0]]),
+    (1, [[2.0], [8.0]]),
+    (-1, [[2.0], [3.0]]),
+    ("cls_avg", [[7.25], [6.5]]),
+    ("cls_max", [[9.0], [7.5]]),
+])
+def test_token_indices_count_real_tokens_under_left_padding(strategy, expected):
+    h = torch.tensor([[[0.0], [9.0], [2.0]], [[7.0], [8.0], [3.0]]])
+    m = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert pool(h, m, strategy, "left").tolist() == expected

@@ -48,8 +48,9 @@ def test_streaming_fit_trains_and_resumes_exactly(tiny_bert_dir, shared_data, tm
     def cfg(out, **kw):
         return TrainConfig(model=str(tiny_bert_dir), train_data=str(tmp_path / "train.jsonl"),
                            column_rename="sentence1:text1,sentence2:text2,score:label",
-                           output_dir=str(out), batch_size=8, max_steps=6, warmup_steps=1,
-                           learning_rate=5e-4, streaming=True, shuffle_buffer=16, **kw)
+                           output_dir=str(out), max_steps=6, warmup_steps=1,
+                           learning_rate=5e-4, streaming=True, shuffle_buffer=16,
+                           **{"batch_size": 8, **kw})
 
     straight = fit(cfg(tmp_path / "a"))
     real_step = fit_mod._Trainer._optimizer_step
@@ -68,5 +69,7 @@ def test_streaming_fit_trains_and_resumes_exactly(tiny_bert_dir, shared_data, tm
     ref = AngleModel.from_pretrained(straight.output_dir).backbone.state_dict()
     got = AngleModel.from_pretrained(resumed.output_dir).backbone.state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+    with pytest.raises(ValueError, match="--batch-size 8; resume it with that"):
+        fit(cfg(tmp_path / "b", save_steps=3, resume=True, batch_size=4))
     with pytest.raises(ValueError, match="group-by-length"):
         fit(cfg(tmp_path / "c", group_by_length=True))
