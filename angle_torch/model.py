@@ -82,6 +82,7 @@ class AngleModel(nn.Module):
         settings = read_settings(sources, config, tokenizer, revision, pooling is not None)
         _override(settings, pooling, max_length, padding_side, prompt)
         _check_padding(settings, config)
+        _check_positions(settings, config)
         if billm_start is not None:
             settings.billm_start = None if billm_start == -1 else billm_start
         if settings.billm_start is not None:
@@ -226,6 +227,16 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def _check_positions(s: AngleSettings, config: Any) -> None:
+    """max_length past the model's position table: its text would fail in the graph (or
+    read positions that were never trained), so refused at load, naming the limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and s.max_length > positions:
+        raise ValueError(f"max_length {s.max_length} exceeds the model's "
+                         f"max_position_embeddings ({positions}); pass --max-length ≤ "
+                         f"{positions}")
 
 
 def _override(s: AngleSettings, pooling, max_length, padding_side, prompt) -> None:

@@ -47,20 +47,36 @@ def last_token(h: torch.Tensor, mask: torch.Tensor, padding_side: str) -> torch.
     return h[torch.arange(h.shape[0], device=h.device), idx]
 
 
+def token_at(h: torch.Tensor, mask: torch.Tensor, index: int,
+             padding_side: str) -> torch.Tensor:
+    """Each row's real token `index` (negative: counted from its last real token), wherever
+    the padding put the row; an index past a row's tokens takes its nearest end (the
+    runtime refuses such texts: angle_rt.manifest.min_tokens). Counted on the padded row,
+    -1 under right padding or 0 under left padding would read a pad: a vector that
+    changed with the batch's longest text."""
+    if padding_side == "right" and index == 0:
+        return h[:, 0]
+    n = mask.sum(dim=1)
+    offset = (n + index if index < 0 else torch.full_like(n, index)).clamp(min=0)
+    offset = torch.minimum(offset, n - 1)
+    start = h.shape[1] - n if padding_side == "left" else torch.zeros_like(n)
+    return h[torch.arange(h.shape[0], device=h.device), start + offset]
+
+
 def pool(h: torch.Tensor, mask: torch.Tensor, strategy: str | int,
          padding_side: str = "right") -> torch.Tensor:
     """Pool token states [B, L, D] into sentence vectors [B, D]."""
     strategy = check_strategy(strategy)
     if isinstance(strategy, int):
-        return h[:, strategy]
+        return token_at(h, mask, strategy, padding_side)
     if strategy == "cls":
-        return h[:, 0]
+        return token_at(h, mask, 0, padding_side)
     if strategy in ("mean", "avg"):
         return masked_mean(h, mask)
     if strategy == "cls_avg":
-        return (h[:, 0] + masked_mean(h, mask)) / 2.0
+        return (token_at(h, mask, 0, padding_side) + masked_mean(h, mask)) / 2.0
     if strategy == "max":
         return masked_max(h, mask)
     if strategy == "cls_max":
-        return (h[:, 0] + masked_max(h, mask)) / 2.0
+        return (token_at(h, mask, 0, padding_side) + masked_max(h, mask)) / 2.0
     return last_token(h, mask, padding_side)

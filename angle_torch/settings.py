@@ -32,6 +32,8 @@ _ST_POOLING = {
     "pooling_mode_max_tokens": "max",
     "pooling_mode_lasttoken": "last",
 }
+# sentence-transformers ≥ 5 writes one `pooling_mode` (a name, or a list of them)
+_ST_MODES = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last"}
 
 
 @dataclass
@@ -96,7 +98,7 @@ def read_settings(sources: list[str], config: Any, tokenizer: Any,
     if s.is_decoder:
         s.pooling = "last"
     for source in sources:
-        _apply_sentence_transformers(s, source, revision, pooling_given)
+        _apply_sentence_transformers(s, source, revision, pooling_given, tokenizer)
         angle = read_json(source, ANGLE_CONFIG_FILE, revision)
         if angle:
             _apply_angle_config(s, angle)
@@ -139,7 +141,7 @@ def _apply_angle_config(s: AngleSettings, cfg: dict[str, Any]) -> None:
 
 
 def _apply_sentence_transformers(s: AngleSettings, path_or_id: str, revision: str | None,
-                                 pooling_given: bool) -> None:
+                                 pooling_given: bool, tokenizer: Any = None) -> None:
     modules = read_json(path_or_id, "modules.json", revision)
     if not modules:
         return
@@ -149,20 +151,48 @@ def _apply_sentence_transformers(s: AngleSettings, path_or_id: str, revision: st
         raise ValueError(f"{path_or_id}: sentence-transformers modules {unsupported} have no "
                          "AnglE equivalent (only Transformer, Pooling, Normalize export)")
     s.normalize = "Normalize" in kinds
+    pool_cfg = (read_json(path_or_id, f"{kinds['Pooling']}/config.json", revision) or {}
+                if "Pooling" in kinds else {})
     if "Pooling" in kinds and not pooling_given:
-        s.pooling = _st_pooling(read_json(path_or_id, f"{kinds['Pooling']}/config.json",
-                                          revision) or {}, path_or_id)
+        s.pooling = _st_pooling(pool_cfg, path_or_id)
     bert_cfg = read_json(path_or_id, "sentence_bert_config.json", revision) or {}
     if bert_cfg.get("max_seq_length"):
         s.max_length = min(s.max_length, int(bert_cfg["max_seq_length"]))
+    if bert_cfg.get("do_lower_case"):
+        _lowercase_first(tokenizer, path_or_id)
     st_cfg = read_json(path_or_id, "config_sentence_transformers.json", revision) or {}
     s.prompts.update({k: v for k, v in (st_cfg.get("prompts") or {}).items() if v})
     default = st_cfg.get("default_prompt_name")
     if default:
         s.default_prompt = s.prompts.get(default)
+    if pool_cfg.get("include_prompt") is False and (s.prompts or s.default_prompt):
+        raise ValueError(f"{path_or_id}: its pooling leaves the prompt's tokens out "
+                         "(include_prompt: false), which AnglE pooling cannot: every vector "
+                         "with a prompt would differ from SentenceTransformer.encode's")
+
+
+def _lowercase_first(tokenizer: Any, where: str) -> None:
+    """sentence-transformers' do_lower_case lowercases each text before tokenizing: a
+    Lowercase step ahead of the tokenizer's normalizer does it in every path that
+    tokenizes with it (torch, training, the bundle's tokenizer.json)."""
+    from tokenizers import normalizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{where}: do_lower_case needs a fast (tokenizer.json) tokenizer")
+    current = backend.normalizer
+    backend.normalizer = (normalizers.Lowercase() if current is None
+                          else normalizers.Sequence([normalizers.Lowercase(), current]))
 
 
 def _st_pooling(cfg: dict[str, Any], where: str) -> str:
+    mode = cfg.get("pooling_mode")
+    if mode is not None:  # sentence-transformers ≥ 5
+        names = [mode] if isinstance(mode, str) else list(mode)
+        if len(names) != 1 or names[0] not in _ST_MODES:
+            raise ValueError(f"{where}: sentence-transformers pooling {names} has no single "
+                             "AnglE equivalent; pass --pooling explicitly")
+        return _ST_MODES[names[0]]
     modes = [name for key, name in _ST_POOLING.items() if cfg.get(key)]
     other = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v
              and k not in _ST_POOLING]

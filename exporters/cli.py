@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -185,9 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False)
                         else logging.INFO, format="angle-export: %(message)s")
+    # SIGTERM (a CI timeout, `docker stop`) as an exception: the staging directory is
+    # removed as on any error (the default action left it behind, hidden, for good)
+    signal.signal(signal.SIGTERM, _terminated)
     if args.command == "build-engine":
         return run_build(Path(args.bundle), args.precision, args)
     return export_main(args)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def export_main(args: argparse.Namespace) -> int:

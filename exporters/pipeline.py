@@ -165,13 +165,19 @@ def _verified_by_depth(manifest: Manifest, gates: dict[int | None, Gate],
     full model's gate summary is the bundle's parity, the others go under parity.depths."""
     arts: list[Artifact] = []
     parity: dict[str, Any] = {}
+    whole = manifest
     for k, builder in builders.items():
-        done = verified(manifest.at_depth(k), gates[k], builder, builder.artifact_of)
+        done = verified(whole.at_depth(k), gates[k], builder, builder.artifact_of)
         arts += done.artifacts
         if k is None:
             parity = {**done.parity, **parity}
         else:
             parity.setdefault("depths", {})[str(k)] = done.parity
+        # a refined artifact rewrote the manifest on disk with this depth's alone; the next
+        # depth's gate opens the bundle by it, so it lists every depth's artifacts again
+        whole = dataclasses.replace(whole, artifacts=(
+            *(a for a in whole.artifacts if a.layers != k), *done.artifacts))
+        write_manifest(builder.bundle, whole)
     return dataclasses.replace(manifest, artifacts=tuple(arts), parity=parity)
 
 

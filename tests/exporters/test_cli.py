@@ -198,3 +198,31 @@ def test_build_engine_is_a_listed_subcommand(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["build-engine"])  # the bundle is required
     assert exc.value.code == 2
+
+
+def test_sigterm_mid_export_leaves_no_staging_directory(tiny_bert_dir, tmp_path):
+    """SIGTERM (a CI timeout, `docker stop`) stops the export like an error: the hidden
+    staging directory is removed, the target never appears, the exit is 128 + 15."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporters.cli", "--model", str(tiny_bert_dir), "--pooling",
+         "mean", "--max-length", "64", "--int8-dynamic", "-q", "-o", str(tmp_path / "b")],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".b.*/*.onnx")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the export ended before it could be stopped"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -37,6 +37,22 @@ def test_cut_export_equals_the_torch_model_cut_at_that_layer(depth_bundle, tiny_
     assert full.backbone.config.num_hidden_layers == 2  # the source model is untouched
 
 
+def test_depths_export_when_an_int8_artifact_needs_refining(tmp_path):
+    """A refined artifact rewrites the manifest on disk; the next depth's gate still finds
+    its own artifacts there (it found only the full model's: exit 2)."""
+    from tests.tiny_models import build_tiny_bert
+
+    model = build_tiny_bert(tmp_path / "wild", init_range=1.0)
+    bundle = export(model, tmp_path / "b", pooling="mean", max_length=64, int8_dynamic=True,
+                    layers=(1,))
+    arts = {a.file: a for a in read_manifest(bundle).artifacts}
+    assert set(arts) == {"model.onnx", "model.int8-dynamic.onnx", "model.L1.onnx",
+                         "model.L1.int8-dynamic.onnx"}
+    assert arts["model.int8-dynamic.onnx"].parity["kept_in_float"]  # it was refined
+    with Encoder(bundle, layers=1, precision="int8-dynamic") as enc:
+        assert enc.encode(["a short sentence"]).shape == (1, 32)
+
+
 def test_manifest_lists_gated_scored_variants_and_round_trips(depth_bundle):
     manifest = read_manifest(depth_bundle)
     arts = {a.file: a for a in manifest.artifacts}

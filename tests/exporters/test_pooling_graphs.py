@@ -12,7 +12,8 @@ TEXTS = [*builtin_sentences()[::9], "", "x", " ".join(builtin_sentences()[:30])]
 STRATEGIES = ["cls", "cls_avg", "cls_max", "mean", "avg", "max", "last", 1]
 CASES = ([("bert", s, "right") for s in STRATEGIES]
          + [("llama", s, "right") for s in STRATEGIES]
-         + [("llama", "last", "left"), ("llama", "mean", "left")])
+         + [("llama", "last", "left"), ("llama", "mean", "left"), ("bert", -1, "right"),
+            ("llama", "cls", "left"), ("llama", 1, "left"), ("llama", "cls_avg", "left")])
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,13 @@ def test_explicit_arguments_win(minilm_dir):
     assert m.settings.default_prompt.endswith("passages: {text}")
 
 
+def test_max_length_past_the_position_table_is_refused(tiny_bert_dir):
+    # it exported, then failed on every text past 128 tokens inside ONNX Runtime
+    with pytest.raises(ValueError, match=r"max_length 200 exceeds .*\(128\)"):
+        AngleModel.from_pretrained(tiny_bert_dir, max_length=200)
+    assert AngleModel.from_pretrained(tiny_bert_dir, max_length=128).settings.max_length == 128
+
+
 def test_defaults_without_any_saved_settings(tiny_bert_dir):
     s = AngleModel.from_pretrained(tiny_bert_dir).settings
     # angle_emb's from_pretrained default; 128 = the tiny config's max_position_embeddings
