@@ -29,7 +29,14 @@ from angle_rt.embed import _deps
 from angle_rt.embed import writers as w
 from angle_rt.embed.errors import InputError, OutputExistsError
 from angle_rt.embed.fs import Location
-from angle_rt.embed.job import RECORD_VERSION, differences, given_ranges, ranges_digest
+from angle_rt.embed.job import (
+    RECORD_VERSION,
+    _id_kind,
+    differences,
+    given_ranges,
+    id_problem,
+    ranges_digest,
+)
 from angle_rt.embed.lock import lock_output
 from angle_rt.embed.readers import bad_reason, input_format, open_input
 from angle_rt.encoder import Encoder
@@ -79,7 +86,10 @@ class BundleEmbedder:
 
     def __call__(self, batch: Any) -> Any:
         texts = batch.column(self.text_column).to_pylist()
-        bad = [(k, why) for k, t in enumerate(texts) if (why := bad_reason(t)) is not None]
+        ids = (batch.column(self.id_column).to_pylist()
+               if self.id_column in batch.column_names else [0] * len(texts))
+        bad = [(k, why) for k, (rid, t) in enumerate(zip(ids, texts, strict=True))
+               if (why := _row_problem(rid, t)) is not None]
         if bad:
             batch, texts = self._drop_bad(batch, texts, bad)
         vectors = self.embed(texts)
@@ -109,6 +119,17 @@ class BundleEmbedder:
         # typed indices: an empty list would be a null-typed array, which take refuses
         indices = _deps.pyarrow().array(keep, type="int64")
         return batch.take(indices), [texts[k] for k in keep]
+
+
+def _row_problem(rid: Any, text: Any) -> str | None:
+    """Why a row (its id as its Arrow column holds it, one type) cannot be embedded: its
+    text's reason, a null id, or an id that is not valid Unicode."""
+    why = bad_reason(text)
+    if why is None and rid is None:
+        return "null id"
+    if why is None and isinstance(rid, str) and bad_reason(rid) is not None:
+        return "id is not valid UTF-8"
+    return why
 
 
 def embed_dataset(
@@ -281,6 +302,9 @@ def embed_files_on_ray(
     given = given_ranges(output_ranges, output_dtype)
     codec = w.check_compression(compression or w.DEFAULT_COMPRESSION)
     output = Location.parse(output)
+    if output.suffix in (".parquet", ".npy"):  # the local job's file outputs
+        raise InputError(f"--ray writes a directory of Parquet files, not one {output.suffix} "
+                         f"file: name OUTPUT without that suffix ({output.name!r})")
     kind = input_format(input)
     reader = open_input(input, text_column, id_column)  # columns checked here, on the driver
     if kind != "parquet" and id_column is None:
@@ -305,6 +329,8 @@ def embed_files_on_ray(
           "batch_size": batch_size, "output_dtype": output_dtype, "on_bad_row": on_bad_row,
           "runner": "ray", "compression": codec, "rows_per_file": rows_per_file,
           "output_ranges_sha256": given_sha256}
+    if ranges is not None and given is None:  # calibrated on the first chunk: its size counts
+        fp["chunk_size"] = chunk_size
     with lock_output(output):  # one run per OUTPUT, local or Ray (exit 2)
         if _prepare_dir(output, fp, overwrite):
             return json.loads(output.child(w.DIR_META).read_bytes())
@@ -339,7 +365,8 @@ def embed_files_on_ray(
                 "dtype": quantized_dtype(output_dtype).str, "dim": dim,
                 "width": quantized_width(dim, output_dtype), "id_column": id_name,
                 "ranges": None if ranges is None else ranges.tolist()}
-        return _finish(output, staging, meta, on_bad_row, t0)
+        return _finish(output, staging, meta, on_bad_row, t0,
+                       _id_arrow_type(reader, kind, id_column))
 
 
 def _calibrate(enc: Encoder, reader: Any, chunk_size: int,
@@ -378,9 +405,9 @@ def _input_error(exc: BaseException) -> str | None:
 
 
 class ShortCsvRows:
-    """pyarrow's invalid_row_handler for `--ray` CSV: a row with another column count than
-    the header is a bad row — listed under `skipped_dir` and skipped with
-    ``on_bad_row="skip"``, else the read fails and the job exits 1 naming its line."""
+    """Bad rows met while reading for `--ray`: listed under `skipped_dir` and skipped with
+    ``on_bad_row="skip"``, else the job fails naming the first. Also pyarrow's
+    invalid_row_handler for CSV (a row with another column count than the header)."""
 
     def __init__(self, skipped_dir: str | None, on_bad_row: str) -> None:
         self.skipped_dir, self.on_bad_row = skipped_dir, on_bad_row
@@ -388,11 +415,23 @@ class ShortCsvRows:
     def __call__(self, row: Any) -> str:
         if self.on_bad_row != "skip" or not self.skipped_dir:
             return "error"
-        rec = {"id": None, "line": row.number, "reason": f"CSV row has {row.actual_columns} "
-               f"columns, the header {row.expected_columns}"}
-        Location.parse(self.skipped_dir).child(f"{uuid.uuid4().hex}.jsonl").write_bytes(
-            (json.dumps(rec) + "\n").encode())
+        self.listed([{"id": None, "line": row.number, "reason": f"CSV row has "
+                      f"{row.actual_columns} columns, the header {row.expected_columns}"}])
         return "skip"
+
+    def listed(self, bad: list[dict[str, Any]]) -> None:
+        """Skip (and list) these bad rows, or fail naming the first."""
+        if not bad:
+            return
+        if self.on_bad_row != "skip":
+            first = bad[0]
+            where = "a row" if first["line"] is None else f"line {first['line']}"
+            raise InputError(f"{where} (id {first['id']!r}): {first['reason']}; "
+                             "fix the input or pass --on-bad-row skip to leave such rows out "
+                             "(listed in OUTPUT.skipped.jsonl)")
+        if self.skipped_dir:
+            Location.parse(self.skipped_dir).child(f"{uuid.uuid4().hex}.jsonl").write_bytes(
+                "".join(json.dumps(r, default=str) + "\n" for r in bad).encode())
 
 
 def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None,
@@ -401,23 +440,122 @@ def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | N
     column) one task per row group adding row numbers."""
     paths = [p.path for p in reader.files()]
     fs = reader.path.fs  # None: local; else the remote FileSystem
-    if kind == "parquet" and id_column is None:
+    if kind == "parquet":  # by row group: files may store the columns in other types
         return ray.data.from_items(_row_groups(reader)).map_batches(
-            _read_row_groups, batch_size=1, fn_kwargs={"text_column": text_column},
-            batch_format="pyarrow", num_cpus=0)
+            _read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0,
+            fn_kwargs={"text_column": text_column, "id_column": id_column,
+                       "id_type": reader.id_type})
     # Reading is I/O: without num_cpus=0, actors holding every CPU starve the read tasks.
-    if kind == "parquet":
-        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=0)
-    elif kind == "jsonl":
-        ds = ray.data.read_json(paths, filesystem=fs, lines=True, num_cpus=0)
+    if kind == "jsonl":  # parsed as the local reader parses it (Ray's reader guesses types)
+        return ray.data.from_items(_jsonl_pieces(reader)).map_batches(
+            _read_jsonl_pieces, batch_size=1, batch_format="pyarrow", num_cpus=0,
+            fn_kwargs={"text_column": text_column, "id_column": id_column,
+                       "id_type": _first_id_type(reader), "bad_rows": bad_rows})
     else:  # every CSV value a string, as the local reader has it: id "007" stays "007"
-        pa_csv = __import__("pyarrow.csv", fromlist=["ConvertOptions"])
-        types = {id_column: _deps.pyarrow().string(), text_column: _deps.pyarrow().string()}
+        pa, pa_csv = _deps.pyarrow(), __import__("pyarrow.csv", fromlist=["ConvertOptions"])
+        types = {id_column: pa.binary(), text_column: pa.binary()}  # decoded below
         ds = ray.data.read_csv(
             paths, filesystem=fs, num_cpus=0,
             convert_options=pa_csv.ConvertOptions(column_types=types),
-            parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows))
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=bad_rows,
+                                              newlines_in_values=True))
+        return ds.select_columns([id_column, text_column]).map_batches(
+            _decode_csv, batch_format="pyarrow", num_cpus=0,
+            fn_kwargs={"id_column": id_column, "text_column": text_column,
+                       "bad_rows": bad_rows})
     return ds.select_columns([id_column, text_column])
+
+
+def _decode_csv(batch: Any, id_column: str, text_column: str, bad_rows: ShortCsvRows) -> Any:
+    """CSV values decoded as the local reader decodes them: a text or id that is not UTF-8
+    makes its row a bad row, with the local job's reason (pyarrow's own decoding failed
+    the whole file)."""
+    pa = _deps.pyarrow()
+    ids, texts, bad = [], [], []
+    for raw_id, raw in zip(batch.column(id_column).to_pylist(),
+                           batch.column(text_column).to_pylist(), strict=True):
+        rid = None if raw_id is None else raw_id.decode("utf-8", "surrogateescape")
+        text = None if raw is None else raw.decode("utf-8", "surrogateescape")
+        why = bad_reason(text) or (None if rid is None or bad_reason(rid) is None
+                                   else "id is not valid UTF-8")
+        if why is None:
+            ids.append(rid)
+            texts.append(text)
+        else:  # shown without its lone surrogates, which JSON cannot carry
+            shown = None if raw_id is None else raw_id.decode("utf-8", "backslashreplace")
+            bad.append({"id": shown, "line": None, "reason": why})
+    bad_rows.listed(bad)
+    return pa.table({id_column: pa.array(ids, pa.string()),
+                     text_column: pa.array(texts, pa.string())})
+
+
+JSONL_PIECE = 32 << 20  # bytes of JSONL one read task parses
+
+
+def _jsonl_pieces(reader: Any, piece: int = JSONL_PIECE) -> list[dict[str, Any]]:
+    """Each file cut at line ends into ~`piece`-byte ranges, with the number of each one's
+    first line (one pass over the file, counting newlines)."""
+    items = []
+    for f in reader.files():
+        start, pos, line, lines = 0, 0, 1, 0
+        with f.open_read() as fh:
+            while block := fh.read(1 << 20):
+                pos += len(block)
+                lines += block.count(b"\n")
+                cut = block.rfind(b"\n")
+                if pos - start >= piece and cut >= 0:
+                    end = pos - len(block) + cut + 1
+                    items.append({"path": f.uri, "start": start, "end": end, "line": line})
+                    start, line, lines = end, line + lines, 0
+        if pos > start:
+            items.append({"path": f.uri, "start": start, "end": pos, "line": line})
+    return items
+
+
+def _first_id_type(reader: Any) -> str | None:
+    """The id type of the input's first good row, which the local job holds every id to."""
+    for chunk in reader.chunks(1024):
+        for rid, text in zip(chunk.ids, chunk.texts, strict=True):
+            if rid is not None and bad_reason(text) is None:
+                return _id_kind(rid)
+    return None
+
+
+def _read_jsonl_pieces(items: Any, text_column: str, id_column: str, id_type: str | None,
+                       bad_rows: ShortCsvRows) -> Any:
+    """[id, text] of the JSONL lines in `items`' byte ranges; a line the local job would
+    skip (not JSON, not an object, a bad text, a null id or one of another type) is a bad
+    row, listed with its line number or failing the job."""
+    pa = _deps.pyarrow()
+    ids, texts, bad = [], [], []
+    for path, start, end, line in zip(*(items[c].to_pylist() for c in
+                                        ("path", "start", "end", "line")), strict=True):
+        with Location.parse(path).open_read() as fh:
+            fh.seek(start)
+            data = fh.read(end - start)
+        for k, raw in enumerate(data.split(b"\n")):
+            if not raw.strip():
+                continue
+            rid, text, why = _jsonl_row(raw, text_column, id_column)
+            why = why or bad_reason(text) or id_problem(rid, id_type or _id_kind(rid))
+            if why is None:
+                ids.append(rid)
+                texts.append(text)
+            else:
+                bad.append({"id": rid, "line": line + k, "reason": why})
+    bad_rows.listed(bad)
+    kind = pa.int64() if id_type == "int" else pa.string()
+    return pa.table({id_column: pa.array(ids, kind), text_column: pa.array(texts, pa.string())})
+
+
+def _jsonl_row(raw: bytes, text_column: str, id_column: str) -> tuple[Any, Any, str | None]:
+    try:
+        rec = json.loads(raw)
+    except ValueError as exc:
+        return None, None, f"not valid JSON ({exc})"
+    if not isinstance(rec, dict):
+        return None, None, f"a JSON {type(rec).__name__}, not an object with a text field"
+    return rec.get(id_column), rec.get(text_column), None
 
 
 def _row_groups(reader: Any) -> list[dict[str, Any]]:
@@ -432,16 +570,37 @@ def _row_groups(reader: Any) -> list[dict[str, Any]]:
     return items
 
 
-def _read_row_groups(items: Any, text_column: str) -> Any:
-    pa, pq = _deps.pyarrow(), _deps.parquet()
+def _read_row_groups(items: Any, text_column: str, id_column: str | None = None,
+                     id_type: Any = None) -> Any:
+    """[id, text] of Parquet row groups: the id column (in the first file's type), or row
+    numbers; texts as plain strings whether a file stores them as string, large_string or
+    dictionary (Ray's reader could not merge such files' schemas)."""
+    pa, pq, pc = _deps.pyarrow(), _deps.parquet(), __import__("pyarrow.compute").compute
     tables = []
     for path, group, start in zip(items["path"].to_pylist(), items["group"].to_pylist(),
                                   items["start"].to_pylist(), strict=True):
         source = Location.parse(path).parquet_source()
-        texts = pq.ParquetFile(source).read_row_group(group, columns=[text_column]).column(0)
-        ids = pa.array(np.arange(start, start + len(texts), dtype=np.int64))
-        tables.append(pa.table({"id": ids, text_column: texts}))
+        cols = [text_column] + ([id_column] if id_column else [])
+        part = pq.ParquetFile(source).read_row_group(group, columns=cols)
+        texts = pc.cast(_plain(part.column(0)), pa.string())
+        ids = (pc.cast(_plain(part.column(1)), _plain_type(id_type)) if id_column else
+               pa.array(np.arange(start, start + len(texts), dtype=np.int64)))
+        tables.append(pa.table({id_column or "id": ids, text_column: texts}))
     return pa.concat_tables(tables)
+
+
+def _plain(column: Any) -> Any:
+    """A dictionary-encoded column decoded to its values."""
+    pa = _deps.pyarrow()
+    if pa.types.is_dictionary(column.type):
+        return pa.chunked_array([c.dictionary_decode() for c in column.chunks],
+                                column.type.value_type)
+    return column
+
+
+def _plain_type(kind: Any) -> Any:
+    pa = _deps.pyarrow()
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
 
 
 def _prepare_dir(output: Location, fp: dict[str, Any], overwrite: bool) -> bool:
@@ -466,11 +625,29 @@ def _prepare_dir(output: Location, fp: dict[str, Any], overwrite: bool) -> bool:
     return False
 
 
+def _id_arrow_type(reader: Any, kind: str, id_column: str | None) -> Any:
+    """The output's id column type (for an output of no rows)."""
+    pa = _deps.pyarrow()
+    if kind == "parquet":
+        return _plain_type(reader.id_type) if id_column else pa.int64()
+    return pa.int64() if kind == "jsonl" and _first_id_type(reader) == "int" else pa.string()
+
+
 def _finish(output: Location, staging: Location, meta: dict[str, Any], on_bad_row: str,
-            t0: float) -> dict[str, Any]:
-    pq = _deps.parquet()
+            t0: float, id_type: Any) -> dict[str, Any]:
+    pa, pq = _deps.pyarrow(), _deps.parquet()
     data = staging.child("data")
     files = [f for f in data.files() if f.name.endswith(".parquet")]
+    if not files:  # Ray writes no file for no rows; an empty dataset still reads
+        empty = np.zeros((0, meta["width"]), dtype=np.dtype(meta["dtype"]))
+        table = pa.table({meta["id_column"]: pa.array([], id_type),
+                          "embedding": w.vector_column(empty, meta["output_dtype"])})
+        data.mkdir()
+        part = data.child("part-000000.parquet")
+        with part.open_write() as fh:
+            pq.write_table(table, fh)
+        part.commit_write()
+        files = [part]
     meta["rows"] = sum(pq.ParquetFile(f.parquet_source()).metadata.num_rows for f in files)
     skipped = _collect_skipped(staging.child("_skipped"))
     meta["skipped"] = len(skipped)

@@ -324,12 +324,7 @@ def _check_rows(chunk: Chunk, on_bad_row: str,
     for k, (rid, text) in enumerate(zip(chunk.ids, chunk.texts, strict=True)):
         why = bad_reason(text) if isinstance(text, BadRow) or rid is not None else "null id"
         if why is None:
-            kind = _id_kind(rid)
-            state.setdefault("id_type", kind)
-            if kind != state["id_type"]:
-                why = f"id is {kind}, but the ids before it are {state['id_type']}"
-            elif kind == "int" and not -2**63 <= rid < 2**63:
-                why = "id is an integer past int64 (what an id column stores)"
+            why = id_problem(rid, state.setdefault("id_type", _id_kind(rid)))
         if why is None:
             ids.append(rid)
             texts.append(text)
@@ -341,6 +336,18 @@ def _check_rows(chunk: Chunk, on_bad_row: str,
                              "OUTPUT.skipped.jsonl)")
         skipped.append({"row": row, "id": rid, "reason": why})
     return ids, texts, skipped
+
+
+def id_problem(rid: Any, id_type: str) -> str | None:
+    """Why `rid` cannot be a row's id when the ids before it are of `id_type`, or None."""
+    if rid is None:
+        return "null id"
+    kind = _id_kind(rid)
+    if kind != id_type:
+        return f"id is {kind}, but the ids before it are {id_type}"
+    if kind == "int" and not -2**63 <= rid < 2**63:
+        return "id is an integer past int64 (what an id column stores)"
+    return None
 
 
 def _id_kind(rid: Any) -> str:

@@ -231,6 +231,7 @@ class CsvReader(Reader):
         if header is None:
             raise InputError(f"{path} is empty: a CSV needs a header row naming its columns")
         self._missing(header, str(path))
+        self._width = len(header)
         self._text_at = header.index(text_column)
         self._id_at = header.index(id_column) if id_column else None
         self.id_type = None
@@ -253,12 +254,13 @@ class CsvReader(Reader):
             rows = csv.reader(fh)
             next(rows)
             try:
-                for row_no, row in enumerate(rows):
+                for row_no, row in enumerate(r for r in rows if r):  # a blank line: no row
                     if row_no < skip:
                         continue
-                    texts.append(row[self._text_at] if self._text_at < len(row) else None)
+                    rid, text = self._fields(row)
+                    texts.append(text)
                     if self._id_at is not None:
-                        ids.append(row[self._id_at] if self._id_at < len(row) else None)
+                        ids.append(rid)
                     if len(texts) == _PIECE:
                         yield (ids if self._id_at is not None else None), texts
                         ids, texts = [], []
@@ -267,6 +269,18 @@ class CsvReader(Reader):
                                  f"({exc})") from exc
         if texts:
             yield (ids if self._id_at is not None else None), texts
+
+
+    def _fields(self, row: list[str]) -> tuple[Any, Any]:
+        """(id, text) of a CSV row; the text a BadRow where the row cannot be trusted: a
+        column count other than the header's (an unquoted comma would cut the text short)
+        or an id that is not UTF-8 (it could not be written as the input has it)."""
+        rid = row[self._id_at] if self._id_at is not None and self._id_at < len(row) else None
+        if len(row) != self._width:
+            return rid, BadRow(f"CSV row has {len(row)} columns, the header {self._width}")
+        if rid is not None and bad_reason(rid) is not None:
+            return rid, BadRow("id is not valid UTF-8")
+        return rid, row[self._text_at]
 
 
 class TxtReader(Reader):

@@ -792,6 +792,30 @@ def test_undecodable_rows_are_bad_rows_wherever_they_are(tiny_bert_bundle, tmp_p
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
+def test_csv_rows_as_spreadsheets_write_them(tiny_bert_bundle, tiny_encoder, tmp_path,
+                                             suffix):
+    """Blank lines (a trailing one too) are no rows (they stopped the job as null ids);
+    a row with more or fewer fields than the header is a bad row (an unquoted comma cut
+    its text short, silently); an id that is not UTF-8 is a bad row (it failed the write
+    mid-job, or was written as other bytes to .npy)."""
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"id,text\r\nd0,first sentence\r\n\r\nd1,Hello, world and more\n"
+                    b'd2,"a quoted, fine one"\nd3\ncaf\xe9,latin-1 id\nd4,last one\n\n\n')
+    out = tmp_path / f"o{suffix}"
+    r = embed_file(tiny_bert_bundle, src, out, id_column="id", on_bad_row="skip")
+    ids, vecs, _ = read_output(out)
+    assert ids == ["d0", "d2", "d4"] and (r.rows, r.skipped) == (3, 3)
+    want = tiny_encoder.encode(["first sentence", "a quoted, fine one", "last one"])
+    assert np.array_equal(vecs, want)
+    listed = [json.loads(x) for x in Path(str(out) + ".skipped.jsonl").read_text().splitlines()]
+    assert [(x["row"], x["reason"]) for x in listed] == [
+        (1, "CSV row has 3 columns, the header 2"), (3, "CSV row has 1 columns, the header 2"),
+        (4, "id is not valid UTF-8")]
+    with pytest.raises(InputError, match=r"row 1 \(id 'd1'\): CSV row has 3 columns"):
+        embed_file(tiny_bert_bundle, src, tmp_path / f"e{suffix}", id_column="id")
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
 def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
         tiny_bert_bundle, corpus_dir, tmp_path, monkeypatch, suffix):
     """--overwrite deleted the old output before the new one existed: a crash in between

@@ -239,3 +239,65 @@ def test_ray_reads_and_writes_s3(local_ray, tiny_bert_bundle, corpus_dir, tmp_pa
     assert [json.loads(x)["id"] for x in skipped] == [7]
     assert not Location.parse(out + ".partial").exists()
     assert main([str(tiny_bert_bundle), f"{s3_bucket}/in", out, *flags, "--ray"]) == 0
+
+
+def test_ray_reads_jsonl_and_csv_as_the_local_job(local_ray, tiny_bert_bundle, tmp_path):
+    """What `--ray` read through Ray's own readers, against the local job on the same files:
+    JSONL string ids "007" / "1e3" came out as floats 7.0 / 1000.0, numeric-looking texts
+    were dropped, a null id was written, a malformed line failed the job even with
+    --on-bad-row skip; a CSV over 1 MB with newlines inside quoted values failed, and one
+    byte that is not UTF-8 failed the whole file; a job with no rows wrote no Parquet file;
+    an int8 rerun with another --chunk-size was "complete already" with the old ranges."""
+    from angle_rt.embed.cli import main
+
+    def both(src, name, *flags):
+        local = tmp_path / f"{name}-local"
+        assert main([str(tiny_bert_bundle), str(src), str(local), *flags, "-q"]) == 0
+        with deadline(180):
+            assert main([str(tiny_bert_bundle), str(src), str(tmp_path / name), *flags,
+                         "--ray", "--ray-actors", "1", "-q"]) == 0
+        (lid, lvec, _), (rid, rvec, meta) = read_output(local), read_output(tmp_path / name)
+        order = sorted(range(len(rid)), key=lambda k: lid.index(rid[k]))
+        assert [rid[k] for k in order] == lid  # the same ids, with their types
+        assert rvec.shape == lvec.shape and cosine_rows(rvec[order], lvec).min(
+            initial=1.0) >= 0.99999
+        return lid, meta
+
+    rows = [{"id": "007", "text": "12345"}, {"id": "1e3", "text": "2024"},
+            {"id": "x", "text": "a sentence"}, {"id": None, "text": "no id"},
+            {"id": 5, "text": "an int id among strings"}]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "cut", "te\n')
+    ids, meta = both(jsonl, "jsonl", "--id-column", "id", "--on-bad-row", "skip")
+    assert ids == ["007", "1e3", "x"] and meta["skipped"] == 3
+    listed = sorted(json.loads(x)["reason"][:12] for x in
+                    (tmp_path / "jsonl.skipped.jsonl").read_text().splitlines())
+    assert listed == ["id is int, b", "not valid JS", "null id"]
+    big = tmp_path / "big.csv"  # past pyarrow's 1 MB block, newlines inside quoted values
+    big.write_bytes(b"id,text\n" + b"".join(b'r%d,"line one of %d\nline two, %s"\n'
+                                            % (i, i, b"x" * 40) for i in range(16000))
+                    + b"bad,caf\xe9\n")
+    ids, meta = both(big, "csv", "--id-column", "id", "--on-bad-row", "skip")
+    assert len(ids) == 16000 and meta["skipped"] == 1
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = tmp_path / "parts"  # one file's texts dictionary-encoded, the other's plain
+    parts.mkdir()
+    texts = pa.array([f"sentence {i}" for i in range(40)])
+    pq.write_table(pa.table({"id": list(range(20)), "text": texts[:20].dictionary_encode()}),
+                   parts / "a.parquet")
+    pq.write_table(pa.table({"id": list(range(20, 40)), "text": texts[20:]}),
+                   parts / "b.parquet")
+    assert both(parts, "pq", "--id-column", "id")[0] == list(range(40))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("id,text\n")
+    assert both(empty, "empty", "--id-column", "id")[0] == []
+    flags = ["--id-column", "id", "--output-dtype", "int8", "--on-bad-row", "skip", "--ray",
+             "-q"]
+    with deadline(180):
+        assert main([str(tiny_bert_bundle), str(big), str(tmp_path / "i8"), *flags,
+                     "--chunk-size", "100"]) == 0
+    assert main([str(tiny_bert_bundle), str(big), str(tmp_path / "i8"), *flags,
+                 "--chunk-size", "400"]) == 2  # calibrated on another first chunk
+    assert main([str(tiny_bert_bundle), str(big), str(tmp_path / "o.parquet"), *flags]) == 1
