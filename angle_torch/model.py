@@ -127,10 +127,17 @@ class AngleModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every layer's token states: the embedding output, then each layer's (ESE)."""
+        """Every layer's token states: the embedding output, then each layer's (ESE), as
+        the model cut after that layer (a depth variant) returns them: a decoder's final
+        norm (Llama's `norm`), which Hugging Face applies to the last layer's states only,
+        is applied to each (ESE trained other states than the depth-k bundle computes)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=True)
-        return tuple(out.hidden_states)
+        states = tuple(out.hidden_states)
+        norm = getattr(self.backbone, "norm", None)
+        if not isinstance(norm, nn.Module) or not hasattr(self.backbone, "layers"):
+            return states
+        return (*(norm(h) for h in states[:-1]), states[-1])
 
     def prompt_template(self, prompt: str | None) -> str | None:
         """None → the model's default prompt; '' → none; a name or a literal template."""

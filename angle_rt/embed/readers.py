@@ -38,6 +38,7 @@ class Reader:
     """Base: subclasses yield (ids or None, texts) pieces from row `skip` on."""
 
     kind = ""
+    row_rules = 0  # > 0: which rule for what is a row (in the fingerprint when set)
 
     def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         self.path, self.text_column, self.id_column = path, text_column, id_column
@@ -58,7 +59,10 @@ class Reader:
         for f in self.files():
             name = "." if f == self.path else f.relative(self.path)
             files.append([name, f.size(), head_tail_sha256(f)])
-        return {"path": self.path.resolved(), "format": self.kind, "files": files}
+        fp = {"path": self.path.resolved(), "format": self.kind, "files": files}
+        if self.row_rules:  # another rule numbers rows otherwise: no resume across it
+            fp["row_rules"] = self.row_rules
+        return fp
 
     def chunks(self, size: int, skip: int = 0) -> Iterator[Chunk]:
         """Chunks of `size` rows (the last may be shorter), from row `skip` on."""
@@ -222,6 +226,7 @@ class CsvReader(Reader):
     """CSV with a header row; every value is a str (ids too); a short row's text is null."""
 
     kind = "csv"
+    row_rules = 2  # 2: blank lines are no rows (they were null rows, counted)
 
     def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         super().__init__(path, text_column, id_column)

@@ -141,3 +141,26 @@ def test_fit_with_ese_and_matryoshka_runs_and_moves_every_layer(tiny_bert_dir, s
     assert moved(ese.output_dir) != moved(plain.output_dir)
     with pytest.raises(ValueError, match="matryoshka-dims"):
         fit(TrainConfig(**base, output_dir=str(tmp_path / "bad"), matryoshka_dims="8,x"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_layer_states_are_what_the_depth_cut_computes(arch, tiny_bert_dir, tiny_llama_dir):
+    """ESE trains each layer's pooled states as the depth-k variant; the variant is the
+    model cut after k layers. For a decoder, Hugging Face applies the final norm to the last
+    layer's states only: the cut applies it after layer k, so the states ESE pools must
+    have it too (a trained, non-unit norm weight made them 0.91 cosine apart)."""
+    from angle_torch.depth import cut_model
+    from angle_torch.model import AngleModel
+
+    model = AngleModel.from_pretrained(tiny_llama_dir if arch == "llama" else tiny_bert_dir)
+    if arch == "llama":
+        with torch.no_grad():
+            model.backbone.norm.weight.uniform_(0.5, 1.5)
+    batch = model.tokenizer.encode(["A man plays a guitar.", "Snow falls."])
+    from angle_torch.model import pad_ids
+
+    ids, mask = pad_ids(batch, model.pad_token_id, model.settings.padding_side)
+    with torch.no_grad():
+        states = model.hidden_states(ids, mask)
+        cut = cut_model(model, 1).backbone(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(states[1], cut.last_hidden_state, atol=1e-5)
