@@ -436,8 +436,9 @@ class ShortCsvRows:
 
 def _read(ray: Any, reader: Any, kind: str, text_column: str, id_column: str | None,
           bad_rows: ShortCsvRows | None = None) -> Any:
-    """The input as a Dataset of [id, text]: Ray Data's readers, or (Parquet without an id
-    column) one task per row group adding row numbers."""
+    """The input as a Dataset of [id, text]: Parquet one task per row group (row numbers
+    as ids without an id column), JSONL one task per ~32 MB piece parsed as the local job
+    parses it, CSV Ray Data's reader with every value decoded as the local job does."""
     paths = [p.path for p in reader.files()]
     fs = reader.path.fs  # None: local; else the remote FileSystem
     if kind == "parquet":  # by row group: files may store the columns in other types
@@ -544,8 +545,18 @@ def _read_jsonl_pieces(items: Any, text_column: str, id_column: str, id_type: st
             else:
                 bad.append({"id": rid, "line": line + k, "reason": why})
     bad_rows.listed(bad)
-    kind = pa.int64() if id_type == "int" else pa.string()
-    return pa.table({id_column: pa.array(ids, kind), text_column: pa.array(texts, pa.string())})
+    return pa.table({id_column: pa.array(ids, _arrow_id(id_type)),
+                     text_column: pa.array(texts, pa.string())})
+
+
+def _arrow_id(id_type: str | None) -> Any:
+    """The Arrow type of a JSONL id column whose first good id is of `id_type`."""
+    pa = _deps.pyarrow()
+    kinds = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), None: pa.string()}
+    if id_type not in kinds:
+        raise InputError(f"JSONL ids are {id_type} values; an id column holds ints, floats "
+                         "or strings")
+    return kinds[id_type]
 
 
 def _jsonl_row(raw: bytes, text_column: str, id_column: str) -> tuple[Any, Any, str | None]:
@@ -630,7 +641,7 @@ def _id_arrow_type(reader: Any, kind: str, id_column: str | None) -> Any:
     pa = _deps.pyarrow()
     if kind == "parquet":
         return _plain_type(reader.id_type) if id_column else pa.int64()
-    return pa.int64() if kind == "jsonl" and _first_id_type(reader) == "int" else pa.string()
+    return _arrow_id(_first_id_type(reader)) if kind == "jsonl" else pa.string()
 
 
 def _finish(output: Location, staging: Location, meta: dict[str, Any], on_bad_row: str,

@@ -210,7 +210,7 @@ class _Trainer:
         if not self.world.main or not log_path.is_file():
             return
         lines = log_path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= self.step]
+        kept = [x for x in lines if _logged_step(x) <= self.step]
         if len(kept) != len(lines):
             tmp = log_path.with_name(log_path.name + ".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
@@ -507,6 +507,14 @@ def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int,
     # batch_size rows) would straddle two groups
     return np.concatenate([*(batches[i] for i in rng.permutation(full)),
                            ordered[full * batch_size:]])
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; inf for one cut short by a crash (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _chars(record: dict[str, Any]) -> int:
