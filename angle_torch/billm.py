@@ -15,6 +15,7 @@ Here pads stay masked; for an unpadded text the two are identical.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -71,15 +72,25 @@ def apply_billm(backbone: nn.Module, start: int) -> list[int]:
 def _bidirectional_mask(module: nn.Module, args: tuple, kwargs: dict[str, Any]
                         ) -> tuple[tuple, dict[str, Any]]:
     """Replace the layer's 4-D causal mask [B, 1, Q, K] (additive float, or bool = attend)
-    by its last query row [B, 1, 1, K], which broadcasts over queries: padding only."""
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1:
-        raise RuntimeError("BiLLM: the attention mask was passed positionally; this "
-                           "transformers version is not supported")
+    by its last query row [B, 1, 1, K], which broadcasts over queries: padding only. The
+    mask comes by keyword (Llama, Qwen, Mistral) or in its place in the layer's signature
+    (GPT-2 passes it positionally)."""
+    place = _mask_place(module)
+    positional = "attention_mask" not in kwargs and place is not None and len(args) > place
+    mask = args[place] if positional else kwargs.get("attention_mask")
     if mask is None:  # no padding and an is_causal fast path: the flag above is enough
         return args, kwargs
     if not hasattr(mask, "ndim") or mask.ndim != 4:
         raise RuntimeError(f"BiLLM needs a 4-D attention mask tensor (eager or sdpa "
                            f"attention), got {type(mask).__name__}")
+    if positional:
+        return (*args[:place], mask[:, :, -1:, :], *args[place + 1:]), kwargs
     kwargs["attention_mask"] = mask[:, :, -1:, :]
     return args, kwargs
+
+
+def _mask_place(module: nn.Module) -> int | None:
+    """Where `attention_mask` sits among the layer's positional parameters (None: nowhere)."""
+    names = [n for n, p in inspect.signature(module.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index("attention_mask") if "attention_mask" in names else None

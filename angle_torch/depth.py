@@ -53,8 +53,23 @@ def cut_model(angle: AngleModel, layers: int, pick: Sequence[int] | None = None)
         if hasattr(cut_parent, "config"):
             cut_parent.config = backbone.config
         backbone._modules[name] = cut_parent
-    return AngleModel(backbone, angle.hf_tokenizer, copy.deepcopy(angle.settings),
-                      angle.name)
+    settings = copy.deepcopy(angle.settings)
+    settings.billm_start = billm_start_of(pick, settings.billm_start)
+    return AngleModel(backbone, angle.hf_tokenizer, settings, angle.name)
+
+
+def billm_start_of(pick: Sequence[int], start: int | None) -> int | None:
+    """The BiLLM start of a model made of layers `pick` of one whose layers ≥ `start` are
+    bidirectional: the first picked layer at or past `start` (None when none is). The picked
+    modules keep their hooks, so this is what the cut computes and what it must be saved as.
+
+    >>> billm_start_of([1, 3], 1), billm_start_of([1, 3], 2), billm_start_of([0, 1], 2)
+    (0, 1, None)
+    """
+    if start is None:
+        return None
+    below = sum(1 for i in pick if i < start)
+    return below if below < len(pick) else None
 
 
 def _picked(layers: nn.ModuleList, pick: list[int]) -> nn.ModuleList:

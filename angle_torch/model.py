@@ -74,11 +74,12 @@ class AngleModel(nn.Module):
             lora = name
         kw = {"revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(base or name, **kw)
-        has_tokenizer = any((Path(name) / f).is_file()
-                            for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = AutoTokenizer.from_pretrained(name if base is None or has_tokenizer
-                                                  else base, **kw)
-        sources = [base, name] if base else [name]
+        adapter = name if base is not None else (str(lora) if lora is not None else None)
+        # The adapter's own settings and tokenizer (saved by training beside it) win, whether
+        # it is given as the model or as --lora: the two load the same model.
+        sources = [base or name, adapter] if adapter else [name]
+        tokenizer = AutoTokenizer.from_pretrained(
+            adapter if adapter and _has_tokenizer(adapter) else base or name, **kw)
         settings = read_settings(sources, config, tokenizer, revision, pooling is not None)
         _override(settings, pooling, max_length, padding_side, prompt)
         _check_padding(settings, config)
@@ -246,6 +247,10 @@ def _check_positions(s: AngleSettings, config: Any) -> None:
                          f"{positions}")
 
 
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def _override(s: AngleSettings, pooling, max_length, padding_side, prompt) -> None:
     if pooling is not None:
         s.pooling = check_strategy(pooling)
@@ -261,11 +266,18 @@ def _override(s: AngleSettings, pooling, max_length, padding_side, prompt) -> No
         s.default_prompt = resolve_prompt(prompt, {**PROMPTS, **s.prompts})
 
 
+# Decoders whose learned position table counts from the first column, pads included (a
+# rotary or ALiBi model sees only relative positions; OPT counts from the mask)
+ABSOLUTE_POSITION_DECODERS = frozenset({"gpt2"})
+
+
 def _check_padding(s: AngleSettings, config: Any) -> None:
     # Encoders count positions from the first column, pads included: under left padding a
     # sentence's vector would change with the length of its batch neighbours.
-    if s.padding_side == "left" and not s.is_decoder:
-        raise ValueError(f"left padding is not supported for encoder model "
+    if s.padding_side == "left" and (not s.is_decoder
+                                     or config.model_type in ABSOLUTE_POSITION_DECODERS):
+        kind = "decoder" if s.is_decoder else "encoder"
+        raise ValueError(f"left padding is not supported for {kind} model "
                          f"{config.model_type!r}: its absolute positions would shift with "
                          "each batch's padding; use padding_side='right'")
 
@@ -281,11 +293,16 @@ def write_sentence_transformers_files(out: Path, s: AngleSettings, dim: int) -> 
     """modules.json, sentence_bert_config.json, 1_Pooling/ (and 2_Normalize/ when the model
     normalizes) so `SentenceTransformer(out)` pools as AnglE does instead of silently
     falling back to mean pooling. False (nothing written, a warning) for a pooling ST
-    cannot express."""
+    cannot express, or BiLLM layers (ST runs a decoder causally)."""
     mode = ST_POOLING.get(s.pooling) if isinstance(s.pooling, str) else None
     if mode is None:
         log.warning("pooling %r has no sentence-transformers equivalent: no modules.json "
                     "written (load the model with angle_torch or angle-export)", s.pooling)
+        return False
+    if s.billm_start is not None:
+        log.warning("BiLLM layers (from %d) attend both ways, which sentence-transformers "
+                    "does not do: no modules.json written (load the model with angle_torch "
+                    "or angle-export)", s.billm_start)
         return False
     modules = [{"idx": 0, "name": "0", "path": "",
                 "type": "sentence_transformers.models.Transformer"},

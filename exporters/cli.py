@@ -122,7 +122,8 @@ def add_build_engine_args(p: argparse.ArgumentParser) -> None:
 def add_engine_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """TensorRT engine flags, shared by export and build-engine."""
     g = p.add_argument_group("TensorRT engine (optimization profiles per sequence bucket)")
-    g.add_argument("--min-batch", type=int, default=1)
+    g.add_argument("--min-batch", type=int, default=1,
+                   help="must be 1 (the runtime runs batches of any size from 1)")
     g.add_argument("--opt-batch", type=int, default=32)
     g.add_argument("--max-batch", type=int, default=128)
     g.add_argument("--buckets", default="32,64,128,256,512",
@@ -253,9 +254,10 @@ def summary(bundle: Path) -> str:
              f"{manifest['pooling']}, dim {manifest['embedding_dim']}, max_length "
              f"{manifest['max_length']}, normalized {manifest['normalized']}"]
     for art in manifest["artifacts"]:
-        p = art.get("parity")
+        p = art.get("parity") or {}  # --no-verify with --layers: only the variants' scores
         fig = (f"min cos {p['min_cosine']:.7f}, mean {p['mean_cosine']:.7f}, max |diff| "
-               f"{p['max_abs_diff']:.2e} on {p['n']} texts" if p else "not verified")
+               f"{p['max_abs_diff']:.2e} on {p['n']} texts" if "min_cosine" in p
+               else "not verified")
         if p and "stsb_dev" in p:
             fig += f"; STS-B dev {p['stsb_dev']:.2f} (fp32 {p['stsb_dev_fp32']:.2f})"
         lines.append(f"  {art['file']} ({art['precision']}, {art['size_bytes'] / 1e6:.1f} MB): "

@@ -43,7 +43,9 @@ def depth_model(angle: AngleModel, model: str | Path, layers: int,
                          f"{angle.embedding_dim}: re-run python -m training.depth")
     if student.hf_tokenizer.get_vocab() != angle.hf_tokenizer.get_vocab():
         raise ValueError(f"{student_dir} has another tokenizer than {model}")
+    own_start = student.settings.billm_start  # which of its layers attend both ways
     student.settings = copy.deepcopy(angle.settings)  # pooling, prompts as the full model
+    student.settings.billm_start = own_start
     student.name = angle.name
     log.info("depth %d: the distilled student in %s (best valid Spearman %s)", layers,
              student_dir, info.get("best_valid_spearman"))

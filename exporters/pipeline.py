@@ -128,7 +128,8 @@ def export(
         angle.tokenizer.backend.save(str(tmp / TOKENIZER_FILE))
         builders = {None: ArtifactBuilder(angle, tmp, plan)}
         for k in layers:
-            student, source = depth_model(angle, model, k, distilled)
+            # training saves students beside what it trained: the adapter under --lora
+            student, source = depth_model(angle, lora or model, k, distilled)
             builders[k] = ArtifactBuilder(student, tmp, plan, layers=k, depth_source=source)
         artifacts = [a for b in builders.values() for a in _trace_and_build(b, normalize, opset)]
         manifest = build_manifest(angle, artifacts, sha256_file(tmp / TOKENIZER_FILE),

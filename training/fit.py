@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from angle_torch.lora import adapter_base
 from angle_torch.model import AngleModel
 from angle_torch.sts import sts_spearman
 from training.config import TrainConfig, build_parser, get_lr, seed_everything, valid_pairs
@@ -637,6 +638,13 @@ def _check(cfg: TrainConfig) -> None:
                          "pool each rank's own hidden states)")
     if cfg.merge and not (cfg.lora or cfg.lora_path):
         raise ValueError("--merge needs --lora (or --lora-path): there is no adapter to merge")
+    base = adapter_base(cfg.model) if lora else None
+    if base is not None:  # its adapter is merged in memory; the new one would name `base`
+        raise ValueError(
+            f"--model {cfg.model} is a LoRA adapter (of {base}): a new adapter trained on it "
+            "would be saved against that base alone, losing this one. Continue it with "
+            f"--model {base} --lora-path {cfg.model}, or train on its merged copy "
+            "(the merged/ directory --merge writes)")
 
 
 def _rng_states(collate: AngleCollator) -> dict[str, Any]:

@@ -124,3 +124,42 @@ def test_bad_start_layers_are_refused(llama4, tiny_bert_dir):
         AngleModel.from_pretrained(llama4, billm_start=4)
     with pytest.raises(ValueError, match="decoder"):
         AngleModel.from_pretrained(tiny_bert_dir, billm_start=0)
+
+
+def _tiny_gpt2(out, padding_side):
+    """GPT-2 passes each block its mask positionally and counts learned positions from the
+    first column."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from tests.tiny_models import llama_tokenizer
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=800, n_embd=32, n_layer=3, n_head=4, n_positions=256,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=llama_tokenizer(), bos_token="<s>",
+                            eos_token="</s>", pad_token="<pad>",
+                            padding_side=padding_side).save_pretrained(out)
+    return out
+
+
+def test_gpt2_billm_takes_its_positional_mask_and_refuses_left_padding(tmp_path):
+    """BiLLM on GPT-2 failed at its first forward (the mask came positionally); and with
+    left padding its absolute positions shifted with the batch (0.48 cosine alone vs
+    batched, BiLLM or not): refused like an encoder's."""
+    from angle_torch.model import AngleModel
+    from exporters import export
+
+    with pytest.raises(ValueError, match="left padding is not supported for decoder model "
+                                         "'gpt2'"):
+        AngleModel.from_pretrained(_tiny_gpt2(tmp_path / "left", "left"))
+    right = _tiny_gpt2(tmp_path / "right", "right")
+    model = AngleModel.from_pretrained(right, billm_start=1, pooling="avg")
+    batched = model.encode(TEXTS, batch_size=8)
+    alone = np.concatenate([model.encode([t]) for t in TEXTS])
+    assert np.allclose(batched, alone, atol=1e-5)
+    causal = AngleModel.from_pretrained(right, billm_start=-1, pooling="avg").encode(TEXTS)
+    assert not np.allclose(batched, causal, atol=1e-3)
+    bundle = export(right, tmp_path / "b", billm_start=1, pooling="avg", verify=False)
+    with Encoder(bundle) as enc:
+        assert np.allclose(enc.encode(TEXTS), alone, atol=1e-5)

@@ -82,3 +82,14 @@ def test_missing_depths_are_refused_clearly(depth_bundle, tiny_bert_dir, tmp_pat
     with pytest.raises(SystemExit) as exc:  # argparse: exit 2 with the usage
         main(["--model", str(tiny_bert_dir), "-o", str(tmp_path / "b"), "--layers", "x"])
     assert exc.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+def test_no_verify_with_depths_prints_its_summary(tiny_bert_dir, shared_data, tmp_path, capsys):
+    """Unverified variants still get their STS-B scores in `parity`: the summary read a
+    parity figure that was not there (KeyError, exit 1 after the bundle was written)."""
+    code = main(["--model", str(tiny_bert_dir), "-o", str(tmp_path / "b"), "--layers", "1",
+                 "--no-verify", "--sts-data", str(shared_data / "sts" / "stsb-dev.jsonl")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "model.L1.onnx (fp32" in out and "not verified" in out
+    assert read_manifest(tmp_path / "b").artifact("model.L1.onnx").parity

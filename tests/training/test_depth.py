@@ -226,3 +226,46 @@ def test_a_llama_student_distils_and_exports(data, stsb_test, tmp_path):
     ref = AngleModel.from_pretrained(model / "layers-2", max_length=64).encode(texts)
     with Encoder(bundle, layers=2) as enc:
         assert compare(ref, enc.encode(texts), 0.99999).passed
+
+
+@pytest.mark.parametrize(("start", "pick", "want"), [(1, [1, 3], 0), (2, [1, 3], 1),
+                                                     (2, [0, 1], None), (3, [0, 2], None)])
+def test_a_billm_cut_is_saved_with_the_start_its_layers_have(tmp_path, start, pick, want):
+    """The picked layers keep their bidirectional hooks, so the cut's start is the first
+    picked layer at or past the model's (layers [1, 3] of a start-1 model are both
+    bidirectional: start 0); saved and reloaded, it computes what it computed in memory
+    (a start-1 student reloaded as start 1 made its layer 0 causal: 0.31 cosine), and a
+    start past its depth (none bidirectional) no longer fails to load."""
+    from tests.tiny_models import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "llama", num_layers=4)
+    model = AngleModel.from_pretrained(base, billm_start=start, pooling="avg")
+    cut = cut_model(model, 2, pick)
+    assert cut.settings.billm_start == want
+    texts = ["a cat sat on the mat", "x", "two dogs run in the snow", "the market fell today"]
+    again = AngleModel.from_pretrained(cut.save_pretrained(tmp_path / "cut"))
+    assert again.settings.billm_start == want
+    assert np.allclose(again.encode(texts), cut.encode(texts), atol=1e-6)
+    assert model.settings.billm_start == start  # the full model is untouched
+
+
+def test_export_keeps_a_students_own_billm_start(tmp_path):
+    """depth_model copies the full model's pooling and prompts onto its student, not which
+    of the student's layers attend both ways."""
+    from tests.tiny_models import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "llama", num_layers=4)
+    full = AngleModel.from_pretrained(base, billm_start=1, pooling="avg")
+    full.save_pretrained(tmp_path / "m")
+    student_dir = cut_model(full, 2, [1, 3]).save_pretrained(tmp_path / "m" / "layers-2")
+    cfg = json.loads((student_dir / "angle_config.json").read_text())
+    cfg["depth_distilled"] = {"layers": 2, "of_layers": 4}
+    (student_dir / "angle_config.json").write_text(json.dumps(cfg))
+    student, source = depth_model(AngleModel.from_pretrained(tmp_path / "m"), tmp_path / "m", 2)
+    assert source["kind"] == "distilled" and student.settings.billm_start == 0
+    texts = ["a cat sat on the mat", "x", "two dogs run in the snow"]
+    want = cut_model(full, 2, [1, 3]).encode(texts)
+    assert np.allclose(student.encode(texts), want, atol=1e-6)
+    bundle = export(tmp_path / "m", tmp_path / "b", layers=(2,), verify=False)
+    with Encoder(bundle, layers=2) as enc:
+        assert compare(want, enc.encode(texts), 0.99999).passed

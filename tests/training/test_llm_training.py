@@ -199,3 +199,44 @@ def test_billm_training_is_saved_and_exported(llama, triples, tmp_path):
     assert np.allclose(Encoder(bundle).encode(TEXTS), torch_model.encode(TEXTS), atol=1e-4)
     causal = AngleModel.from_pretrained(out, billm_start=-1).encode(TEXTS)
     assert not np.allclose(torch_model.encode(TEXTS), causal, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def billm_adapter(llama, triples, tmp_path_factory):
+    """A BiLLM LoRA run with avg pooling and prompt A (settings the base does not have)."""
+    out = tmp_path_factory.mktemp("billm-run") / "adapter"
+    fit(_recipe(llama, triples, out, billm_start=1, pooling="avg", max_steps=1, merge=True))
+    return out
+
+
+def test_lora_flag_loads_what_the_adapter_directory_loads(llama, billm_adapter, tmp_path):
+    """`--model BASE --lora ADAPTER` is `--model ADAPTER`: the adapter's pooling, prompt
+    and BiLLM apply (they were dropped: 0.47 cosine to the trained model, 0.07 with a
+    prompt), in torch and in the exported bundle."""
+    trained = AngleModel.from_pretrained(billm_adapter)
+    flag = AngleModel.from_pretrained(llama, lora=billm_adapter)
+    assert flag.settings == trained.settings
+    assert trained.settings.pooling == "avg" and trained.settings.billm_start == 1
+    want = trained.encode(TEXTS)
+    assert np.allclose(flag.encode(TEXTS), want, atol=1e-6)
+    bundle = export(llama, tmp_path / "b", lora=billm_adapter, verify=False)
+    manifest = json.loads((bundle / "angle_rt.json").read_text())
+    assert manifest["pooling"] == "avg" and manifest["default_prompt"] == PROMPTS["A"]
+    assert manifest["source"]["billm"]["start_layer"] == 1
+    with Encoder(bundle) as enc:
+        assert np.allclose(enc.encode(TEXTS), want, atol=1e-4)
+
+
+def test_a_new_adapter_on_an_adapter_directory_is_refused(billm_adapter, triples, tmp_path):
+    """Its adapter is merged in memory, but the new one is saved against the base alone: the
+    saved model lost the first adapter (0.48 cosine to what was trained)."""
+    with pytest.raises(ValueError, match=r"is a LoRA adapter .*--lora-path"):
+        fit(_recipe(billm_adapter, triples, tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_billm_model_writes_no_sentence_transformers_modules(billm_adapter):
+    """sentence-transformers runs a decoder causally: its vectors were 0.84 from AnglE's."""
+    for out in (billm_adapter, billm_adapter / "merged"):
+        assert (out / "angle_config.json").exists()
+        assert not (out / "modules.json").exists()
