@@ -44,6 +44,9 @@ def sequence_profiles(max_length: int, min_batch: int = 1, opt_batch: int = 32,
     >>> sequence_profiles(100, buckets=(32, 64, 128))[1].min
     (1, 33)
     """
+    if min_batch != 1:  # a last chunk or a lone request is one text
+        raise ValueError(f"min_batch must be 1: the runtime runs batches of any size from 1 "
+                         f"(got {min_batch})")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 ≤ min_batch ≤ opt_batch ≤ max_batch, got "
                          f"{min_batch}, {opt_batch}, {max_batch}")

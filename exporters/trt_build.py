@@ -40,6 +40,9 @@ class BuildOptions:
     optimization_level: int = 3
     timing_cache: str | Path | None = None
 
+    def __post_init__(self) -> None:
+        self.profiles(1)  # bad batch bounds fail with the options, not after an export
+
     def profiles(self, max_length: int) -> list[ShapeProfile]:
         return sequence_profiles(max_length, self.min_batch, self.opt_batch, self.max_batch,
                                  self.buckets)
@@ -69,6 +72,9 @@ def build_engine(onnx_path: Path, plan_path: Path, max_length: int,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gb * 2**30))
     config.builder_optimization_level = opts.optimization_level
+    # TF32 is on by default: FP32 products would round their inputs to 10-bit mantissas on
+    # Ampere and later. Precision comes from the graph, so the fp32 parts stay fp32.
+    config.clear_flag(trt.BuilderFlag.TF32)
     profiles = opts.profiles(max_length)
     for p in profiles:
         profile = builder.create_optimization_profile()
@@ -88,12 +94,18 @@ def build_engine(onnx_path: Path, plan_path: Path, max_length: int,
     log.info("built %s in %.0f s (%d profiles)", plan_path.name, seconds, len(profiles))
     return {"tensorrt_version": trt.__version__, **gpu_info(),
             "profiles": [p.to_dict() for p in profiles], "built_from": onnx_path.name,
-            "build_seconds": round(seconds, 1), "strongly_typed": True}
+            "build_seconds": round(seconds, 1), "strongly_typed": True, "tf32": False}
 
 
 def _timing_cache(config: Any, path: str | Path | None) -> Any:
-    """Read a timing cache (or start an empty one) and attach it to `config`."""
+    """Read a timing cache (or start an empty one) and attach it to `config`. TensorRT
+    refuses one made on a GPU with other properties: start afresh, so the file written back
+    is this GPU's rather than the foreign cache unchanged."""
     data = Path(path).read_bytes() if path and Path(path).is_file() else b""
     cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s was made on another GPU (or TensorRT): not used; "
+                    "starting a new one in its place", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     return cache

@@ -212,6 +212,13 @@ class MemoryPoolType(enum.IntEnum):
     WORKSPACE = 0
 
 
+class BuilderFlag(enum.IntEnum):
+    FP16 = 0
+    INT8 = 1
+    TF32 = 6
+    BF16 = 17
+
+
 _NP = {DataType.INT64: np.int64, DataType.INT32: np.int32, DataType.FLOAT: np.float32}
 
 
@@ -252,7 +259,18 @@ class FakeEngine:
         return TensorIOMode.OUTPUT if name == OUTPUT_NAME else TensorIOMode.INPUT
 
     def get_tensor_dtype(self, name: str) -> DataType:
+        forced = self.spec.get("tensor_dtypes", {}).get(name)
+        if forced:
+            return DataType[forced]
         return DataType.FLOAT if name == OUTPUT_NAME else self.input_dtype
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Dynamic axes are -1, as TensorRT reports them before shapes are set."""
+        if name == OUTPUT_NAME:
+            return (-1, int(self.session.get_outputs()[0].shape[1]))
+        if name not in INPUT_NAMES:
+            raise ContractError(f"get_tensor_shape({name!r}): no such tensor")
+        return (-1, -1)
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
         if name not in INPUT_NAMES or not 0 <= profile < len(self.profiles):
@@ -407,19 +425,34 @@ class FakeProfile:
 
 
 class FakeTimingCache:
-    def __init__(self, data: bytes) -> None:
-        self.entries = int(data.decode() or 0) if data else 0
+    """Serialized as `device:entries`; a build adds one entry. TensorRT refuses (False from
+    set_timing_cache, ignore_mismatch=False) a cache made on a device with other properties."""
+
+    def __init__(self, data: bytes, device: str) -> None:
+        made_on, _, entries = data.decode().rpartition(":") if data else (device, "", "0")
+        self.device, self.entries = made_on, int(entries)
 
     def serialize(self) -> bytes:
-        return str(self.entries + 1).encode()
+        return f"{self.device}:{self.entries + 1}".encode()
 
 
 class FakeConfig:
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
         self.profiles: list[FakeProfile] = []
         self.pools: dict[MemoryPoolType, int] = {}
         self.builder_optimization_level = 3
         self.timing_cache: FakeTimingCache | None = None
+        self.flags = {BuilderFlag.TF32}  # TensorRT: "TF32 ... Enabled by default"
+
+    def set_flag(self, flag: BuilderFlag) -> None:
+        self.flags.add(BuilderFlag(flag))
+
+    def clear_flag(self, flag: BuilderFlag) -> None:
+        self.flags.discard(BuilderFlag(flag))
+
+    def get_flag(self, flag: BuilderFlag) -> bool:
+        return BuilderFlag(flag) in self.flags
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
         self.pools[pool] = int(size)
@@ -429,9 +462,11 @@ class FakeConfig:
         return len(self.profiles) - 1
 
     def create_timing_cache(self, data: bytes) -> FakeTimingCache:
-        return FakeTimingCache(bytes(data))
+        return FakeTimingCache(bytes(data), self.device)
 
     def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if cache.device != self.device and not ignore_mismatch:
+            return False
         self.timing_cache = cache
         return True
 
@@ -481,7 +516,7 @@ class Builder:
         return FakeNetwork(flags)
 
     def create_builder_config(self) -> FakeConfig:
-        return FakeConfig()
+        return FakeConfig(self.trt.device_name)
 
     def create_optimization_profile(self) -> FakeProfile:
         return FakeProfile()
@@ -505,12 +540,14 @@ class Builder:
                            "optimization_level": config.builder_optimization_level,
                            "timing_cache_entries": None if config.timing_cache is None
                            else config.timing_cache.entries,
+                           "builder_flags": sorted(f.name for f in config.flags),
                            "source": network.onnx_path.name})
         if trt.fail_build:
             return None
         graph = onnx.load(str(network.onnx_path)).SerializeToString()  # weights inlined
         spec = {"tensorrt_version": trt.__version__,
                 "input_dtype": trt.force_input_dtype or network.input_dtype,
+                "tensor_dtypes": dict(trt.force_tensor_dtypes),
                 "profiles": [{"min": p.shapes["input_ids"][0], "opt": p.shapes["input_ids"][1],
                               "max": p.shapes["input_ids"][2]} for p in config.profiles]}
         header = json.dumps(spec).encode()
@@ -534,6 +571,8 @@ class FakeTensorRT(types.ModuleType):
         self.corrupt_output = False
         self.cross_batch_leak = 0.0
         self.force_input_dtype: str | None = None  # an engine whose ids are INT32
+        self.force_tensor_dtypes: dict[str, str] = {}  # e.g. an engine with a HALF output
+        self.device_name = _Props.name.rstrip(b"\x00").decode()  # what builds run on
         self.stats = {"contexts_created": 0, "contexts_destroyed": 0, "executions": 0,
                       "profile_switches": 0, "engines_created": 0, "engines_destroyed": 0}
         self.Logger = Logger
@@ -541,6 +580,7 @@ class FakeTensorRT(types.ModuleType):
         self.TensorIOMode = TensorIOMode
         self.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
         self.MemoryPoolType = MemoryPoolType
+        self.BuilderFlag = BuilderFlag
         self.OnnxParser = OnnxParser
         self.Runtime = lambda logger: Runtime(self, logger)
         self.Builder = lambda logger: Builder(self, logger)

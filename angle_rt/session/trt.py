@@ -114,6 +114,7 @@ class TrtSession(Session):
         self.input_dtype = np.int32 if self.engine.get_tensor_dtype(INPUT_NAMES[0]) == \
             trt.DataType.INT32 else np.int64
         self.dim = dim
+        _check_io(trt, self.engine, dim, path)
         self._max_batch, self.max_width = max_shapes(self.profiles)
         sizes = buffer_bytes(self.profiles, dim, np.dtype(self.input_dtype).itemsize)
         self._slots: queue.Queue[_Slot] = queue.Queue()
@@ -159,3 +160,21 @@ def tensorrt_available() -> str | None:
     except BackendUnavailableError as exc:
         return str(exc)
     return cuda_available()
+
+
+def _check_io(trt: Any, engine: Any, dim: int, path: str | Path) -> None:
+    """The buffers assume int32/int64 ids and a mask of the same type, and a float32 output
+    `dim` wide: an engine declaring anything else would be read as garbage or overrun them."""
+    ids, mask = (engine.get_tensor_dtype(n) for n in INPUT_NAMES)
+    out = engine.get_tensor_dtype(OUTPUT_NAME)
+    width = int(engine.get_tensor_shape(OUTPUT_NAME)[-1])
+    problems = []
+    if ids not in (trt.DataType.INT32, trt.DataType.INT64) or mask != ids:
+        problems.append(f"inputs {ids.name}/{mask.name} (int32 or int64, both alike)")
+    if out != trt.DataType.FLOAT:
+        problems.append(f"output {out.name} (float32)")
+    if width not in (-1, dim):
+        problems.append(f"output width {width} (the manifest's {dim})")
+    if problems:
+        raise BundleError(f"{path}: this runtime cannot run an engine with " +
+                          ", ".join(problems) + "; rebuild it with `angle-export build-engine`")

@@ -98,10 +98,10 @@ def test_strongly_typed_flag_by_version():
 
 
 def test_build_options_make_profiles():
-    opts = BuildOptions(min_batch=2, opt_batch=8, max_batch=16, buckets=(16, 64))
+    opts = BuildOptions(opt_batch=8, max_batch=16, buckets=(16, 64))
     assert [p.to_dict() for p in opts.profiles(40)] == [
-        {"min": [2, 1], "opt": [8, 16], "max": [16, 16]},
-        {"min": [2, 17], "opt": [8, 40], "max": [16, 40]}]
+        {"min": [1, 1], "opt": [8, 16], "max": [16, 16]},
+        {"min": [1, 17], "opt": [8, 40], "max": [16, 40]}]
 
 
 @pytest.fixture

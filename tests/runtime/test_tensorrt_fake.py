@@ -81,7 +81,8 @@ def test_build_records_flags_profiles_and_timing_cache(trt, bundle, tmp_path):
     assert [s["input_ids"] for s in build["profiles"]] == [
         ((1, 1), (8, 32), (16, 32)), ((1, 33), (8, 64), (16, 64)),
         ((1, 65), (8, MAX_LENGTH), (16, MAX_LENGTH))]
-    assert build["timing_cache_entries"] == 0 and cache.read_bytes() == b"1"
+    assert build["timing_cache_entries"] == 0
+    assert cache.read_bytes() == f"{trt.device_name}:1".encode()
     build_engines(bundle, ["fp16"], opts)  # the second build reads the cache the first wrote
     assert trt.builds[-1]["timing_cache_entries"] == 1
     assert art.parity["min_cosine"] >= 0.999 and art.engine["gpu_name"].startswith("Fake GPU")
@@ -294,3 +295,57 @@ def test_engine_builds_from_a_graph_with_external_data(trt, tiny_bert_dir, tmp_p
     assert art.parity["min_cosine"] >= 0.999
     with Encoder(b / art.file) as enc:
         assert compare(expected, enc.encode(TEXTS), 0.999).passed
+
+
+def test_engines_compute_fp32_as_fp32(trt, bundle):
+    """TensorRT enables TF32 by default (10-bit mantissas in fp32 products on Ampere+): an
+    fp32 engine, and the fp32 parts of every other, must be built with it cleared."""
+    [art] = build_engines(bundle, ["fp32"])
+    assert "TF32" not in trt.builds[-1]["builder_flags"]
+    assert art.engine["tf32"] is False
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced(trt, bundle, tmp_path, caplog):
+    """TensorRT refuses such a cache (set_timing_cache returns False): it was written back
+    unchanged, so it never became this GPU's."""
+    from exporters.trt_build import BuildOptions
+
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"Another GPU:7")
+    build_engines(bundle, ["fp32"], BuildOptions(timing_cache=cache))
+    assert trt.builds[-1]["timing_cache_entries"] == 0
+    assert "made on another GPU" in caplog.text
+    assert cache.read_bytes() == f"{trt.device_name}:1".encode()
+
+
+def test_a_minimum_batch_over_one_is_refused_before_building(trt, bundle, capsys):
+    """Such an engine could not run a lone text or a short last chunk, and its error advised
+    a larger --max-batch."""
+    from exporters.trt_build import BuildOptions
+
+    with pytest.raises(ValueError, match="min_batch must be 1"):
+        BuildOptions(min_batch=2)
+    assert main(["build-engine", str(bundle), "--precision", "fp32", "--min-batch", "2"]) == 2
+    assert "min_batch must be 1" in capsys.readouterr().err
+    assert not trt.builds and not _engines(bundle)
+
+
+@pytest.mark.parametrize(("dtypes", "dim", "problem"), [
+    ({"embedding": "HALF"}, None, "output HALF"),
+    ({"attention_mask": "INT32"}, None, "inputs INT64/INT32"),
+    ({}, 7, "output width 32"),
+])
+def test_an_engine_with_other_io_is_refused(trt, bundle, dtypes, dim, problem):
+    """The buffers are float32 `dim` wide with one id type: an engine declaring a HALF
+    output, unlike input types or another width would be read as garbage or overrun them."""
+    build_engines(bundle, ["fp32"], verify=False)
+    plan = bundle / "engine.fp32.plan"
+    if dtypes:
+        trt.force_tensor_dtypes.update(dtypes)
+        build_engines(bundle, ["fp32"], verify=False)
+    width = read_manifest(bundle).embedding_dim
+    with pytest.raises(BundleError, match=problem):
+        TrtSession(plan, dim or width)
+    trt.force_tensor_dtypes.clear()
+    build_engines(bundle, ["fp32"], verify=False)
+    TrtSession(plan, width).close()
