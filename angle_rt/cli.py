@@ -49,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
                      f"{', '.join(missing)})")
     try:
         config = config_from_args(args)
-        ray = ray_options(args) if args.ray else None
+        ray = ray_options(args)
     except ValueError as exc:
         return _fail(str(exc))
     if ray is not None:

@@ -49,6 +49,7 @@ INLINE_BYTES = 4096
 BODY_BYTES = "angle_rt.body_bytes"
 HEALTH_FRESH_S = 10.0  # a batch that succeeded this recently vouches for the model
 HEALTH_PROBE_S = 5.0
+CLIENT_GONE = 499  # nginx's code for a client that closed before its answer
 PROBE = EmbedRequest(["angle-rt health probe"], None, "input")
 ABORTED = ("the server shut down (--graceful-timeout) before this request finished; retry "
            "on another replica")
@@ -178,7 +179,12 @@ class Api:
                                   self.cfg.max_client_batch_size)
             model = self.state.model(req.model)
             truncate = False if req.truncate is None else req.truncate  # TEI: every token
-            tokens = await self._cpu(request, model.tokens, req, truncate)
+            try:
+                tokens = await self._cpu(request, model.tokens, req, truncate)
+            except ApiError as exc:
+                if exc.status == 413:
+                    self.state.metrics.rejections.labels("request_tokens").inc()
+                raise
             return _response(dumps(tokens))
 
     async def _embed(self, request: Request, model: ServedModel, req: EmbedRequest,
@@ -307,14 +313,16 @@ class Api:
         the last HEALTH_FRESH_S) a probe through the real path that fails or times out."""
         problems = {}
         for model in self.state.models.values():
-            why = await self._model_problem(model)
+            why = await self.model_problem(model)
             if why is not None:
                 problems[model.name] = why
         if problems:
             return _response(dumps({"status": "unhealthy", "models": problems}), status=503)
         return _response(b'{"status":"ok"}')
 
-    async def _model_problem(self, model: ServedModel) -> str | None:
+    async def model_problem(self, model: ServedModel) -> str | None:
+        """Why `model` cannot embed now (None: it can); /health and Ray Serve's
+        check_health ask it."""
         b = model.batcher
         if b.closed:
             return "shutting down"
@@ -422,15 +430,16 @@ class FrontDoor:
         start, status, started = time.perf_counter(), 500, False
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or _request_id()
-        path = scope["path"]
+        path, echo_id = scope["path"], self.state.config.request_id_header
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()),
-                                      (b"x-request-id", rid.encode("latin-1"))]
+                if echo_id:
+                    message["headers"] = [*message.get("headers", ()),
+                                          (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         try:
@@ -446,6 +455,8 @@ class FrontDoor:
             # uvicorn cancels what is left at --graceful-timeout (a request still reading its
             # body or tokenizing): answer in JSON like the ones abort_in_flight failed
             if not self.state.aborting or started:
+                if not started:  # the client went away (Ray cancels the replica's task)
+                    status = CLIENT_GONE
                 raise
             await _send_error(send_with_id, ApiError(503, ABORTED, code="shutting_down"), path)
         finally:
@@ -610,7 +621,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    return Response(status_code=499)
+    return Response(status_code=CLIENT_GONE)
 
 
 def _request_id() -> str:

@@ -62,6 +62,7 @@ class ServeConfig:
     log_level: str = "info"
     log_format: str = "json"
     access_log: bool = True
+    request_id_header: bool = True  # off behind Ray Serve's proxy, which sets its own
 
 
 def parse_size(text: str) -> int:
@@ -129,6 +130,13 @@ def _positive(kind: type) -> object:
     return check
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0…65535, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -145,7 +153,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group("network")
     net.add_argument("--host", metavar="ADDR", default="127.0.0.1",
                      help="address to bind (default: 127.0.0.1; 0.0.0.0 exposes the server)")
-    net.add_argument("--port", metavar="N", type=int, default=8080,
+    net.add_argument("--port", metavar="N", type=_port, default=8080,
                      help="TCP port (default: 8080; 0: a free one, named in the log's "
                           "`listening` line)")
     net.add_argument("--api-key", metavar="KEY",
@@ -221,16 +229,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="serve as a Ray Serve deployment: on a Ray started here (no "
                           "ADDRESS) or a cluster's ('auto', ray://…); --host/--port are "
                           "its proxy's")
-    ray.add_argument("--ray-replicas", metavar="N", type=pos_int, default=1,
+    ray.add_argument("--ray-replicas", metavar="N", type=pos_int,
                      help="replicas, each with its own models (default: 1)")
     ray.add_argument("--ray-autoscale", metavar="MIN:MAX",
                      help="autoscale between MIN and MAX replicas on ongoing requests "
                           "(instead of --ray-replicas)")
-    ray.add_argument("--ray-target-ongoing", metavar="N", type=pos_float, default=32.0,
-                     help="ongoing requests per replica the autoscaler aims at (default: 32)")
-    ray.add_argument("--ray-cpus-per-replica", metavar="N", type=pos_float, default=1.0,
-                     help="CPUs per replica (default: 1; set --threads to match)")
-    ray.add_argument("--ray-gpus-per-replica", metavar="N", type=float, default=0.0,
+    ray.add_argument("--ray-target-ongoing", metavar="N", type=pos_float,
+                     help="ongoing requests per replica the autoscaler aims at (default: 32; "
+                          "with --ray-autoscale)")
+    ray.add_argument("--ray-cpus-per-replica", metavar="N", type=pos_float,
+                     help="CPUs per replica (default: 1); a replica runs one inference "
+                          "worker on that many ONNX Runtime threads unless --workers / "
+                          "--threads say otherwise")
+    ray.add_argument("--ray-gpus-per-replica", metavar="N", type=float,
                      help="GPUs per replica (default: 0)")
     ops = p.add_argument_group("operations")
     ops.add_argument("--graceful-timeout", metavar="S", type=pos_float, default=30.0,

@@ -78,8 +78,8 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        try:
-            return json.loads(body)
+        try:  # decoded here: json.loads(bytes) would also take UTF-16 and UTF-32
+            return json.loads(body.decode("utf-8"))
         except UnicodeDecodeError:
             raise ApiError(400, "the request body is not valid UTF-8", code="invalid_body") \
                 from None

@@ -285,12 +285,17 @@ def test_a_request_cancelled_at_the_graceful_timeout_gets_json_503(tiny, abortin
         task.cancel()
         return await asyncio.gather(task, return_exceptions=True)
 
+    def count(code: str) -> float:
+        return state.metrics.requests.labels("/embed", code)._value.get()
+
+    before = count("499"), count("500")
     try:
         (outcome,) = asyncio.run(drive())
     finally:
         state.aborting = False
-    if not aborting:
+    if not aborting:  # the client went away (Ray cancels the task): 499, it was logged 500
         assert isinstance(outcome, asyncio.CancelledError) and not sent
+        assert (count("499"), count("500")) == (before[0] + 1, before[1])
         return
     assert outcome is None and sent[0]["status"] == 503
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
@@ -433,3 +438,21 @@ def test_within_times_out_with_and_without_asyncio_timeout(native, monkeypatch):
     assert asyncio.run(app_mod._within(1.0, slow(0.0))) == "body"
     with pytest.raises(asyncio.TimeoutError):
         asyncio.run(app_mod._within(0.01, slow(5.0)))
+
+
+def test_a_utf16_body_is_refused_like_any_non_utf8_one(tiny):
+    """json.loads(bytes) detects UTF-16/32, so such a body was embedded (200) where the
+    documented answer is 400 `invalid_body`."""
+    client, _ = tiny
+    for encoding in ("utf-16", "utf-32"):
+        r = client.post("/v1/embeddings", content=json.dumps({"input": "a"}).encode(encoding),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
+
+
+def test_tokenize_past_the_token_limit_counts_as_a_rejection(tiny_bert_bundle):
+    with app_for({"tiny": tiny_bert_bundle}, max_request_tokens=20) as (client, state):
+        before = state.metrics.rejections.labels("request_tokens")._value.get()
+        r = client.post("/tokenize", json={"inputs": "word " * 40})
+        assert r.status_code == 413
+        assert state.metrics.rejections.labels("request_tokens")._value.get() == before + 1

@@ -72,3 +72,31 @@ def test_two_replicas_serve_encode_vectors_and_survive_a_killed_replica(tiny_ber
         while len(_replica_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert len(_replica_pids()) == 2
+        _sigterm_answers_what_is_in_flight(server, texts)
+
+
+def _sigterm_answers_what_is_in_flight(server, texts: list[str]) -> None:
+    """SIGTERM with requests running: the application is deleted while Ray's proxy stays
+    up, so each is answered (Serve's full shutdown stopped the proxy at once and cut them),
+    and the exit is clean."""
+    long = [" ".join(texts[:40])] * 1500  # max_length rows: ≈ 1 s of one replica's thread
+    codes: list[int] = []
+
+    def heavy() -> None:
+        try:
+            codes.append(httpx.post(f"{server.url}/embed", json={"inputs": long},
+                                    timeout=120).status_code)
+        except httpx.HTTPError as exc:
+            codes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=heavy) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(150)
+    assert codes == [200] * 8, codes
+    assert server.proc.wait(150) == 0
+    stopped = [line for line in server.log_lines() if line.get("msg") == "stopped"]
+    assert stopped and stopped[-1]["clean"] is True
