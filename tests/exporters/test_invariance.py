@@ -85,10 +85,14 @@ def per_batch_bundle(minilm_precisions, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("legacy") / "b"
     shutil.copytree(minilm_precisions, bundle)
     dst = bundle / "model.int8-dynamic.onnx"
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_dynamic(str(bundle / "model.onnx"), str(dst), op_types_to_quantize=["MatMul"],
-                     per_channel=True, weight_type=QuantType.QInt8,
-                     extra_options={"MatMulConstBOnly": True})
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's warnings; restored for later tests
+    try:
+        quantize_dynamic(str(bundle / "model.onnx"), str(dst), op_types_to_quantize=["MatMul"],
+                         per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
     manifest = read_manifest(bundle)
     arts = tuple(dataclasses.replace(a, sha256=sha256_file(dst), size_bytes=dst.stat().st_size,
                                      quantization=None, parity={"min_cosine": 0.98})

@@ -308,11 +308,14 @@ def test_engines_compute_fp32_as_fp32(trt, bundle):
 def test_a_timing_cache_from_another_gpu_is_replaced(trt, bundle, tmp_path, caplog):
     """TensorRT refuses such a cache (set_timing_cache returns False): it was written back
     unchanged, so it never became this GPU's."""
-    from exporters.trt_build import BuildOptions
+    import logging
+
+    from exporters.trt_build import BuildOptions, log
 
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"Another GPU:7")
-    build_engines(bundle, ["fp32"], BuildOptions(timing_cache=cache))
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        build_engines(bundle, ["fp32"], BuildOptions(timing_cache=cache))
     assert trt.builds[-1]["timing_cache_entries"] == 0
     assert "made on another GPU" in caplog.text
     assert cache.read_bytes() == f"{trt.device_name}:1".encode()
