@@ -68,7 +68,7 @@ class Encoder:
         ort_config: Mapping[str, str] | None = None,
         streams: int | None = None,
     ) -> None:
-        self.bundle, file = _locate(Path(path))
+        self.bundle, file = locate_bundle(Path(path))
         self.manifest: Manifest = read_manifest(self.bundle)
         depth = self.manifest if file is not None else self.manifest.at_depth(layers)
         self.artifact, device = select(depth, file, precision, backend)
@@ -335,7 +335,9 @@ def _parallelism(device: object, intra_op_threads: int | None,
     return intra_op_threads or max(1, physical_cores() // streams), streams
 
 
-def _locate(path: Path) -> tuple[Path, str | None]:
+def locate_bundle(path: Path) -> tuple[Path, str | None]:
+    """The bundle directory of `path` (a bundle or a file inside one) and the artifact
+    file it names, if any; BundleError when it does not exist."""
     if path.is_dir():
         return path, None
     if path.is_file():

@@ -47,7 +47,7 @@ def sequence_profiles(max_length: int, min_batch: int = 1, opt_batch: int = 32,
     if min_batch != 1:  # a last chunk or a lone request is one text
         raise ValueError(f"min_batch must be 1: the runtime runs batches of any size from 1 "
                          f"(got {min_batch})")
-    if not 1 <= min_batch <= opt_batch <= max_batch:
+    if not 1 <= opt_batch <= max_batch:
         raise ValueError(f"need 1 ≤ min_batch ≤ opt_batch ≤ max_batch, got "
                          f"{min_batch}, {opt_batch}, {max_batch}")
     edges = sorted({b for b in buckets if 0 < b < max_length} | {max_length})

@@ -15,6 +15,7 @@ Here pads stay masked; for an unpadded text the two are identical.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Any
@@ -60,7 +61,8 @@ def apply_billm(backbone: nn.Module, start: int) -> list[int]:
     for i, layer in enumerate(layers):
         if i < start or getattr(layer, "_billm", False):
             continue
-        layer.register_forward_pre_hook(_bidirectional_mask, with_kwargs=True)
+        hook = functools.partial(_bidirectional_mask, place=_mask_place(layer))
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
         layer._billm = True
         for mod in layer.modules():  # sdpa / flash paths that read the module's flag
             if hasattr(mod, "is_causal"):
@@ -69,13 +71,12 @@ def apply_billm(backbone: nn.Module, start: int) -> list[int]:
     return changed
 
 
-def _bidirectional_mask(module: nn.Module, args: tuple, kwargs: dict[str, Any]
-                        ) -> tuple[tuple, dict[str, Any]]:
+def _bidirectional_mask(module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                        place: int | None) -> tuple[tuple, dict[str, Any]]:
     """Replace the layer's 4-D causal mask [B, 1, Q, K] (additive float, or bool = attend)
     by its last query row [B, 1, 1, K], which broadcasts over queries: padding only. The
     mask comes by keyword (Llama, Qwen, Mistral) or in its place in the layer's signature
-    (GPT-2 passes it positionally)."""
-    place = _mask_place(module)
+    (GPT-2 passes it positionally; `place`, read once from the signature)."""
     positional = "attention_mask" not in kwargs and place is not None and len(args) > place
     mask = args[place] if positional else kwargs.get("attention_mask")
     if mask is None:  # no padding and an is_causal fast path: the flag above is enough

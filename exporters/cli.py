@@ -258,7 +258,7 @@ def summary(bundle: Path) -> str:
         fig = (f"min cos {p['min_cosine']:.7f}, mean {p['mean_cosine']:.7f}, max |diff| "
                f"{p['max_abs_diff']:.2e} on {p['n']} texts" if "min_cosine" in p
                else "not verified")
-        if p and "stsb_dev" in p:
+        if "stsb_dev" in p:
             fig += f"; STS-B dev {p['stsb_dev']:.2f} (fp32 {p['stsb_dev_fp32']:.2f})"
         lines.append(f"  {art['file']} ({art['precision']}, {art['size_bytes'] / 1e6:.1f} MB): "
                      f"{fig}")

@@ -194,11 +194,11 @@ def serve_on_ray(config: ServeConfig, options: RayServeOptions,
 def _check_bundles(config: ServeConfig) -> None:
     """Open every bundle's manifest here first: a bad path or bundle is a clear error (exit
     2) rather than replicas failing in Ray's retries; every node must hold the same path."""
+    from angle_rt.encoder import locate_bundle
     from angle_rt.manifest import read_manifest
 
     for spec in config.models:
-        path = spec.path.parent if spec.path.is_file() else spec.path
-        read_manifest(path)
+        read_manifest(locate_bundle(spec.path)[0])
 
 
 def _run(serve: Any, config: ServeConfig, options: RayServeOptions) -> None:
