@@ -217,17 +217,31 @@ def _run(reader: Reader, writer: w.Writer, enc: Encoder, kwargs: dict[str, Any],
             "ranges": None}
     if state is None:  # complete already
         done = writer.final_meta() or {}
-        writer.finish_side_files(on_bad_row == "skip")
+        staged = writer.load_state()
+        if staged is not None and staged.get("fingerprint") == fp:
+            # killed after publishing, before tidying up: its skipped list goes beside
+            # OUTPUT; another run's staging (other arguments) is that run's to resume
+            writer.finish_side_files(on_bad_row == "skip")
         return EmbedResult(writer.output, done.get("rows", 0), done.get("skipped", 0), dim,
                            output_dtype, time.perf_counter() - t0, complete_before=True,
                            side_files=writer.present_side_files())
     meta["ranges"] = state["ranges"]  # calibrated already when resuming
     job = _Job(reader, writer, enc, kwargs, output_dtype, on_bad_row, chunk_size, meta, state)
     resumed = state["rows_read"]
-    _loop(job, progress)
+    try:
+        _loop(job, progress)
+    except InputError:
+        # nothing staged can be resumed: fixing the input or skipping bad rows are other
+        # arguments, which the staging would refuse
+        writer.clear_staging()
+        raise
     meta.update(ranges=state["ranges"], rows=state["rows_written"], skipped=state["skipped"])
     if state.get("replaces"):  # --overwrite: the old output goes only now
         writer.remove_final()
+        # recorded before publishing: a run killed while moving files into place resumes
+        # the moves, and must not remove what it already moved
+        state["replaces"] = False
+        writer.save_state(state)
     writer.finalize(meta)
     writer.finish_side_files(on_bad_row == "skip")
     return EmbedResult(writer.output, state["rows_written"], state["skipped"], dim,
@@ -347,6 +361,8 @@ def id_problem(rid: Any, id_type: str) -> str | None:
         return f"id is {kind}, but the ids before it are {id_type}"
     if kind == "int" and not -2**63 <= rid < 2**63:
         return "id is an integer past int64 (what an id column stores)"
+    if isinstance(rid, str) and bad_reason(rid) is not None:  # a lone surrogate (JSON \ud800)
+        return "id is not valid Unicode (lone surrogate)"
     return None
 
 

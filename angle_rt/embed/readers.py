@@ -133,7 +133,10 @@ class ParquetReader(Reader):
 
     def _pieces(self, skip: int) -> Iterator[tuple[list[Any] | None, list[Any]]]:
         pq = _deps.parquet()
-        cols = [self.text_column] + ([self.id_column] if self.id_column else [])
+        # the id may be the text's own column: read it once (a column listed twice comes
+        # back once)
+        cols = [self.text_column] + ([self.id_column] if self.id_column
+                                     and self.id_column != self.text_column else [])
         for f, groups in zip(self._files, self._meta, strict=True):
             todo = []
             for i, n in enumerate(groups):
@@ -150,7 +153,8 @@ class ParquetReader(Reader):
                         batch, skip = batch.slice(cut), skip - cut
                     if batch.num_rows:
                         texts = batch.column(0).to_pylist()
-                        yield (batch.column(1).to_pylist() if self.id_column else None), texts
+                        yield (batch.column(len(cols) - 1).to_pylist() if self.id_column
+                               else None), texts
 
 
     @staticmethod
@@ -256,7 +260,9 @@ class CsvReader(Reader):
         ids: list[Any] = []
         texts: list[Any] = []
         with self._open() as fh:
-            rows = csv.reader(fh)
+            # strict: an unterminated quote is an error (else every later row ended up
+            # inside one text, and the rows after it were silently gone)
+            rows = csv.reader(fh, strict=True)
             next(rows)
             try:
                 for row_no, row in enumerate(r for r in rows if r):  # a blank line: no row
