@@ -68,6 +68,7 @@ class Encoder:
         ort_config: Mapping[str, str] | None = None,
         streams: int | None = None,
     ) -> None:
+        max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
         self.bundle, file = locate_bundle(Path(path))
         self.manifest: Manifest = read_manifest(self.bundle)
         depth = self.manifest if file is not None else self.manifest.at_depth(layers)
@@ -145,10 +146,10 @@ class Encoder:
         Memory stays bounded by `chunk_size` however long the stream; a non-str item
         raises TypeError naming its position in the whole stream.
         """
-        if isinstance(sentences, (str, bytes)):
+        if isinstance(sentences, str):
             raise TypeError("encode_iter takes an iterable of str; use encode() for one text")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        _check_container(sentences)
+        chunk_size = _positive_int("chunk_size", chunk_size)
         bar = _bar(show_progress_bar, None)
         chunk: list[str] = []
         for i, text in enumerate(sentences):
@@ -178,6 +179,9 @@ class Encoder:
     def template(self, prompt: str | None = None,
                  prompt_name: str | None = None) -> str | None:
         """The prompt template `encode` applies for these arguments (None: no prompt)."""
+        if prompt is not None and prompt_name is not None:
+            raise ValueError(f"give prompt ({prompt!r}) or prompt_name ({prompt_name!r}), not "
+                             "both")
         if prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise ValueError(f"unknown prompt_name {prompt_name!r}; this bundle has "
@@ -222,8 +226,7 @@ class Encoder:
 
     def _embed(self, texts: list[str], template: str | None, batch_size: int,
                progress: bool) -> np.ndarray:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = _positive_int("batch_size", batch_size)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
@@ -356,24 +359,38 @@ def _open_tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:
 _ITEM = re.compile(r"sentences\[(\d+)\]")
 
 
+def _positive_int(name: str, value: object) -> int:
+    """`value` as an int ≥ 1 (a numpy integer too); ValueError naming `name` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def _as_texts(sentences: object) -> list[str]:
     """A list of str from a list, tuple, 1-D array or any other iterable of str."""
     if isinstance(sentences, np.ndarray):
         if sentences.ndim != 1:
             raise TypeError(f"sentences array must be 1-D, got shape {sentences.shape}")
         sentences = sentences.tolist()
-    if hasattr(sentences, "columns"):  # a DataFrame iterates over its column labels
+    _check_container(sentences)
+    texts = sentences if isinstance(sentences, list) else list(sentences)
+    for i, s in enumerate(texts):
+        if not isinstance(s, str):
+            raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
+    return texts
+
+
+def _check_container(sentences: object) -> None:
+    """Refuse what iterates over something other than texts: a DataFrame (its column
+    labels), a dict (its keys), bytes (ints)."""
+    if hasattr(sentences, "columns"):
         raise TypeError(f"sentences is a {type(sentences).__name__}: pass one column of it "
                         "(df['text'])")
     if isinstance(sentences, (bytes, bytearray, Mapping)) or not isinstance(sentences,
                                                                              Iterable):
         raise TypeError("sentences must be a str or an iterable of str, got "
                         f"{type(sentences).__name__}")
-    texts = sentences if isinstance(sentences, list) else list(sentences)
-    for i, s in enumerate(texts):
-        if not isinstance(s, str):
-            raise TypeError(f"sentences[{i}] is {type(s).__name__}, not str")
-    return texts
 
 
 def _check_lengths(ids: list[list[int]], need: int) -> None:

@@ -47,6 +47,9 @@ class TextTokenizer:
         if not texts:
             return []
         windows = [_cut(t, self.char_cap) for t in texts]
+        for i, (text, window) in enumerate(zip(texts, windows, strict=True)):
+            if len(window) < len(text):  # the part past the window is never tokenized
+                _check_unicode(i, text)
         rows = self._rows(windows, prompt, texts)
         for i, text in enumerate(texts):
             if len(windows[i]) < len(text) and not self._settled(text, windows[i], rows[i]):
@@ -92,7 +95,7 @@ class TextTokenizer:
             head, tail = split_prompt(prompt)
             encs = _encode_all(self._plain, [head + t + tail for t in windows], pool=pool)
         except TypeError:  # the Rust side refuses str it cannot encode as UTF-8
-            _raise_unencodable(texts)
+            _raise_unencodable(texts, prompt)
             raise
         return [self._fit(e, len(head), len(t), prompt)
                 for e, t in zip(encs, windows, strict=True)]
@@ -160,12 +163,21 @@ def _encode_all(tok: Tokenizer, texts: list[str], fast: bool = False,
     return tok.encode_batch_fast(texts) if fast else tok.encode_batch(texts)
 
 
-def _raise_unencodable(texts: Sequence[str]) -> None:
-    """Name the first text that is not valid Unicode (a lone surrogate, say)."""
+def _raise_unencodable(texts: Sequence[str], prompt: str | None = None) -> None:
+    """Name the first text, or the prompt, that is not valid Unicode (a lone surrogate)."""
     for i, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"sentences[{i}] is not valid Unicode ({exc.reason} at character "
-                             f"{exc.start}); decode your input with errors='replace' or "
-                             "clean it first") from None
+        _check_unicode(i, text)
+    try:
+        (prompt or "").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the prompt {prompt!r} is not valid Unicode ({exc.reason} at "
+                         f"character {exc.start})") from None
+
+
+def _check_unicode(i: int, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"sentences[{i}] is not valid Unicode ({exc.reason} at character "
+                         f"{exc.start}); decode your input with errors='replace' or "
+                         "clean it first") from None

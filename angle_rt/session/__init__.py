@@ -71,6 +71,8 @@ def _select(manifest: Manifest, file: str | None, precision: str | None,
         art = manifest.artifact(file)
         if precision is not None and art.precision != precision:
             raise ValueError(f"{file} is {art.precision}, not the requested {precision}")
+        if not art.batch_invariant:  # asked for by its file: run, but say so
+            _warn_batch_dependent(art)
         if art.format == "tensorrt":
             _require_engine(art, backend)
             return art, "tensorrt"
@@ -134,9 +136,7 @@ def _onnx_artifact(manifest: Manifest, precision: str | None, device: str) -> Ar
     if precision in onnx:
         art = onnx[precision]
         if not art.batch_invariant:
-            _warn(f"{art.file} is not batch-invariant (activation scales per batch: a text's "
-                  "vector depends on what shares its batch); re-export it with this angle_rt "
-                  "for per-token scales", stacklevel=6)
+            _warn_batch_dependent(art, stacklevel=7)
         return art
     for want in () if precision else PREFERENCE[device]:
         # never a default that gives a text another vector depending on its batch
@@ -196,6 +196,12 @@ def _incompatibility(art: Artifact) -> str | None:
         return None
     return (f"{problem}; rebuild it here with `angle-export build-engine BUNDLE --precision "
             f"{art.precision}`")
+
+
+def _warn_batch_dependent(art: Artifact, stacklevel: int = 6) -> None:
+    _warn(f"{art.file} is not batch-invariant (activation scales per batch: a text's vector "
+          "depends on what shares its batch); re-export it with this angle_rt for per-token "
+          "scales", stacklevel=stacklevel)
 
 
 def _warn(message: str, stacklevel: int = 5) -> None:

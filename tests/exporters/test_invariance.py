@@ -123,6 +123,8 @@ def test_a_per_batch_artifact_is_never_the_default(per_batch_bundle):
     assert Encoder(per_batch_bundle).artifact.precision == "int8"  # next invariant one
     with pytest.warns(RuntimeWarning, match="not batch-invariant"):
         Encoder(per_batch_bundle, precision="int8-dynamic")
+    with pytest.warns(RuntimeWarning, match="not batch-invariant"):  # opened by its file too
+        Encoder(per_batch_bundle / "model.int8-dynamic.onnx")
 
 
 def test_export_refuses_a_batch_dependent_artifact(tiny_bert_dir, tmp_path, monkeypatch):

@@ -76,6 +76,37 @@ def test_what_once_passed_wrongly_or_named_the_wrong_item(enc):
         list(enc.encode_iter(["ok"] * 12 + ["bad \udc80"], chunk_size=5))
 
 
+def test_encode_iter_refuses_what_encode_refuses(enc):
+    """encode_iter embedded a DataFrame's column labels and a dict's keys (one vector for
+    "text" where three rows were given), where encode raised."""
+    pd = pytest.importorskip("pandas")
+    for bad, match in ((pd.DataFrame({"text": ["a", "b", "c"]}), "DataFrame: pass one column"),
+                       ({"a": 1, "b": 2}, "got dict"), (b"bytes", "got bytes")):
+        with pytest.raises(TypeError, match=match):
+            list(enc.encode_iter(bad))
+
+
+def test_conflicting_or_odd_arguments_are_refused_clearly(enc, minilm_bundle):
+    """prompt and prompt_name together silently took prompt_name; a surrogate past the
+    tokenizer's character window was accepted, one in the prompt raised a bare Rust error;
+    max_batch_tokens 0 or None failed later inside the planner; numpy ints were refused."""
+    with pytest.raises(ValueError, match=r"prompt_name .* not both"):
+        enc.encode("a", prompt="query: ", prompt_name="C")
+    past_window = "word " * (enc.max_length * 8) + "\udc80"
+    assert len(enc.tokenizer.window(past_window[:-1])) < len(past_window)
+    with pytest.raises(ValueError, match=r"sentences\[1\] is not valid Unicode"):
+        enc.encode(["fine", past_window])
+    with pytest.raises(ValueError, match=r"prompt .* is not valid Unicode"):
+        enc.encode(["fine"], prompt="query\ud800: ")
+    for bad in (0, None, True, 2.5):
+        with pytest.raises(ValueError, match="max_batch_tokens must be a positive int"):
+            Encoder(minilm_bundle, max_batch_tokens=bad)
+    ref = enc.encode(["a", "b"])
+    assert np.array_equal(enc.encode(["a", "b"], batch_size=np.int64(1)), ref)
+    assert np.array_equal(np.concatenate(list(enc.encode_iter(["a", "b"],
+                                                              chunk_size=np.int64(1)))), ref)
+
+
 def test_truncate_and_normalize_follow_sentence_transformers(enc):
     full = enc.encode(SENTENCES[:5])
     cut = enc.encode(SENTENCES[:5], truncate_dim=64)

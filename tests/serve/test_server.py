@@ -181,6 +181,7 @@ BAD = [
     (b'{"input": "a", "dimensions": 33}', 422, "dimensions"),
     (b'{"input": "a", "dimensions": true}', 422, "dimensions"),
     (b'{"input": "a", "prompt_name": "nope"}', 422, "prompt_name"),
+    (b'{"input": "a", "prompt": "query: ", "prompt_name": "C"}', 422, "prompt_name"),
     (b'{"input": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", '
      b'"p", "q"]}', 422, "input"),
 ]
