@@ -34,9 +34,12 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     whatever the padding and the batch: a pad adds ±0, which leaves a sum unchanged (only an
     exact zero can change sign). A plain sum (ONNX ReduceSum) adds in an order that depends
     on the padded width, so a text's vector moved in its last bits with its longest
-    neighbour (ONNX Runtime 1.2x CPU: 3–5e-8 on MiniLM)."""
+    neighbour (ONNX Runtime 1.2x CPU: 3–5e-8 on MiniLM). Summed in float32 at least: a
+    half-precision running sum would round at every token, a bf16 count past 256."""
     m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).cumsum(dim=1)[:, -1] / m.sum(dim=1)
+    acc = torch.promote_types(h.dtype, torch.float32)
+    total = (h * m).cumsum(dim=1, dtype=acc)[:, -1]
+    return (total / m.sum(dim=1, dtype=acc)).to(h.dtype)
 
 
 def masked_max(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
