@@ -357,6 +357,8 @@ def id_problem(rid: Any, id_type: str) -> str | None:
     if rid is None:
         return "null id"
     kind = _id_kind(rid)
+    if kind == "dict":  # Parquet fixes a struct's keys at the first chunk: others are lost
+        return "id is a JSON object; ids are strings, numbers or arrays"
     if kind != id_type:
         return f"id is {kind}, but the ids before it are {id_type}"
     if kind == "int" and not -2**63 <= rid < 2**63:

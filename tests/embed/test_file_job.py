@@ -919,6 +919,9 @@ def test_inputs_that_once_lost_rows_or_crashed(tiny_bert_bundle, tiny_encoder, t
     assert (r.rows, r.skipped) == (2, 1) and read_output(out)[0] == ["a", "c"]
     with pytest.raises(InputError, match=r"row 1 .*id is not valid Unicode"):
         embed_file(tiny_bert_bundle, src, tmp_path / "e.parquet", id_column="id")
+    src.write_text('{"id": {"a": 1}, "text": "x"}\n{"id": {"a": 2, "b": 3}, "text": "y"}\n')
+    with pytest.raises(InputError, match=r"row 0 .*id is a JSON object"):  # "b" was dropped
+        embed_file(tiny_bert_bundle, src, tmp_path / "o.parquet", id_column="id", chunk_size=2)
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
