@@ -47,13 +47,13 @@ class TextTokenizer:
         if not texts:
             return []
         windows = [_cut(t, self.char_cap) for t in texts]
-        for i, (text, window) in enumerate(zip(texts, windows, strict=True)):
-            if len(window) < len(text):  # the part past the window is never tokenized
-                _check_unicode(i, text)
+        cut = [i for i, (t, w) in enumerate(zip(texts, windows, strict=True)) if len(w) < len(t)]
+        for i in cut:  # the part past the window is never tokenized: check it here
+            _check_unicode(i, texts[i])
         rows = self._rows(windows, prompt, texts)
-        for i, text in enumerate(texts):
-            if len(windows[i]) < len(text) and not self._settled(text, windows[i], rows[i]):
-                rows[i] = self._grown(text, prompt, rows[i])[1]
+        for i in cut:
+            if not self._settled(texts[i], windows[i], rows[i]):
+                rows[i] = self._grown(texts[i], prompt, rows[i])[1]
         return rows
 
     def window(self, text: str, prompt: str | None = None) -> str:
