@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-angle-rt-test"
 _URL = re.compile(r'"url":\s*"(http://127\.0\.0\.1:\d+)"')
+
+
+def same_bits(got, want: np.ndarray) -> None:
+    """Served floats (JSON, shortest float32 repr) are `want` bit for bit: every artifact
+    gives a text one vector whatever shares its batch (docs/precision.md)."""
+    got = np.asarray(got, dtype=np.float64).astype(np.float32)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
 @dataclass

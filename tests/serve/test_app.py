@@ -20,6 +20,7 @@ from angle_rt.serve.config import ModelSpec, ServeConfig
 from angle_rt.serve.metrics import Metrics
 from angle_rt.serve.server import open_models
 from exporters.texts import builtin_sentences
+from tests.serve.conftest import same_bits
 
 
 @contextmanager
@@ -55,12 +56,11 @@ def test_tei_embed_normalize_and_dimensions(tiny, enc):
     client, _ = tiny
     raw = client.post("/embed", json={"inputs": TEXTS, "normalize": False})
     assert raw.status_code == 200
-    np.testing.assert_allclose(raw.json(), enc.encode(TEXTS), atol=2e-6)
+    same_bits(raw.json(), enc.encode(TEXTS))
     unit = np.array(client.post("/embed", json={"inputs": TEXTS}).json())
-    np.testing.assert_allclose(unit, enc.encode(TEXTS, normalize_embeddings=True), atol=2e-6)
+    same_bits(unit, enc.encode(TEXTS, normalize_embeddings=True))
     cut = np.array(client.post("/embed", json={"inputs": "one", "dimensions": 8}).json())
-    np.testing.assert_allclose(cut, enc.encode(["one"], truncate_dim=8,
-                                               normalize_embeddings=True), atol=2e-6)
+    same_bits(cut, enc.encode(["one"], truncate_dim=8, normalize_embeddings=True))
     r = client.post("/embed", json={"inputs": TEXTS})
     for header in ("x-compute-tokens", "x-total-time", "x-tokenization-time", "x-queue-time",
                    "x-inference-time", "x-request-id"):
@@ -74,8 +74,8 @@ def test_prompts_as_encode_applies_them(tiny, enc):
         r = client.post("/v1/embeddings", json={"input": TEXTS[:2], **extra,
                                                 "encoding_format": "float"})
         got = np.array([d["embedding"] for d in r.json()["data"]])
-        np.testing.assert_allclose(got, enc.encode(TEXTS[:2], normalize_embeddings=True,
-                                                   **kwargs), atol=2e-6)  # unit: OpenAI's
+        same_bits(got, enc.encode(TEXTS[:2], normalize_embeddings=True,
+                                  **kwargs))  # unit: OpenAI's
 
 
 def test_tokenize_info_and_models(tiny, enc):
@@ -116,8 +116,7 @@ def test_token_ids_past_max_length_are_cut_keeping_sep(tiny, enc):
     assert len(ids) > 64
     r = client.post("/v1/embeddings", json={"input": ids, "encoding_format": "float"})
     assert r.json()["usage"]["prompt_tokens"] == 64
-    np.testing.assert_allclose(r.json()["data"][0]["embedding"],
-                               enc.encode(text, normalize_embeddings=True), atol=2e-6)
+    same_bits(r.json()["data"][0]["embedding"], enc.encode(text, normalize_embeddings=True))
 
 
 def test_several_models_select_by_name(tiny_bert_bundle):
@@ -145,7 +144,7 @@ def test_depth_variants_served_by_name(tiny_depth_bundle):
         for name, ref in (("tiny-depth@1", cut), ("tiny-depth", full)):
             got = client.post("/embed", json={"inputs": TEXTS[:2], "model": name,
                                               "normalize": False}).json()
-            np.testing.assert_allclose(np.array(got), ref.encode(TEXTS[:2]), atol=1e-5)
+            same_bits(got, ref.encode(TEXTS[:2]))
         info = client.get("/info", params={"model": "tiny-depth@1"}).json()
         assert info["layers"] == 1 and info["artifact"] == "model.L1.onnx"
         assert info["depth_source"] is None  # a cut, not a distilled student
@@ -322,8 +321,8 @@ def test_small_bodies_tokenize_on_the_loop_large_ones_on_the_pool(tiny, enc, mon
     many = TEXTS[:1] * (app_module.INLINE_BYTES // len(TEXTS[0]) + 1)
     large = client.post("/embed", json={"inputs": many, "normalize": False})
     assert large.status_code == 200 and hops == ["parse_tei_embed", "rows"]
-    np.testing.assert_allclose(large.json()[0], small.json()[0], atol=1e-6)
-    np.testing.assert_allclose(small.json(), enc.encode(TEXTS[:1]), atol=2e-6)
+    assert large.json()[0] == small.json()[0]
+    same_bits(small.json(), enc.encode(TEXTS[:1]))
 
 
 def test_an_unexpected_error_in_a_direct_route_is_a_json_500_without_internals(tiny,

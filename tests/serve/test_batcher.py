@@ -265,8 +265,7 @@ def test_concurrent_requests_on_a_real_encoder_equal_encode(tiny_bert_bundle, st
             for t in threads:
                 t.join()
             for i, ticket in tickets:
-                np.testing.assert_allclose(ticket.future.result(30), want[i:i + 3],
-                                           atol=2e-6)
+                np.testing.assert_array_equal(ticket.future.result(30), want[i:i + 3])
 
 
 def test_a_one_sentence_request_behind_a_flood_runs_in_the_next_window():
@@ -442,13 +441,12 @@ def test_lane_vectors_equal_encode_on_a_real_encoder(tiny_bert_bundle, stsb_test
             tickets = [(i, b.submit(enc.tokenize(short[i:i + 3], None)))
                        for i in range(0, 24, 3)]
             for i, ticket in tickets:
-                np.testing.assert_allclose(ticket.future.result(30), want_short[i:i + 3],
-                                           atol=2e-6)
+                np.testing.assert_array_equal(ticket.future.result(30),
+                                              want_short[i:i + 3])
             assert not any(f.future.done() for f in floods)
             gate.set()
             for k, flood in enumerate(floods):
-                np.testing.assert_allclose(flood.future.result(30), want_long[k::2],
-                                           atol=2e-6)
+                np.testing.assert_array_equal(flood.future.result(30), want_long[k::2])
 
 
 def test_one_large_request_runs_on_every_worker():
