@@ -196,6 +196,8 @@ def _st_pooling(cfg: dict[str, Any], where: str) -> str:
     modes = [name for key, name in _ST_POOLING.items() if cfg.get(key)]
     other = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v
              and k not in _ST_POOLING]
+    if not modes and not other:  # no mode named: sentence-transformers pools by mean
+        return "mean"
     if len(modes) != 1 or other:
         raise ValueError(f"{where}: sentence-transformers pooling {modes + other} has no single "
                          "AnglE equivalent; pass --pooling explicitly")

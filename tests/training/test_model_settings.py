@@ -108,6 +108,18 @@ def test_pooling_as_sentence_transformers_5_writes_it(tiny_bert_dir, tmp_path, m
     assert AngleModel.from_pretrained(d).settings.pooling == pooling
 
 
+
+@pytest.mark.parametrize("pooling", [{}, {"pooling_mode_cls_token": False,
+                                          "pooling_mode_mean_tokens": False}])
+def test_pooling_config_naming_no_mode_is_mean(tiny_bert_dir, tmp_path, pooling):
+    """sentence-transformers reads a Pooling config that names no mode (no key, or every
+    legacy flag false) as mean; it was refused ("pooling [] has no single equivalent")."""
+    from sentence_transformers import SentenceTransformer
+
+    d = _st_dir(tiny_bert_dir, tmp_path / "st", pooling)
+    assert AngleModel.from_pretrained(d).settings.pooling == "mean"
+    assert SentenceTransformer(str(d), device="cpu")[1].pooling_mode == "mean"
+
 def test_unmappable_sentence_transformers_5_pooling_is_refused(tiny_bert_dir, tmp_path):
     for i, mode in enumerate(["weightedmean", ["mean", "max"]]):
         d = _st_dir(tiny_bert_dir, tmp_path / f"st{i}", {"pooling_mode": mode})
