@@ -170,12 +170,13 @@ def serve_on_ray(config: ServeConfig, options: RayServeOptions,
 
     _check_bundles(config)
     local = address in (None, "local")
+    port = config.port or _free_port(config.host)  # Serve's proxy takes no port 0
+    if local:  # the proxy binds here: a port in use is a clear error before Ray starts
+        _free_port(config.host, port)
     ray = init_ray(None if local else address, num_cpus=None, progress=False)
     serve = _deps.need("ray.serve", "--ray serving")
     try:
-        port = config.port or _free_port(config.host)  # Serve's proxy takes no port 0
-        serve.start(http_options={"host": config.host, "port": port,
-                                  "request_timeout_s": config.request_timeout + 5})
+        _start(serve, config.host, port, config.request_timeout + 5)
         _run(serve, config, options)
         log.info("listening", extra={"fields": {
             "url": f"http://{config.host}:{port}", "models": [m.name for m in config.models],
@@ -230,7 +231,24 @@ def _wait_and_drain(serve: Any, config: ServeConfig) -> bool:
     return took < config.graceful_timeout
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
+def _start(serve: Any, host: str, port: int, request_timeout_s: float) -> None:
+    try:
+        serve.start(http_options={"host": host, "port": port,
+                                  "request_timeout_s": request_timeout_s})
+    except Exception as exc:  # RayTaskError from the proxy actor, with its traceback
+        if "Failed to bind" not in str(exc):
+            raise
+        raise OSError(f"Ray Serve's proxy cannot listen on {host}:{port}: address in use "
+                      "(or not this node's)") from None
+
+
+def _free_port(host: str, port: int = 0) -> int:
+    """`port` if it can be bound on `host` now (0: a free one); OSError naming it else."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         return sock.getsockname()[1]

@@ -109,6 +109,24 @@ def test_a_missing_bundle_fails_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+
+def test_a_port_in_use_fails_before_ray_starts(tiny_bert_bundle, capsys):
+    """Ray Serve's proxy failed to bind inside its actor: a RayTaskError traceback after Ray
+    had started, exit 1. Now, as without --ray, one line naming the address, exit 2."""
+    pytest.importorskip("ray.serve")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tiny_bert_bundle), "--ray", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "Traceback" not in err
+    import ray
+
+    assert not ray.is_initialized()
+
 def test_a_port_out_of_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "b", "--port", "70000"])
