@@ -517,7 +517,7 @@ def _first_id_type(reader: Any) -> str | None:
     """The id type of the input's first good row, which the local job holds every id to."""
     for chunk in reader.chunks(1024):
         for rid, text in zip(chunk.ids, chunk.texts, strict=True):
-            if rid is not None and bad_reason(text) is None:
+            if bad_reason(text) is None and id_problem(rid, None) is None:
                 return _id_kind(rid)
     return None
 
@@ -538,7 +538,7 @@ def _read_jsonl_pieces(items: Any, text_column: str, id_column: str, id_type: st
             if not raw.strip():
                 continue
             rid, text, why = _jsonl_row(raw, text_column, id_column)
-            why = why or bad_reason(text) or id_problem(rid, id_type or _id_kind(rid))
+            why = why or bad_reason(text) or id_problem(rid, id_type)
             if why is None:
                 ids.append(rid)
                 texts.append(text)

@@ -338,8 +338,9 @@ def _check_rows(chunk: Chunk, on_bad_row: str,
     for k, (rid, text) in enumerate(zip(chunk.ids, chunk.texts, strict=True)):
         why = bad_reason(text) if isinstance(text, BadRow) or rid is not None else "null id"
         if why is None:
-            why = id_problem(rid, state.setdefault("id_type", _id_kind(rid)))
+            why = id_problem(rid, state.get("id_type"))
         if why is None:
+            state.setdefault("id_type", _id_kind(rid))  # the first good id's
             ids.append(rid)
             texts.append(text)
             continue
@@ -352,16 +353,32 @@ def _check_rows(chunk: Chunk, on_bad_row: str,
     return ids, texts, skipped
 
 
-def id_problem(rid: Any, id_type: str) -> str | None:
-    """Why `rid` cannot be a row's id when the ids before it are of `id_type`, or None."""
+def id_problem(rid: Any, id_type: str | None) -> str | None:
+    """Why `rid` cannot be a row's id when the ids before it are of `id_type` (None: no id
+    before it), or None."""
     if rid is None:
         return "null id"
-    kind = _id_kind(rid)
-    if kind == "dict":  # Parquet fixes a struct's keys at the first chunk: others are lost
-        return "id is a JSON object; ids are strings, numbers or arrays"
-    if kind != id_type:
-        return f"id is {kind}, but the ids before it are {id_type}"
-    if kind == "int" and not -2**63 <= rid < 2**63:
+    why = _value_problem(rid)
+    if why is None and id_type is not None and (kind := _id_kind(rid)) != id_type:
+        why = f"id is {kind}, but the ids before it are {id_type}"
+    return why
+
+
+def _value_problem(rid: Any, inside: bool = False) -> str | None:
+    """What no output can store as this id: Parquet fixes a struct's keys and a list's
+    element type at the first chunk, so later ones would be lost or fail the write."""
+    if isinstance(rid, dict):
+        return "id is a JSON object; ids are strings, numbers or arrays of one of them"
+    if isinstance(rid, list):
+        if inside:
+            return "id is an array of arrays; ids are strings, numbers or arrays of one of them"
+        kinds = {_id_kind(x) for x in rid if x is not None}
+        if len(kinds) > 1:
+            return f"id is an array of mixed types ({', '.join(sorted(kinds))})"
+        if not kinds:
+            return "id is an array without values"
+        return next(filter(None, (_value_problem(x, True) for x in rid)), None)
+    if isinstance(rid, int) and not isinstance(rid, bool) and not -2**63 <= rid < 2**63:
         return "id is an integer past int64 (what an id column stores)"
     if isinstance(rid, str) and bad_reason(rid) is not None:  # a lone surrogate (JSON \ud800)
         return "id is not valid Unicode (lone surrogate)"
@@ -369,7 +386,11 @@ def id_problem(rid: Any, id_type: str) -> str | None:
 
 
 def _id_kind(rid: Any) -> str:
-    """An id's type as the output stores it: int and str stay apart, bool is not an int."""
+    """An id's type as the output stores it: int and str stay apart, bool is not an int;
+    an array by its values' type (`list[int]`)."""
+    if isinstance(rid, list):
+        kinds = sorted({_id_kind(x) for x in rid if x is not None})
+        return f"list[{'|'.join(kinds)}]"
     return "int" if isinstance(rid, int) and not isinstance(rid, bool) else type(rid).__name__
 
 

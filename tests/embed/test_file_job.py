@@ -933,6 +933,34 @@ def test_inputs_that_once_lost_rows_or_crashed(tiny_bert_bundle, tiny_encoder, t
     assert ids == texts and np.array_equal(vecs, tiny_encoder.encode(texts))
 
 
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy"])
+def test_array_ids_and_a_bad_first_id(tiny_bert_bundle, tiny_encoder, tmp_path, suffix):
+    """Array ids of another element type than the first ones ([1, 2] then ["a"]) failed the
+    Parquet job mid-way even with --on-bad-row skip ("ids of one chunk do not share a
+    type", rc 1); a first row whose id was bad itself (an object) set the id type, so every
+    later good row was skipped as "id is int, but the ids before it are dict". Now both
+    are bad rows, in every output format, and the first *good* id sets the type."""
+    rows = [({"a": 1}, "object first"), ([1, 2], "one"), ([3, None], "two"),
+            (["a", "b"], "strings"), ([1.5], "float"), ([[1]], "nested"), ([1, "x"], "mixed"),
+            ([], "empty"), ([None], "only null"), ([2**70], "past int64"),
+            ([{"k": 1}], "object inside"), (["b\ud800"], "surrogate"), ([7], "last")]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
+    out = tmp_path / f"o{suffix}"
+    r = embed_file(tiny_bert_bundle, src, out, id_column="id", on_bad_row="skip",
+                   chunk_size=3)
+    ids, vecs, _ = read_output(out)
+    assert ids == [[1, 2], [3, None], [7]] and (r.rows, r.skipped) == (3, 10)
+    assert np.array_equal(vecs, tiny_encoder.encode(["one", "two", "last"]))
+    listed = [json.loads(x) for x in Path(f"{out}.skipped.jsonl").read_text().splitlines()]
+    assert [x["row"] for x in listed] == [0, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert "object" in listed[0]["reason"] and "list[str]" in listed[1]["reason"]
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows[1:4]))
+    with pytest.raises(InputError, match=r"row 2 .*id is list\[str\], but the ids before"):
+        embed_file(tiny_bert_bundle, src, tmp_path / f"e{suffix}", id_column="id")
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
 def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
         tiny_bert_bundle, corpus_dir, tmp_path, monkeypatch, suffix):

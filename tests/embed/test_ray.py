@@ -261,16 +261,17 @@ def test_ray_reads_jsonl_and_csv_as_the_local_job(local_ray, tiny_bert_bundle, t
         np.testing.assert_array_equal(rvec[order], lvec)
         return lid, meta
 
-    rows = [{"id": "007", "text": "12345"}, {"id": "1e3", "text": "2024"},
+    rows = [{"id": {"a": 1}, "text": "an object id first: a bad row, not the id type"},
+            {"id": "007", "text": "12345"}, {"id": "1e3", "text": "2024"},
             {"id": "x", "text": "a sentence"}, {"id": None, "text": "no id"},
             {"id": 5, "text": "an int id among strings"}]
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "cut", "te\n')
     ids, meta = both(jsonl, "jsonl", "--id-column", "id", "--on-bad-row", "skip")
-    assert ids == ["007", "1e3", "x"] and meta["skipped"] == 3
+    assert ids == ["007", "1e3", "x"] and meta["skipped"] == 4
     listed = sorted(json.loads(x)["reason"][:12] for x in
                     (tmp_path / "jsonl.skipped.jsonl").read_text().splitlines())
-    assert listed == ["id is int, b", "not valid JS", "null id"]
+    assert listed == ["id is a JSON", "id is int, b", "not valid JS", "null id"]
     big = tmp_path / "big.csv"  # past pyarrow's 1 MB block, newlines inside quoted values
     big.write_bytes(b"id,text\n" + b"".join(b'r%d,"line one of %d\nline two, %s"\n'
                                             % (i, i, b"x" * 40) for i in range(16000))
