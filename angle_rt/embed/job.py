@@ -359,9 +359,14 @@ def id_problem(rid: Any, id_type: str | None) -> str | None:
     if rid is None:
         return "null id"
     why = _value_problem(rid)
-    if why is None and id_type is not None and (kind := _id_kind(rid)) != id_type:
+    kind = _id_kind(rid)
+    if why is None and id_type not in (None, kind, _LEGACY.get(kind)):
         why = f"id is {kind}, but the ids before it are {id_type}"
     return why
+
+
+# a job record written before arrays were typed by their values holds "list"
+_LEGACY = {f"list[{k}]": "list" for k in ("int", "float", "str", "bool")}
 
 
 def _value_problem(rid: Any, inside: bool = False) -> str | None:

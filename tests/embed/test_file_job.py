@@ -959,6 +959,9 @@ def test_array_ids_and_a_bad_first_id(tiny_bert_bundle, tiny_encoder, tmp_path, 
     src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows[1:4]))
     with pytest.raises(InputError, match=r"row 2 .*id is list\[str\], but the ids before"):
         embed_file(tiny_bert_bundle, src, tmp_path / f"e{suffix}", id_column="id")
+    from angle_rt.embed.job import id_problem
+
+    assert id_problem([1, 2], "list") is None  # a job record from before typed arrays resumes
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
