@@ -17,6 +17,7 @@ import onnx
 import angle_rt
 from angle_rt.manifest import (
     INPUT_NAMES,
+    MANIFEST_FILE,
     OUTPUT_NAME,
     TOKENIZER_FILE,
     Artifact,
@@ -40,11 +41,7 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
 
     On any error the temporary directory is removed and `target` is left as it was.
     """
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise FileExistsError(f"{target} already exists and is not empty; pass --force to "
-                              "replace it")
+    _check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: its 0700 would leave the bundle unreadable to a server running as another
     # user; mkdir gives the permissions of any new directory (0777 less the umask)
@@ -52,13 +49,42 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _swap(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_target(target: Path, force: bool) -> None:
+    """Refuse, before any work, an output that cannot or must not be replaced: --force
+    replaces a bundle, not a directory of other files (the model's own, say)."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and os.path.ismount(target):
+        raise OSError(f"{target} is a mount point, which a finished bundle cannot be renamed "
+                      f"onto; export into a directory inside it (e.g. {target / 'bundle'})")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(f"{target} already exists and is not empty; pass --force to "
+                              "replace it")
+    if not (target / MANIFEST_FILE).is_file():
+        raise FileExistsError(f"{target} is not a bundle (no {MANIFEST_FILE}); --force "
+                              "replaces a bundle only: choose another output directory")
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    """Rename `tmp` onto `target`; the old bundle goes only once the new one is in place."""
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)  # a killed export's, under a reused pid
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

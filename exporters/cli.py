@@ -190,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a CI timeout, `docker stop`) as an exception: the staging directory is
     # removed as on any error (the default action left it behind, hidden, for good)
     signal.signal(signal.SIGTERM, _terminated)
-    if args.command == "build-engine":
-        return run_build(Path(args.bundle), args.precision, args)
-    return export_main(args)
+    try:
+        if args.command == "build-engine":
+            return run_build(Path(args.bundle), args.precision, args)
+        return export_main(args)
+    except KeyboardInterrupt:  # Ctrl-C: an export's staging directory is already removed
+        done = "; nothing written" if args.command != "build-engine" else ""
+        print(f"angle-export: interrupted{done}", file=sys.stderr)
+        return 130
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -40,11 +40,21 @@ def trace_inputs(model: AngleModel) -> tuple[torch.Tensor, torch.Tensor]:
     return model.pad(rows)
 
 
+def check_opset(opset: int) -> None:
+    """MIN_OPSET up to the newest torch.onnx writes (past it torch raised with the whole
+    traced graph in its message)."""
+    from torch.onnx._constants import ONNX_MAX_OPSET
+
+    if not MIN_OPSET <= opset <= ONNX_MAX_OPSET:
+        raise ValueError(f"opset must be {MIN_OPSET}…{ONNX_MAX_OPSET} (≥ {MIN_OPSET}: one "
+                         f"LayerNormalization op; ≤ {ONNX_MAX_OPSET}: torch.onnx's newest), "
+                         f"got {opset}")
+
+
 def export_onnx(model: AngleModel, path: str | Path, *, normalize: bool,
                 opset: int = DEFAULT_OPSET) -> Path:
     """Write the fp32 graph to `path` (dynamic batch and sequence axes)."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset must be ≥ {MIN_OPSET} (one LayerNormalization op), got {opset}")
+    check_opset(opset)
     module = ExportModule(model.eval(), normalize).eval()
     ids, mask = trace_inputs(model)
     axes = {**{name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES},

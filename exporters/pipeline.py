@@ -26,7 +26,7 @@ from angle_torch.model import AngleModel
 from exporters.bundle import build_manifest, consolidate_external_data, onnx_artifact, staged_dir
 from exporters.depth import depth_model, score_variants
 from exporters.gates import Gate, sts_pairs
-from exporters.onnx_export import DEFAULT_OPSET, export_onnx
+from exporters.onnx_export import DEFAULT_OPSET, check_opset, export_onnx
 from exporters.precision import FP16_CANDIDATE_OPS, convert_float16
 from exporters.quantize import (
     METHODS,
@@ -128,6 +128,7 @@ def export(
     width in `dims` and its sentences/s.
     """
     plan = PrecisionPlan(**precision)
+    check_opset(opset)  # before the model loads
     if verify_size is not None and verify_size < 1:
         raise ValueError(f"verify_size must be ≥ 1, got {verify_size}")
     if plan.int8_method not in METHODS:

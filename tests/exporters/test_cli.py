@@ -1,6 +1,7 @@
 """angle-export as users run it: exit codes, messages, what is (not) left on disk."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -35,12 +36,34 @@ def test_existing_bundle_needs_force(capsys, tiny_bert_dir, tmp_path):
     code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", out_dir, "-q", "--no-verify")
     assert code == 2 and "--force" in err
     assert (out_dir / "keep.txt").read_text() == "user data"
+    # --force replaced any directory: a folder of the user's files, or the model's own
+    # (`-o MODEL --force` deleted the weights being exported); it replaces a bundle only
+    model = shutil.copytree(tiny_bert_dir, tmp_path / "model")
+    for target in (out_dir, model):
+        before = sorted(p.name for p in target.iterdir())
+        code, _, err = _run(capsys, "--model", model, "-o", target, "-q",
+                            "--no-verify", "--force")
+        assert code == 2 and "not a bundle" in err
+        assert sorted(p.name for p in target.iterdir()) == before
+    (out_dir / "keep.txt").unlink()
+    assert _run(capsys, "--model", tiny_bert_dir, "-o", out_dir, "-q", "--no-verify")[0] == 0
     code, _, _ = _run(capsys, "--model", tiny_bert_dir, "-o", out_dir, "-q", "--no-verify",
-                      "--force")
-    assert code == 0 and not (out_dir / "keep.txt").exists()
+                      "--force", "--max-length", "32")
+    assert code == 0 and Encoder(out_dir).max_length == 32  # the bundle was replaced
     assert json.loads((out_dir / "angle_rt.json").read_text())["parity"] == {}
-    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "model"]  # no staging left
 
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(capsys, tiny_bert_dir, tmp_path, monkeypatch):
+    """Ctrl-C mid-export printed a KeyboardInterrupt traceback (exit 130, staging removed)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "export_onnx", interrupted)
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q")
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "angle-export: interrupted; nothing written"
+    assert list(tmp_path.iterdir()) == []
 
 def test_divergent_graph_fails_the_gate_and_writes_nothing(capsys, tiny_bert_dir, tmp_path,
                                                            monkeypatch):
@@ -65,7 +88,17 @@ def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
     assert code == 2 and "unknown pooling strategy 'median'" in err
     code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "--opset",
                         "13", "-q")
-    assert code == 2 and "opset must be ≥ 17" in err
+    assert code == 2 and "opset must be 17…" in err
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "--opset",
+                        "99", "-q")  # was torch's error with the whole traced graph in it
+    assert code == 2 and len(err.splitlines()) == 1 and "got 99" in err
+    # settings under which the bundle refused every text: exported, exit 0, before
+    for flags, why in ((("--pooling", "200"), "past max_length 128"),
+                       (("--prompt", "{text} and {text}"), "more than one {text}"),
+                       (("--prompt", "C", "--max-length", "4"), "leaves no room")):
+        code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                            "--no-verify", *flags)
+        assert code == 2 and why in err and not (tmp_path / "b").exists()
     code, _, err = _run(capsys, "--model", tmp_path / "missing-model", "-o", tmp_path / "b")
     assert code == 2 and "missing-model" in err
 
