@@ -80,10 +80,12 @@ class AngleModel(nn.Module):
         sources = [base or name, adapter] if adapter else [name]
         tokenizer = AutoTokenizer.from_pretrained(
             adapter if adapter and _has_tokenizer(adapter) else base or name, **kw)
+        _check_vocabulary(tokenizer, config, adapter or base or name)
         settings = read_settings(sources, config, tokenizer, revision, pooling is not None)
         _override(settings, pooling, max_length, padding_side, prompt)
         _check_padding(settings, config)
         _check_positions(settings, config)
+        _check_encodable(settings, tokenizer)
         if billm_start is not None:
             settings.billm_start = None if billm_start == -1 else billm_start
         if settings.billm_start is not None:
@@ -245,6 +247,29 @@ def _check_positions(s: AngleSettings, config: Any) -> None:
         raise ValueError(f"max_length {s.max_length} exceeds the model's "
                          f"max_position_embeddings ({positions}); pass --max-length ≤ "
                          f"{positions}")
+
+
+def _check_encodable(s: AngleSettings, tokenizer: Any) -> None:
+    """Settings under which the runtime would refuse every text (a pooling index past
+    max_length; a prompt with two {text} or that fills max_length alone), refused at load:
+    the exported bundle opened and then failed each encode."""
+    if isinstance(s.pooling, int) and s.pooling >= s.max_length:
+        raise ValueError(f"pooling at token {s.pooling} needs texts of ≥ {s.pooling + 1} "
+                         f"tokens, past max_length {s.max_length}")
+    if s.default_prompt:
+        TextTokenizer(tokenizer.backend_tokenizer, s.max_length).encode(
+            ["x"], prompt=s.default_prompt)
+
+
+def _check_vocabulary(tokenizer: Any, config: Any, where: str) -> None:
+    """A directory without tokenizer files loads (transformers builds one of its special
+    tokens alone), and every word then becomes [UNK]: torch and the bundle agree, so no gate
+    catches it. A real tokenizer covers most of the embedding's rows."""
+    rows = getattr(config, "vocab_size", None)
+    if rows and len(tokenizer) < rows // 2:
+        raise ValueError(f"{where}: its tokenizer has {len(tokenizer)} tokens for an embedding "
+                         f"of {rows}: no tokenizer files there (tokenizer.json, vocab.txt, "
+                         "…)? Save the model's tokenizer beside it")
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -120,6 +120,18 @@ def test_pooling_config_naming_no_mode_is_mean(tiny_bert_dir, tmp_path, pooling)
     assert AngleModel.from_pretrained(d).settings.pooling == "mean"
     assert SentenceTransformer(str(d), device="cpu")[1].pooling_mode == "mean"
 
+
+def test_a_model_without_tokenizer_files_is_refused(tiny_bert_dir, tmp_path):
+    """transformers builds a tokenizer of 5 special tokens: every word was [UNK], the gate
+    passed (torch and the bundle agree) and 'hello world' and 'purple elephant' had one
+    vector."""
+    d = shutil.copytree(tiny_bert_dir, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        (d / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"tokenizer has 5 tokens .* no tokenizer files"):
+        AngleModel.from_pretrained(d)
+
 def test_unmappable_sentence_transformers_5_pooling_is_refused(tiny_bert_dir, tmp_path):
     for i, mode in enumerate(["weightedmean", ["mean", "max"]]):
         d = _st_dir(tiny_bert_dir, tmp_path / f"st{i}", {"pooling_mode": mode})
