@@ -137,6 +137,10 @@ def export(
         model, pooling=pooling, max_length=max_length, padding_side=padding_side,
         prompt=prompt, lora=lora, revision=revision, attn_implementation="eager",
         trust_remote_code=trust_remote_code, billm_start=billm_start)
+    wrong = [d for d in dims if not 1 <= d <= angle.embedding_dim]
+    if wrong:  # 0 was scored as NaN (not JSON), -5 as dim − 5, past dim dropped silently
+        raise ValueError(f"dims must be widths 1…{angle.embedding_dim} (this model's), "
+                         f"got {wrong}")
     normalize = angle.settings.normalize if normalize is None else normalize
     _pad_right(angle, padding_side)
     with staged_dir(Path(output_dir), force) as tmp:

@@ -99,6 +99,10 @@ def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
         code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
                             "--no-verify", *flags)
         assert code == 2 and why in err and not (tmp_path / "b").exists()
+    for dims in ("0,16", "-5", "64"):  # the tiny model is 32 wide
+        code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                            "--no-verify", "--dims", dims)
+        assert code == 2 and "dims must be widths 1…32" in err
     code, _, err = _run(capsys, "--model", tmp_path / "missing-model", "-o", tmp_path / "b")
     assert code == 2 and "missing-model" in err
 
