@@ -67,6 +67,7 @@ class AngleModel(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         name = str(path_or_id)
+        _check_local(name)
         base = adapter_base(name)  # an adapter directory: weights from its base model
         if base is not None:
             if lora is not None:
@@ -247,6 +248,17 @@ def _check_positions(s: AngleSettings, config: Any) -> None:
         raise ValueError(f"max_length {s.max_length} exceeds the model's "
                          f"max_position_embeddings ({positions}); pass --max-length ≤ "
                          f"{positions}")
+
+
+def _check_local(name: str) -> None:
+    """A path that does not exist: say so (the hub client answered 'Repo id must use
+    alphanumeric chars' for ./model, and 'must be in the form namespace/repo_name' for /x/y)."""
+    if name.startswith(("/", "./", "../", "~")) or name in (".", ".."):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"model {name} {what} (a local model is a directory; "
+                                    "a hub id is NAMESPACE/NAME)")
 
 
 def _check_encodable(s: AngleSettings, tokenizer: Any) -> None:

@@ -104,7 +104,7 @@ def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
                             "--no-verify", "--dims", dims)
         assert code == 2 and "dims must be widths 1…32" in err
     code, _, err = _run(capsys, "--model", tmp_path / "missing-model", "-o", tmp_path / "b")
-    assert code == 2 and "missing-model" in err
+    assert code == 2 and "missing-model does not exist" in err  # was the hub's repo-id rule
 
 
 def test_verify_data_file_is_used_and_topped_up(capsys, tiny_bert_dir, tmp_path, stsb_test):
