@@ -165,9 +165,12 @@ async def _client(port: int, requests: list[bytes], offset: int, warm_until: flo
         writer.close()
 
 
-def load(port: int, path: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """`clients` closed-loop clients for WARMUP_S + `seconds`; stats of the measured part."""
-    head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json"
+def load(port: int | list[int], path: str, bodies: list[bytes], clients: int,
+         seconds: float) -> dict:
+    """`clients` closed-loop clients for WARMUP_S + `seconds`; stats of the measured part.
+    With several ports, client c talks to ports[c % len(ports)]."""
+    ports = [port] if isinstance(port, int) else port
+    head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{ports[0]}\r\nContent-Type: application/json"
             "\r\nAuthorization: Bearer -\r\nContent-Length: {n}\r\n\r\n")
     requests = [head.replace("{n}", str(len(b))).encode() + b for b in bodies]
     latencies: list[float] = []
@@ -177,8 +180,8 @@ def load(port: int, path: str, bodies: list[bytes], clients: int, seconds: float
         now = time.perf_counter()
         warm_until, stop_at = now + WARMUP_S, now + WARMUP_S + seconds
         step = max(1, len(requests) // clients)
-        await asyncio.gather(*(_client(port, requests, c * step, warm_until, stop_at,
-                                       latencies, stats) for c in range(clients)))
+        await asyncio.gather(*(_client(ports[c % len(ports)], requests, c * step, warm_until,
+                                       stop_at, latencies, stats) for c in range(clients)))
 
     _run_loop(main())
     lat = np.array(latencies) * 1e3

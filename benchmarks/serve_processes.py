@@ -16,46 +16,18 @@ the two ceilings. Every server binds 127.0.0.1 and is stopped here.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import serve_load as sl  # noqa: E402
-
-
-def spread_load(ports: list[int], bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """`clients` closed-loop clients, client c on ports[c % len(ports)]; sent/s and p50/p99
-    of the measured `seconds` after serve_load's warm-up."""
-    head = ("POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-            "application/json\r\nAuthorization: Bearer -\r\nContent-Length: {n}\r\n\r\n")
-    requests = [head.replace("{n}", str(len(b))).encode() + b for b in bodies]
-    latencies: list[float] = []
-    stats: dict = {"errors": 0}
-
-    async def main() -> None:
-        now = time.perf_counter()
-        warm_until, stop_at = now + sl.WARMUP_S, now + sl.WARMUP_S + seconds
-        step = max(1, len(requests) // clients)
-        await asyncio.gather(*(sl._client(ports[c % len(ports)], requests, c * step,
-                                          warm_until, stop_at, latencies, stats)
-                               for c in range(clients)))
-
-    sl._run_loop(main())
-    lat = np.array(latencies) * 1e3
-    stats.pop("sample", None)
-    return {"sent_per_s": len(lat) / seconds, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), **stats}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -75,8 +47,8 @@ def run(args: argparse.Namespace) -> dict:
             sl.load(port, "/v1/embeddings", bodies, 8, args.prewarm_seconds)
         for _ in range(args.rounds):
             before = sl._offline(args.bundle, tmp / "texts.json")["sent_per_s"]
-            single = spread_load([one], bodies, args.clients, args.seconds)
-            split = spread_load(many, bodies, args.clients, args.seconds)
+            single = sl.load(one, "/v1/embeddings", bodies, args.clients, args.seconds)
+            split = sl.load(many, "/v1/embeddings", bodies, args.clients, args.seconds)
             after = sl._offline(args.bundle, tmp / "texts.json")["sent_per_s"]
             ceiling = (before + after) / 2
             rounds.append({"offline": [before, after], "one_process": single,

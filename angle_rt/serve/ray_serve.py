@@ -171,7 +171,7 @@ def serve_on_ray(config: ServeConfig, options: RayServeOptions,
     _check_bundles(config)
     local = address in (None, "local")
     port = config.port or _free_port(config.host)  # Serve's proxy takes no port 0
-    if local:  # the proxy binds here: a port in use is a clear error before Ray starts
+    if local and config.port:  # the proxy binds here: a port in use is a clear error now
         _free_port(config.host, port)
     ray = init_ray(None if local else address, num_cpus=None, progress=False)
     serve = _deps.need("ray.serve", "--ray serving")
