@@ -67,6 +67,8 @@ class AngleModel(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         name = str(path_or_id)
+        if name.startswith("~"):  # `--model=~/m`: the shell expands ~ only at a word's start
+            name = str(Path(name).expanduser())
         _check_local(name)
         base = adapter_base(name)  # an adapter directory: weights from its base model
         if base is not None:

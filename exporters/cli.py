@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -86,8 +87,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="dynamic INT8 with per-token activation scales (ONNX Runtime, CPU "
                    "serving; the default CPU artifact)")
     g.add_argument("--calib", help="INT8 calibration texts (.txt or .jsonl; default: built-in)")
-    g.add_argument("--calib-size", type=int, default=512)
-    g.add_argument("--int8-method", default="mse", choices=("mse", "max", "percentile"))
+    g.add_argument("--calib-size", type=int, help="calibration texts (default: 512)")
+    g.add_argument("--int8-method", choices=("mse", "max", "percentile"),
+                   help="--int8 activation scales (default: mse)")
     g.add_argument("--fp16-exclude", default="", help="comma list of op types kept in FP32")
     g.add_argument("--int8-exclude", action="append", default=[],
                    help="regex of node names kept in float (repeatable)")
@@ -206,6 +208,9 @@ def _terminated(signum: int, frame: Any) -> None:
 
 def export_main(args: argparse.Namespace) -> int:
     out = args.output or str(Path("build") / Path(args.model.rstrip("/")).name)
+    _, code = _guarded(lambda: check_flags(args), "")
+    if code:
+        return code
 
     def run() -> Path:
         from exporters.onnx_export import DEFAULT_OPSET  # torch: after argument errors
@@ -222,8 +227,9 @@ def export_main(args: argparse.Namespace) -> int:
                       sts_data=args.sts_data, trust_remote_code=args.trust_remote_code,
                       progress=not args.quiet, fp16=args.fp16, bf16=args.bf16,
                       int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
-                      calib_size=args.calib_size, int8_method=args.int8_method,
-                      fp16_exclude=tuple(o for o in args.fp16_exclude.split(",") if o),
+                      calib_size=512 if args.calib_size is None else args.calib_size,
+                      int8_method=args.int8_method or "mse",
+                      fp16_exclude=_op_list(args.fp16_exclude),
                       int8_exclude=tuple(args.int8_exclude), layers=args.layers,
                       dims=args.dims, distilled=not args.plain_cuts)
 
@@ -234,17 +240,63 @@ def export_main(args: argparse.Namespace) -> int:
     return engines_after_export(bundle, args)
 
 
+# flags that only one kind of artifact uses: given without it they would do nothing
+_NEEDS = (("--calib", "calib", ("int8", "int8_dynamic"), "--int8 or --int8-dynamic"),
+          ("--calib-size", "calib_size", ("int8", "int8_dynamic"), "--int8 or --int8-dynamic"),
+          ("--int8-method", "int8_method", ("int8",), "--int8"),
+          ("--int8-exclude", "int8_exclude", ("int8", "int8_dynamic"),
+           "--int8 or --int8-dynamic"),
+          ("--fp16-exclude", "fp16_exclude", ("fp16", "bf16"), "--fp16 or --bf16"))
+
+
+def _op_list(text: str) -> tuple[str, ...]:
+    return tuple(o.strip() for o in text.split(",") if o.strip())
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, flags this export would ignore or fail on after its
+    artifacts are built (a calibration flag without INT8, a bad --buckets, ...)."""
+    if args.output is not None and not args.output.strip():
+        raise ValueError("-o/--output is empty: name the bundle directory")
+    for flag, attr, modes, needs in _NEEDS:
+        if getattr(args, attr) and not any(getattr(args, m) for m in modes):
+            raise ValueError(f"{flag} applies to {needs}, which this export does not build")
+    if args.calib_size is not None and args.calib_size < 1:
+        raise ValueError(f"--calib-size must be ≥ 1, got {args.calib_size}")
+    given = engine_flags(args)
+    if given and (args.engine == "no" or (args.engine == "auto" and not engine_precisions(args))):
+        raise ValueError(f"{given.split()[0]} applies to TensorRT engines, which this export "
+                         "does not build (add --fp16, --bf16 or --int8, or --engine yes)")
+    build_options(args)  # bad batch bounds or buckets: now, not after the export
+
+
+def engine_flags(args: argparse.Namespace) -> str:
+    """The engine flags given with other than their defaults, as build-engine takes them."""
+    defaults = argparse.ArgumentParser()
+    add_engine_args(defaults)
+    parts = []
+    for action in defaults._actions:
+        if action.dest != "help" and getattr(args, action.dest) != action.default:
+            parts.append(f"{action.option_strings[0]} "
+                         f"{shlex.quote(str(getattr(args, action.dest)))}")
+    return " ".join(parts)
+
+
+def engine_precisions(args: argparse.Namespace) -> list[str]:
+    return [p for p, on in (("fp16", args.fp16), ("bf16", args.bf16), ("int8", args.int8))
+            if on]
+
+
 def engines_after_export(bundle: Path, args: argparse.Namespace) -> int:
     """Build engines where TensorRT is present; otherwise say how to build them later."""
     from angle_rt.session.trt import tensorrt_available
 
-    wanted = [p for p, on in (("fp16", args.fp16), ("bf16", args.bf16), ("int8", args.int8))
-              if on]
+    wanted = engine_precisions(args)
     if args.engine == "no" or (args.engine == "auto" and not wanted):
         return 0
     reason = tensorrt_available()
     if reason is not None:
-        flags = " ".join(f"--precision {p}" for p in wanted)
+        flags = " ".join([*(f"--precision {p}" for p in wanted), engine_flags(args)])
         print(f"TensorRT engines not built here ({reason}). On the GPU machine that will "
               f"serve, run:\n  angle-export build-engine {bundle} {flags}".rstrip())
         return 2 if args.engine == "yes" else 0

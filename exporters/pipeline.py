@@ -69,6 +69,17 @@ class PrecisionPlan:
     int8_dynamic_exclude: tuple[str, ...] | None = None  # the same for int8-dynamic (None:
     # int8_exclude)
 
+    def check(self) -> None:
+        """Refuse settings that would fail late or do nothing (before the model loads)."""
+        if self.int8_method not in METHODS:
+            raise ValueError(f"int8_method must be one of {METHODS}, got {self.int8_method!r}")
+        if self.calib_size < 1:
+            raise ValueError(f"calib_size must be ≥ 1, got {self.calib_size}")
+        unknown = [op for op in self.fp16_exclude if not onnx.defs.has(op)]
+        if unknown:  # a typo kept nothing in FP32, silently
+            raise ValueError(f"fp16_exclude names no ONNX operator: {', '.join(unknown)} "
+                             "(op types are case-sensitive, e.g. LayerNormalization)")
+
     def wanted(self) -> list[str]:
         flags = {"fp16": self.fp16, "bf16": self.bf16, "int8": self.int8,
                  "int8-dynamic": self.int8_dynamic}
@@ -131,8 +142,7 @@ def export(
     check_opset(opset)  # before the model loads
     if verify_size is not None and verify_size < 1:
         raise ValueError(f"verify_size must be ≥ 1, got {verify_size}")
-    if plan.int8_method not in METHODS:
-        raise ValueError(f"int8_method must be one of {METHODS}, got {plan.int8_method!r}")
+    plan.check()
     angle = AngleModel.from_pretrained(
         model, pooling=pooling, max_length=max_length, padding_side=padding_side,
         prompt=prompt, lora=lora, revision=revision, attn_implementation="eager",

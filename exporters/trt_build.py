@@ -41,6 +41,8 @@ class BuildOptions:
     timing_cache: str | Path | None = None
 
     def __post_init__(self) -> None:
+        if not self.workspace_gb > 0:
+            raise ValueError(f"workspace_gb must be > 0, got {self.workspace_gb}")
         self.profiles(1)  # bad batch bounds fail with the options, not after an export
 
     def profiles(self, max_length: int) -> list[ShapeProfile]:

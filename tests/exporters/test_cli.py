@@ -107,6 +107,45 @@ def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
     assert code == 2 and "missing-model does not exist" in err  # was the hub's repo-id rule
 
 
+def test_flags_this_export_would_ignore_or_fail_on_late_exit_2_first(capsys, tiny_bert_dir,
+                                                                     tmp_path, monkeypatch):
+    """Each of these exported, exit 0, with the flag doing nothing (or failed only after
+    every artifact was built); now exit 2 before the model loads, nothing written."""
+    loads = []
+    monkeypatch.setattr(export_mod.AngleModel, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    out = tmp_path / "b"
+    cases = [
+        (("--calib-size", "64"), "--calib-size applies to --int8 or --int8-dynamic"),
+        (("--calib", tmp_path / "c.txt", "--fp16"), "--calib applies to --int8 or"),
+        (("--int8-dynamic", "--int8-method", "max"), "--int8-method applies to --int8,"),
+        (("--int8-exclude", "query"), "--int8-exclude applies to --int8 or"),
+        (("--int8", "--fp16-exclude", "Softmax"), "--fp16-exclude applies to --fp16 or"),
+        (("--int8", "--calib-size", "0"), "--calib-size must be ≥ 1, got 0"),
+        (("--fp16", "--fp16-exclude", "Softmax,BogusOp"), "names no ONNX operator: BogusOp"),
+        (("--buckets", "32,64"), "--buckets applies to TensorRT engines"),
+        (("--fp16", "--engine", "no", "--opt-level", "5"), "--opt-level applies to TensorRT"),
+        (("--fp16", "--buckets", "32,x"), "--buckets takes comma-separated integers"),
+        (("--fp16", "--workspace-gb", "0"), "workspace_gb must be > 0"),
+    ]
+    for flags, why in cases:
+        code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", out, "-q", *flags)
+        assert code == 2 and why in err and len(err.splitlines()) == 1, (flags, err)
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", "", "-q")
+    assert code == 2 and "-o/--output is empty" in err  # wrote build/NAME
+    assert not out.exists() and not loads
+
+
+def test_model_path_with_tilde_after_equals_is_expanded(capsys, tiny_bert_dir, tmp_path,
+                                                        monkeypatch):
+    """`--model=~/m` reaches the exporter unexpanded (the shell expands ~ only at a word's
+    start): it was taken as a hub id, or said to exist and then failed to load."""
+    monkeypatch.setenv("HOME", str(tiny_bert_dir.parent))
+    code, _, err = _run(capsys, f"--model=~/{tiny_bert_dir.name}", "-o", tmp_path / "b",
+                          "-q", "--no-verify")
+    assert code == 0 and (tmp_path / "b" / "model.onnx").is_file(), err
+
+
 def test_verify_data_file_is_used_and_topped_up(capsys, tiny_bert_dir, tmp_path, stsb_test):
     data = tmp_path / "mine.jsonl"
     rows = [{"sentence1": a, "sentence2": b} for a, b in

@@ -155,10 +155,12 @@ def test_engine_targets(tiny_bert_dir, tmp_path):
 def test_cli_says_how_to_build_engines_later(capsys, tiny_bert_dir, tmp_path):
     out = tmp_path / "b"
     code = main(["--model", str(tiny_bert_dir), "-o", str(out), "-q", "--max-length", "32",
-                 "--fp16", "--no-verify"])
+                 "--fp16", "--no-verify", "--opt-batch", "8", "--buckets", "16,32"])
     text = capsys.readouterr().out
     assert code == 0 and (out / "model.fp16.onnx").is_file()
-    assert f"angle-export build-engine {out} --precision fp16" in text
+    # the engine flags given travel with the command (they were dropped from it)
+    assert (f"angle-export build-engine {out} --precision fp16 --opt-batch 8 --buckets 16,32"
+            in text)
     assert "TensorRT engines not built here" in text
     code = main(["build-engine", str(out)])
     assert code == 2 and "cannot build TensorRT engines here" in capsys.readouterr().err
