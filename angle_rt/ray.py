@@ -550,12 +550,16 @@ def _read_jsonl_pieces(items: Any, text_column: str, id_column: str, id_type: st
 
 
 def _arrow_id(id_type: str | None) -> Any:
-    """The Arrow type of a JSONL id column whose first good id is of `id_type`."""
+    """The Arrow type of a JSONL id column whose first good id is of `id_type` (what the
+    local job's Parquet writer infers from such ids; arrays by their values' type)."""
     pa = _deps.pyarrow()
-    kinds = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), None: pa.string()}
+    kinds = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
+             None: pa.string()}
+    if id_type and id_type.startswith("list[") and id_type[5:-1] in kinds:
+        return pa.list_(kinds[id_type[5:-1]])
     if id_type not in kinds:
-        raise InputError(f"JSONL ids are {id_type} values; an id column holds ints, floats "
-                         "or strings")
+        raise InputError(f"JSONL ids are {id_type} values; an id column holds ints, floats, "
+                         "strings, booleans or arrays of one of them")
     return kinds[id_type]
 
 

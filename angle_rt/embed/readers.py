@@ -165,6 +165,10 @@ class ParquetReader(Reader):
             yield from pf.iter_batches(batch_size=_PIECE, row_groups=[g], columns=cols)
 
 
+# JSONL records a column check reads before it calls a column missing
+_COLUMN_PROBE = 1000
+
+
 class JsonlReader(Reader):
     """JSON Lines: one object per line; blank lines are not rows. A line that is not a JSON
     object is a bad row (skipped with --on-bad-row skip, else the job stops naming it)."""
@@ -173,19 +177,37 @@ class JsonlReader(Reader):
 
     def __init__(self, path: Location, text_column: str, id_column: str | None) -> None:
         super().__init__(path, text_column, id_column)
-        first_error = None
+        self._check_columns()
+        self.id_type = None
+
+    def _check_columns(self) -> None:
+        """A column that none of the first good records has is a wrong flag (refused here);
+        one that only some lack makes those bad rows (the first record alone decided, so
+        one bad first row refused the file even with --on-bad-row skip). No good record
+        at all: the first line's error (the file is not JSON Lines)."""
+        wanted = {c for c in (self.text_column, self.id_column) if c is not None}
+        first_error, first, seen = None, None, set()
+        columns: dict[str, None] = {}  # every record's, in order of first appearance
+        good = 0
         for lineno, line in self._lines():
             try:
-                first = self._parse(line, lineno)
-            except InputError as exc:  # the columns are checked on the first good record
+                rec = self._parse(line, lineno)
+            except InputError as exc:
                 first_error = first_error or exc
                 continue
-            self._missing(list(first), f"{path} (first record, line {lineno})")
-            break
-        else:
+            first = first or lineno
+            columns.update(dict.fromkeys(list(rec)[:50]))
+            seen |= wanted & rec.keys()
+            good += 1
+            if seen == wanted or good == _COLUMN_PROBE:
+                break
+        if first is None:
             if first_error is not None:
                 raise first_error
-        self.id_type = None
+            return
+        where = (f"{self.path} (first record, line {first})" if good == 1
+                 else f"{self.path} (any of its first {good} records)")
+        self._missing(list(columns), where)
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         with self.path.open_read() as fh:

@@ -964,6 +964,30 @@ def test_array_ids_and_a_bad_first_id(tiny_bert_bundle, tiny_encoder, tmp_path, 
     assert id_problem([1, 2], "list") is None  # a job record from before typed arrays resumes
 
 
+def test_a_jsonl_whose_first_record_lacks_the_text_is_a_bad_row(tiny_bert_bundle,
+                                                                 tiny_encoder, tmp_path):
+    """The column check read the first good record alone: a first record without the text
+    refused the whole file at open, even with --on-bad-row skip (nothing written). Now a
+    column none of the first records has is refused (a wrong flag), and one that only some
+    lack makes those rows bad."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "body": "no text"}\n{"id": 2, "text": "hello"}\nnot json\n'
+                   '{"id": 4, "text": "world"}\n')
+    out = tmp_path / "o.parquet"
+    r = embed_file(tiny_bert_bundle, src, out, id_column="id", on_bad_row="skip")
+    ids, vecs, _ = read_output(out)
+    assert ids == [2, 4] and (r.rows, r.skipped) == (2, 2)
+    assert np.array_equal(vecs, tiny_encoder.encode(["hello", "world"]))
+    with pytest.raises(InputError, match=r"row 0 .*id 1"):
+        embed_file(tiny_bert_bundle, src, tmp_path / "e.parquet", id_column="id")
+    with pytest.raises(InputError, match=r"any of its first 3 records\) has no column 'txt' "
+                                         r"\(--text-column\); its columns: 'id', 'body', 'text'"):
+        embed_file(tiny_bert_bundle, src, tmp_path / "w.parquet", text_column="txt")
+    src.write_text("not json\n[1, 2]\n")  # no record at all: not JSON Lines, refused
+    with pytest.raises(InputError, match=r"in\.jsonl:1 is not valid JSON"):
+        embed_file(tiny_bert_bundle, src, tmp_path / "n.parquet", on_bad_row="skip")
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ""])
 def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
         tiny_bert_bundle, corpus_dir, tmp_path, monkeypatch, suffix):

@@ -240,6 +240,41 @@ def test_ray_reads_and_writes_s3(local_ray, tiny_bert_bundle, corpus_dir, tmp_pa
     assert main([str(tiny_bert_bundle), f"{s3_bucket}/in", out, *flags, "--ray"]) == 0
 
 
+def _local_and_ray(bundle, tmp_path, src, name, *flags):
+    """The local job and `--ray` on `src`: the same ids (with their types) and vectors."""
+    from angle_rt.embed.cli import main
+
+    local = tmp_path / f"{name}-local"
+    assert main([str(bundle), str(src), str(local), *flags, "-q"]) == 0
+    with deadline(180):
+        assert main([str(bundle), str(src), str(tmp_path / name), *flags, "--ray",
+                     "--ray-actors", "1", "-q"]) == 0
+    (lid, lvec, _), (rid, rvec, meta) = read_output(local), read_output(tmp_path / name)
+    order = sorted(range(len(rid)), key=lambda k: lid.index(rid[k]))
+    assert [rid[k] for k in order] == lid  # the same ids, with their types
+    np.testing.assert_array_equal(rvec[order], lvec)
+    return lid, meta
+
+
+def test_ray_takes_array_and_bool_ids_and_a_textless_first_record(local_ray,
+                                                                  tiny_bert_bundle, tmp_path):
+    """`--ray` refused array ids ("JSONL ids are list[int] values") and boolean ids, which
+    the local job writes; a JSONL whose first record had no text was refused by both even
+    with --on-bad-row skip. Now the same rows, ids and vectors as the local job."""
+    rows = [{"id": [0], "body": "no text: a bad row"}, {"id": [1, 2], "text": "one"},
+            {"id": [3, None], "text": "two"}, {"id": ["a"], "text": "strings: bad"},
+            {"id": [], "text": "empty: bad"}, {"id": [7], "text": "last"}]
+    src = tmp_path / "arrays.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids, meta = _local_and_ray(tiny_bert_bundle, tmp_path, src, "arrays", "--id-column", "id",
+                               "--on-bad-row", "skip")
+    assert ids == [[1, 2], [3, None], [7]] and meta["skipped"] == 3
+    src.write_text("".join(json.dumps({"id": b, "text": t}) + "\n"
+                           for b, t in ((True, "yes"), (False, "no"))))
+    assert _local_and_ray(tiny_bert_bundle, tmp_path, src, "bools", "--id-column",
+                          "id")[0] == [True, False]
+
+
 def test_ray_reads_jsonl_and_csv_as_the_local_job(local_ray, tiny_bert_bundle, tmp_path):
     """What `--ray` read through Ray's own readers, against the local job on the same files:
     JSONL string ids "007" / "1e3" came out as floats 7.0 / 1000.0, numeric-looking texts
@@ -250,16 +285,7 @@ def test_ray_reads_jsonl_and_csv_as_the_local_job(local_ray, tiny_bert_bundle, t
     from angle_rt.embed.cli import main
 
     def both(src, name, *flags):
-        local = tmp_path / f"{name}-local"
-        assert main([str(tiny_bert_bundle), str(src), str(local), *flags, "-q"]) == 0
-        with deadline(180):
-            assert main([str(tiny_bert_bundle), str(src), str(tmp_path / name), *flags,
-                         "--ray", "--ray-actors", "1", "-q"]) == 0
-        (lid, lvec, _), (rid, rvec, meta) = read_output(local), read_output(tmp_path / name)
-        order = sorted(range(len(rid)), key=lambda k: lid.index(rid[k]))
-        assert [rid[k] for k in order] == lid  # the same ids, with their types
-        np.testing.assert_array_equal(rvec[order], lvec)
-        return lid, meta
+        return _local_and_ray(tiny_bert_bundle, tmp_path, src, name, *flags)
 
     rows = [{"id": {"a": 1}, "text": "an object id first: a bad row, not the id type"},
             {"id": "007", "text": "12345"}, {"id": "1e3", "text": "2024"},
