@@ -75,6 +75,9 @@ class AngleModel(nn.Module):
             if lora is not None:
                 raise ValueError(f"{name} is itself a LoRA adapter; pass its base as the model")
             lora = name
+        if revision is not None and Path(base or name).is_dir():  # transformers ignores it
+            raise ValueError(f"revision {revision!r} applies to a hub id; {base or name} is a "
+                             "local directory (check that revision out there instead)")
         kw = {"revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(base or name, **kw)
         adapter = name if base is not None else (str(lora) if lora is not None else None)

@@ -105,6 +105,10 @@ def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
         assert code == 2 and "dims must be widths 1…32" in err
     code, _, err = _run(capsys, "--model", tmp_path / "missing-model", "-o", tmp_path / "b")
     assert code == 2 and "missing-model does not exist" in err  # was the hub's repo-id rule
+    code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "-q",
+                        "--revision", "v1")  # a local directory has none: it was ignored
+    assert code == 2 and "revision 'v1' applies to a hub id" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_flags_this_export_would_ignore_or_fail_on_late_exit_2_first(capsys, tiny_bert_dir,
