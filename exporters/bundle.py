@@ -41,6 +41,7 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
 
     On any error the temporary directory is removed and `target` is left as it was.
     """
+    target = Path(os.path.abspath(target))  # "-o ." / "x/..": a name to stage beside
     _check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: its 0700 would leave the bundle unreadable to a server running as another
@@ -58,6 +59,10 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
 def _check_target(target: Path, force: bool) -> None:
     """Refuse, before any work, an output that cannot or must not be replaced: --force
     replaces a bundle, not a directory of other files (the model's own, say)."""
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:  # the swap would rename it away under us
+        raise FileExistsError(f"{target} is the current directory or holds it; export into a "
+                              f"new directory (e.g. {target / 'bundle'})")
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and os.path.ismount(target):

@@ -82,7 +82,7 @@ def test_divergent_graph_fails_the_gate_and_writes_nothing(capsys, tiny_bert_dir
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
+def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path, monkeypatch):
     code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", tmp_path / "b", "--pooling",
                         "median", "-q")
     assert code == 2 and "unknown pooling strategy 'median'" in err
@@ -109,6 +109,13 @@ def test_bad_arguments_exit_2(capsys, tiny_bert_dir, tmp_path):
                         "--revision", "v1")  # a local directory has none: it was ignored
     assert code == 2 and "revision 'v1' applies to a hub id" in err
     assert not (tmp_path / "b").exists()
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # it failed with "PosixPath('.') has an empty name"
+    for out in (".", "..", "x/../.."):
+        code, _, err = _run(capsys, "--model", tiny_bert_dir, "-o", out, "-q", "--no-verify")
+        assert code == 2 and "is the current directory or holds it" in err, (out, err)
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
 def test_flags_this_export_would_ignore_or_fail_on_late_exit_2_first(capsys, tiny_bert_dir,
