@@ -177,9 +177,10 @@ def serve_on_ray(config: ServeConfig, options: RayServeOptions,
     serve = _deps.need("ray.serve", "--ray serving")
     try:
         _start(serve, config.host, port, config.request_timeout + 5)
+        host, port = _proxy_address(config.host, port, given=bool(config.port))
         _run(serve, config, options)
         log.info("listening", extra={"fields": {
-            "url": f"http://{config.host}:{port}", "models": [m.name for m in config.models],
+            "url": f"http://{host}:{port}", "models": [m.name for m in config.models],
             "ray": True, "replicas": options.replicas,
             "autoscale": [options.min_replicas, options.max_replicas]
             if options.replicas is None else None, "pid": os.getpid()}})
@@ -240,6 +241,25 @@ def _start(serve: Any, host: str, port: int, request_timeout_s: float) -> None:
             raise
         raise OSError(f"Ray Serve's proxy cannot listen on {host}:{port}: address in use "
                       "(or not this node's)") from None
+
+
+def _proxy_address(host: str, port: int, given: bool) -> tuple[str, int]:
+    """Where Serve's proxy listens. On a cluster where Serve runs already, serve.start keeps
+    its HTTP options and only logs that ours are ignored, so the URL logged was wrong. A
+    --port other than the running proxy's is refused (nothing deployed); without --port,
+    the proxy's own is taken."""
+    try:  # a private API: without it, trust what was asked
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        running = (str(http.host), int(http.port))
+    except Exception:
+        return host, port
+    if given and running[1] != port:
+        raise OSError(f"Ray Serve already runs on this cluster with its proxy on "
+                      f"{running[0]}:{running[1]}, which cannot change while it runs: pass "
+                      f"--port {running[1]} (or stop that Serve first)")
+    return running
 
 
 def _free_port(host: str, port: int = 0) -> int:

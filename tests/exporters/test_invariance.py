@@ -17,7 +17,7 @@ from angle_rt import Encoder
 from angle_rt.manifest import read_manifest, sha256_file, write_manifest
 from angle_torch.model import AngleModel
 from exporters import export
-from exporters.invariance import InvarianceError, check_invariance, layouts
+from exporters.invariance import InvarianceError, check_invariance, layouts, run_all
 from exporters.texts import stress_texts
 from exporters.verify import compare
 
@@ -49,10 +49,12 @@ def alone_vs_batched(enc: Encoder, texts: list[str]) -> tuple[float, int]:
             worst = min(worst, compare(alone, got, 0).min_cosine)
             differ += int((got != alone).any(axis=1).sum())
     ids = enc.tokenize(texts, enc.template())
-    for batches in layouts([len(r) for r in ids]).values():
+    plans = list(layouts([len(r) for r in ids]).values())
+    runs = run_all(enc, [[[ids[j] for j in rows] for rows in batches] for batches in plans])
+    for batches, outs in zip(plans, runs, strict=True):
         got = np.empty_like(alone)
-        for rows in batches:
-            got[rows] = enc.run_batch([ids[j] for j in rows])
+        for rows, out in zip(batches, outs, strict=True):
+            got[rows] = out
         worst = min(worst, compare(alone, got, 0).min_cosine)
         differ += int((got != alone).any(axis=1).sum())
     return worst, differ

@@ -98,3 +98,28 @@ def _sigterm_answers_what_is_in_flight(server, texts: list[str]) -> None:
     assert server.proc.wait(150) == 0
     stopped = [line for line in server.log_lines() if line.get("msg") == "stopped"]
     assert stopped and stopped[-1]["clean"] is True
+
+
+def test_a_port_other_than_a_running_serves_is_refused():
+    """On a cluster where Serve runs already, serve.start keeps its proxy's HTTP options
+    and only logs that ours are ignored: `--ray auto --port B` logged http://…:B while the
+    proxy listened on its own port. Now another --port is refused, and without --port the
+    running proxy's address is the one used."""
+    import ray
+    from ray import serve as ray_serve_api
+
+    from angle_rt.serve.ray_serve import _free_port, _proxy_address, _start
+
+    running = _free_port("127.0.0.1")
+    other = next(p for p in iter(lambda: _free_port("127.0.0.1"), None) if p != running)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        _start(ray_serve_api, "127.0.0.1", running, 30)
+        _start(ray_serve_api, "127.0.0.1", other, 30)  # only a warning from Ray
+        with pytest.raises(OSError, match=f"proxy on 127.0.0.1:{running}.*--port {running}"):
+            _proxy_address("127.0.0.1", other, given=True)
+        assert _proxy_address("127.0.0.1", other, given=False) == ("127.0.0.1", running)
+        assert _proxy_address("127.0.0.1", running, given=True) == ("127.0.0.1", running)
+    finally:
+        ray_serve_api.shutdown()
+        ray.shutdown()
