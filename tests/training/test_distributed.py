@@ -179,6 +179,8 @@ def test_gathered_negatives_equal_one_process_on_the_joined_batch(no_dropout_ber
                                                            rel=1e-4)  # it distilled
 
 
+# slow: two 2-process runs; torchrun's own equality stays in the fast suite
+@pytest.mark.slow
 def test_accelerate_launch_trains_like_torchrun(no_dropout_bert, pairs, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m training.fit ... --device cpu`
     (2 gloo processes from accelerate's launcher) trains exactly as torchrun does."""
@@ -224,6 +226,8 @@ def test_fsdp_shards_the_model_and_trains_like_one_process(no_dropout_bert, pair
     assert alone.returncode == 2 and "--fsdp shards the model across processes" in alone.stderr
 
 
+# slow: FSDP itself stays in the fast suite (test_fsdp_shards_the_model_...)
+@pytest.mark.slow
 def test_fsdp_trains_a_lora_adapter_like_one_process(no_dropout_bert, pairs, tmp_path):
     """Frozen base and trainable adapter weights share FSDP units; rank 0 writes the adapter
     (angle_emb's layout) and the merged model."""

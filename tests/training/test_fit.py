@@ -168,8 +168,9 @@ def test_lora_merge_matches_adapter_and_exports(minilm_dir, small_sts, tmp_path)
     # the adapter directory itself loads (base + merge) and matches the merged model
     assert np.allclose(AngleModel.from_pretrained(out).encode(texts[:20]), merged_vecs[:20],
                        atol=1e-5)
-    bundle = export(out / "merged", tmp_path / "bundle")  # parity gate passes
-    assert json.loads((bundle / "angle_rt.json").read_text())["parity"]["n_texts"] >= 1000
+    # the parity gate passes (on a stratified 300 of its texts: the merge is what is tested)
+    bundle = export(out / "merged", tmp_path / "bundle", verify_size=300)
+    assert json.loads((bundle / "angle_rt.json").read_text())["parity"]["n_texts"] == 300
     # a saved adapter trains further (angle_emb #21: "does not require grad")
     again = fit(_cfg(minilm_dir, small_sts, tmp_path / "more", lora_path=str(out), max_steps=1))
     assert again.steps == 1
