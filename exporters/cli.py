@@ -217,6 +217,9 @@ def export_main(args: argparse.Namespace) -> int:
         from exporters.pipeline import export
 
         opset = DEFAULT_OPSET if args.opset is None else args.opset
+        # left out when not given: PrecisionPlan holds their defaults
+        given = {k: v for k, v in (("calib_size", args.calib_size),
+                                   ("int8_method", args.int8_method)) if v is not None}
         return export(args.model, out, pooling=args.pooling, max_length=args.max_length,
                       prompt=args.prompt, normalize=args.normalize,
                       padding_side=args.padding_side, lora=args.lora,
@@ -227,11 +230,9 @@ def export_main(args: argparse.Namespace) -> int:
                       sts_data=args.sts_data, trust_remote_code=args.trust_remote_code,
                       progress=not args.quiet, fp16=args.fp16, bf16=args.bf16,
                       int8=args.int8, int8_dynamic=args.int8_dynamic, calib=args.calib,
-                      calib_size=512 if args.calib_size is None else args.calib_size,
-                      int8_method=args.int8_method or "mse",
                       fp16_exclude=_op_list(args.fp16_exclude),
                       int8_exclude=tuple(args.int8_exclude), layers=args.layers,
-                      dims=args.dims, distilled=not args.plain_cuts)
+                      dims=args.dims, distilled=not args.plain_cuts, **given)
 
     bundle, code = _guarded(run, "parity gate failed, nothing written")
     if code:

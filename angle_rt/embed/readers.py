@@ -201,7 +201,7 @@ class JsonlReader(Reader):
             good += 1
             if seen == wanted or good == _COLUMN_PROBE:
                 break
-        if first is None:
+        if not good:
             if first_error is not None:
                 raise first_error
             return
