@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -26,8 +28,16 @@ from angle_rt.manifest import (
     sha256_file,
 )
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no sweep of killed exports' staging
+    fcntl = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from angle_torch.model import AngleModel
+
+log = logging.getLogger("angle_rt.export")
+STAGING_LOCK = ".export.lock"  # held by the live export that stages in its directory
 
 EXTERNAL_DATA_SUFFIX = ".data"
 # protobuf cannot serialize a message over 2 GiB; graphs whose tensors pass this keep them
@@ -44,16 +54,75 @@ def staged_dir(target: Path, force: bool) -> Iterator[Path]:
     target = Path(os.path.abspath(target))  # "-o ." / "x/..": a name to stage beside
     _check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_killed_staging(target)
     # not mkdtemp: its 0700 would leave the bundle unreadable to a server running as another
     # user; mkdir gives the permissions of any new directory (0777 less the umask)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}")
     tmp.mkdir()
     try:
-        yield tmp
+        with _staging_lock(tmp):
+            yield tmp
         _swap(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _staging_lock(tmp: Path) -> Iterator[None]:
+    """Hold a flock on tmp/STAGING_LOCK while the export runs: a SIGKILLed export (OOM
+    killer, kill -9) cannot remove its staging, and the lock, released by its death, tells
+    the next export that the directory is garbage. Unlinked before release, so the bundle
+    does not carry it and a sweep never takes a finishing export's directory."""
+    if fcntl is None:
+        yield
+        return
+    path = tmp / STAGING_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
+def sweep_killed_staging(target: Path) -> list[Path]:
+    """Remove the staging directories of exports to `target` that were killed (their lock
+    file is there and no live process holds it); those of live exports, and any without a
+    lock file, are left alone. Returns what was removed."""
+    if fcntl is None or not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{12}}")
+    removed = []
+    for tmp in target.parent.iterdir():
+        if pattern.fullmatch(tmp.name) and tmp.is_dir() and _abandoned(tmp / STAGING_LOCK):
+            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("removed %s, a killed export's staging directory (%.0f MB)", tmp,
+                        size / 1e6)
+            removed.append(tmp)
+    return removed
+
+
+def _abandoned(lock: Path) -> bool:
+    """True when `lock` exists and can be locked: its export died holding it. A live export
+    holds the lock until after unlinking the file, so a lock taken on a file still linked
+    here belongs to no one."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        return os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
 
 
 def _check_target(target: Path, force: bool) -> None:

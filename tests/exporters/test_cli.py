@@ -313,3 +313,47 @@ def test_sigterm_mid_export_leaves_no_staging_directory(tiny_bert_dir, tmp_path)
     finally:
         proc.kill()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_killed_exports_staging_is_removed_by_the_next_export(tiny_bert_dir, tmp_path):
+    """SIGKILL (the OOM killer, kill -9) runs no cleanup: the hidden staging directory, a
+    model's worth of ONNX files, stayed beside the target forever. The next export to the
+    same target removes it; a live export's staging (its lock held) is left alone."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from exporters.bundle import STAGING_LOCK
+
+    root = Path(__file__).resolve().parents[2]
+    args = [sys.executable, "-m", "exporters.cli", "--model", str(tiny_bert_dir), "--pooling",
+            "mean", "--max-length", "64", "-q", "-o", str(tmp_path / "b")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([*args, "--int8-dynamic"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".b.*/*.onnx")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the export ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    killed = list(tmp_path.glob(".b.*"))
+    assert len(killed) == 1 and (killed[0] / STAGING_LOCK).is_file()
+    live = tmp_path / ".b.0123456789ab"  # another export, still running: its lock is held
+    live.mkdir()
+    fd = os.open(live / STAGING_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        subprocess.run(args, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.0123456789ab", "b"]
+    assert STAGING_LOCK not in {p.name for p in (tmp_path / "b").iterdir()}
