@@ -141,14 +141,17 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for shape, fs in feeds.items():
         real = sum(int(f[MASK].sum()) for f in fs)
+        ratio = statistics.median(p / b for p, b in zip(rates[shape]["pad-free"],
+                                                        rates[shape]["per-token"], strict=True))
         row = {"shape": shape, "batches": len(fs), "rows_per_batch": len(ids) / len(fs),
                "density": real / sum(f[MASK].size for f in fs),
                **{f"{g}_sent_per_s": statistics.median(v) for g, v in rates[shape].items()},
-               "rounds": rates[shape]}
+               "pad_free_over_per_token": ratio, "rounds": rates[shape]}
         rows.append(row)
         print(f"{shape:17s} {row['rows_per_batch']:5.1f} rows, density {row['density']:.2f}: "
               f"per-token {row['per-token_sent_per_s']:5.0f}, pad-free "
-              f"{row['pad-free_sent_per_s']:5.0f} sent/s", flush=True)
+              f"{row['pad-free_sent_per_s']:5.0f} sent/s (median ratio a round {ratio:.2f})",
+              flush=True)
     return {"bundle": str(args.bundle), "sentences": len(ids), "bits_equal": True, "rows": rows,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
