@@ -98,12 +98,21 @@ def sweep_killed_staging(target: Path) -> list[Path]:
     removed = []
     for tmp in target.parent.iterdir():
         if pattern.fullmatch(tmp.name) and tmp.is_dir() and _abandoned(tmp / STAGING_LOCK):
-            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            size = _size(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("removed %s, a killed export's staging directory (%.0f MB)", tmp,
                         size / 1e6)
             removed.append(tmp)
     return removed
+
+
+def _size(folder: Path) -> int:
+    """Bytes under `folder`; files that vanish meanwhile (another export's sweep) count 0."""
+    total = 0
+    for f in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def _abandoned(lock: Path) -> bool:
