@@ -77,10 +77,11 @@ def _staging_lock(tmp: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    path = tmp / STAGING_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path, fresh = tmp / STAGING_LOCK, tmp / f"{STAGING_LOCK}.new"
+    fd = os.open(fresh, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(fresh, path)  # a sweep sees the lock file only once it is held
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
