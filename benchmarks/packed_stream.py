@@ -19,15 +19,11 @@ interleaved, medians (and the median of the per-round ratios).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
 import sys
 import tempfile
-import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +33,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from angle_rt import Encoder
 from angle_torch.model import AngleModel
-from benchmarks.harness import cpu_name
-from benchmarks.pad_free import MASK, feed, session, shapes
-from benchmarks.serve_load import sentences
+from benchmarks.pad_free import (
+    MASK,
+    feed,
+    paired,
+    parser,
+    prepared,
+    session,
+    shapes,
+    stamp,
+    timed_rounds,
+    write,
+)
 from exporters.quantize import linear_layers, quantize_dynamic_int8
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,12 +116,7 @@ def packed_int8(angle: AngleModel, keep: set[str], tmp: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    texts = sentences(args.data)
-    enc = Encoder(args.bundle, precision="int8-dynamic", intra_op_threads=1)
-    order = np.random.default_rng(0).permutation(len(texts))
-    ids = [enc.tokenize([texts[i]], None)[0] for i in order]
-    lengths = np.array([len(r) for r in ids])
-    artifact = Path(args.bundle) / enc.artifact.file
+    enc, ids, lengths, artifact = prepared(args)
     keep = kept_in_float(artifact)
     angle = AngleModel.from_pretrained(str(args.model), pooling=enc.manifest.pooling,
                                        attn_implementation="eager").eval()
@@ -137,19 +136,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"packed: batch-invariant (30 batches), min cosine to the artifact {min_cos:.7f}")
     feeds = {k: [feed(ids, b) for b in v]
              for k, v in shapes(lengths, enc.max_batch_tokens).items()}
-    rates: dict[str, dict[str, list[float]]] = {k: {g: [] for g in graphs} for k in feeds}
-    for _ in range(args.rounds):
-        for shape, fs in feeds.items():
-            for name, sess in graphs.items():
-                start = time.perf_counter()
-                for f in fs:
-                    sess.run(None, f)
-                rates[shape][name].append(len(ids) / (time.perf_counter() - start))
     rows = []
-    for shape, per_graph in rates.items():
-        # the VM's speed drifts ±15% between rounds: the pair in one round is the measure
-        ratio = statistics.median(p / b for p, b in zip(per_graph["packed"],
-                                                        per_graph["per-token"], strict=True))
+    for shape, per_graph in timed_rounds(graphs, feeds, args.rounds, len(ids)).items():
+        ratio = paired(per_graph["packed"], per_graph["per-token"])
         row = {"shape": shape, **{f"{g}_sent_per_s": statistics.median(v)
                                   for g, v in per_graph.items()},
                "packed_over_per_token": ratio, "rounds": per_graph}
@@ -159,23 +148,14 @@ def run(args: argparse.Namespace) -> dict:
               flush=True)
     return {"bundle": str(args.bundle), "kept_in_float": sorted(keep), "sentences": len(ids),
             "batch_invariant": True, "min_cosine_to_artifact": min_cos, "rows": rows,
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            **stamp()}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, required=True)
+    p = parser(__doc__, "packed-stream")
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "ANGLE_RT_DATA", ROOT.parent / "shared" / "data")) / "sts" / "stsb-test.jsonl")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                   f"packed-stream-{datetime.now(timezone.utc):%Y-%m-%d}.json")
     args = p.parse_args()
-    result = run(args)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, run(args))
 
 
 if __name__ == "__main__":

@@ -114,35 +114,53 @@ def check_bits(base: ort.InferenceSession, packed: ort.InferenceSession,
             raise SystemExit(f"bits differ: max |diff| {np.abs(a - b).max():.3g}")
 
 
-def run(args: argparse.Namespace) -> dict:
+def prepared(args: argparse.Namespace) -> tuple[Encoder, list[list[int]], np.ndarray, Path]:
+    """The bundle's int8-dynamic Encoder (one thread), the STS-B test ids shuffled once
+    (seed 0), their lengths and the artifact's path."""
     texts = sentences(args.data)
     enc = Encoder(args.bundle, precision="int8-dynamic", intra_op_threads=1)
     order = np.random.default_rng(0).permutation(len(texts))
     ids = [enc.tokenize([texts[i]], None)[0] for i in order]
-    lengths = np.array([len(r) for r in ids])
-    src = Path(args.bundle) / enc.artifact.file
+    return enc, ids, np.array([len(r) for r in ids]), Path(args.bundle) / enc.artifact.file
+
+
+def timed_rounds(graphs: dict[str, ort.InferenceSession],
+                 feeds: dict[str, list[dict[str, np.ndarray]]], rounds: int,
+                 sentences_per_pass: int) -> dict[str, dict[str, list[float]]]:
+    """Sent/s of each graph on each shape's batches, `rounds` times, the graphs alternating."""
+    rates: dict[str, dict[str, list[float]]] = {k: {g: [] for g in graphs} for k in feeds}
+    for sess in graphs.values():  # warm
+        for f in feeds["sorted-32"][:10]:
+            sess.run(None, f)
+    for _ in range(rounds):
+        for shape, fs in feeds.items():
+            for name, sess in graphs.items():
+                start = time.perf_counter()
+                for f in fs:
+                    sess.run(None, f)
+                rates[shape][name].append(sentences_per_pass / (time.perf_counter() - start))
+    return rates
+
+
+def paired(new: list[float], base: list[float]) -> float:
+    """Median of the per-round ratios: the VM's speed drifts ±15% between rounds, so the
+    pair measured in one round is the measure."""
+    return statistics.median(n / b for n, b in zip(new, base, strict=True))
+
+
+def run(args: argparse.Namespace) -> dict:
+    enc, ids, lengths, src = prepared(args)
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(pad_free(onnx.load(str(src))), f"{tmp}/pad-free.onnx")
         graphs = {"per-token": session(src), "pad-free": session(Path(tmp) / "pad-free.onnx")}
     check_bits(graphs["per-token"], graphs["pad-free"], ids)
     batches = shapes(lengths, enc.max_batch_tokens)
     feeds = {k: [feed(ids, b) for b in v] for k, v in batches.items()}
-    rates: dict[str, dict[str, list[float]]] = {k: {g: [] for g in graphs} for k in feeds}
-    for sess in graphs.values():  # warm
-        for f in feeds["sorted-32"][:10]:
-            sess.run(None, f)
-    for _ in range(args.rounds):
-        for shape, fs in feeds.items():
-            for name, sess in graphs.items():
-                start = time.perf_counter()
-                for f in fs:
-                    sess.run(None, f)
-                rates[shape][name].append(len(ids) / (time.perf_counter() - start))
+    rates = timed_rounds(graphs, feeds, args.rounds, len(ids))
     rows = []
     for shape, fs in feeds.items():
         real = sum(int(f[MASK].sum()) for f in fs)
-        ratio = statistics.median(p / b for p, b in zip(rates[shape]["pad-free"],
-                                                        rates[shape]["per-token"], strict=True))
+        ratio = paired(rates[shape]["pad-free"], rates[shape]["per-token"])
         row = {"shape": shape, "batches": len(fs), "rows_per_batch": len(ids) / len(fs),
                "density": real / sum(f[MASK].size for f in fs),
                **{f"{g}_sent_per_s": statistics.median(v) for g, v in rates[shape].items()},
@@ -153,22 +171,34 @@ def run(args: argparse.Namespace) -> dict:
               f"{row['pad-free_sent_per_s']:5.0f} sent/s (median ratio a round {ratio:.2f})",
               flush=True)
     return {"bundle": str(args.bundle), "sentences": len(ids), "bits_equal": True, "rows": rows,
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
+            **stamp()}
+
+
+def stamp() -> dict:
+    return {"machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """--bundle, --rounds, --data (STS-B test) and --out (results/NAME-DATE.json)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data", type=Path, default=Path(os.environ.get(
         "ANGLE_RT_DATA", ROOT.parent / "shared" / "data")) / "sts" / "stsb-test.jsonl")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                   f"pad-free-{datetime.now(timezone.utc):%Y-%m-%d}.json")
-    args = p.parse_args()
-    result = run(args)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+                   f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}.json")
+    return p
+
+
+def write(out: Path, result: dict) -> None:
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    args = parser(__doc__, "pad-free").parse_args()
+    write(args.out, run(args))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,31 +288,38 @@ def test_build_engine_is_a_listed_subcommand(capsys):
     assert exc.value.code == 2
 
 
-def test_sigterm_mid_export_leaves_no_staging_directory(tiny_bert_dir, tmp_path):
-    """SIGTERM (a CI timeout, `docker stop`) stops the export like an error: the hidden
-    staging directory is removed, the target never appears, the exit is 128 + 15."""
+def _export_stopped_mid_run(args: list[str], out: Path, sig: int) -> int:
+    """Run `angle-export ARGS -o OUT` in a subprocess, send `sig` once its hidden staging
+    beside OUT holds a graph, and return its exit code."""
     import os
-    import signal
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exporters.cli", "--model", str(tiny_bert_dir), "--pooling",
-         "mean", "--max-length", "64", "--int8-dynamic", "-q", "-o", str(tmp_path / "b")],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "exporters.cli", *args, "-o", str(out)],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".b.*/*.onnx")) and time.monotonic() < deadline:
+        while (not list(out.parent.glob(f".{out.name}.*/*.onnx"))
+               and time.monotonic() < deadline):
             assert proc.poll() is None, "the export ended before it could be stopped"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 128 + signal.SIGTERM
+        proc.send_signal(sig)
+        return proc.wait(120)
     finally:
         proc.kill()
+
+
+def test_sigterm_mid_export_leaves_no_staging_directory(tiny_bert_dir, tmp_path):
+    """SIGTERM (a CI timeout, `docker stop`) stops the export like an error: the hidden
+    staging directory is removed, the target never appears, the exit is 128 + 15."""
+    import signal
+
+    args = ["--model", str(tiny_bert_dir), "--pooling", "mean", "--max-length", "64",
+            "--int8-dynamic", "-q"]
+    assert _export_stopped_mid_run(args, tmp_path / "b", signal.SIGTERM) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -324,35 +332,23 @@ def test_a_killed_exports_staging_is_removed_by_the_next_export(tiny_bert_dir, t
     import signal
     import subprocess
     import sys
-    import time
-    from pathlib import Path
 
     from exporters.bundle import STAGING_LOCK
 
-    root = Path(__file__).resolve().parents[2]
-    args = [sys.executable, "-m", "exporters.cli", "--model", str(tiny_bert_dir), "--pooling",
-            "mean", "--max-length", "64", "-q", "-o", str(tmp_path / "b")]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([*args, "--int8-dynamic"], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".b.*/*.onnx")) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the export ended before it could be killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(60) == -signal.SIGKILL
-    finally:
-        proc.kill()
+    args = ["--model", str(tiny_bert_dir), "--pooling", "mean", "--max-length", "64", "-q"]
+    killed = _export_stopped_mid_run([*args, "--int8-dynamic"], tmp_path / "b", signal.SIGKILL)
+    assert killed == -signal.SIGKILL
     killed = list(tmp_path.glob(".b.*"))
     assert len(killed) == 1 and (killed[0] / STAGING_LOCK).is_file()
     live = tmp_path / ".b.0123456789ab"  # another export, still running: its lock is held
     live.mkdir()
     fd = os.open(live / STAGING_LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    root = Path(__file__).resolve().parents[2]
     try:
-        subprocess.run(args, cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "exporters.cli", *args, "-o", str(tmp_path / "b")],
+                       cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         os.close(fd)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.0123456789ab", "b"]
